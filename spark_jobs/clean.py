@@ -1,0 +1,80 @@
+"""Row-level cleaning. Nothing is dropped silently: every rejected row goes to quarantine
+with a ``reject_reason`` so a person can inspect or replay it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shopml import schema as S
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame
+
+# Earliest timestamp we accept; anything before is a default/epoch value, not a real event.
+MIN_TIMESTAMP = "2000-01-01 00:00:00"
+
+
+def _first_failing(rules: list[tuple[str, Column]]) -> Column:
+    """The name of the first rule a row breaks, or null when it breaks none."""
+    from pyspark.sql import functions as F
+
+    reason = F.lit(None).cast("string")
+    for name, broken in reversed(rules):
+        reason = F.when(broken, F.lit(name)).otherwise(reason)
+    return reason
+
+
+def flag_events(events: DataFrame, max_timestamp: str) -> DataFrame:
+    """Add ``reject_reason``: null keys, unknown event types, out-of-range timestamps, dupes.
+
+    ``max_timestamp`` is the end of the run's logical date: an event after it is from the
+    future relative to the run and would leak into training.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    rules = [
+        ("null_key", F.greatest(*[F.col(c).isNull() for c in S.EVENT_REQUIRED])
+         | (F.trim(F.col(S.USER_ID)) == "") | (F.trim(F.col(S.ITEM_ID)) == "")),
+        ("unknown_event_type", ~F.col(S.EVENT_TYPE).isin(*S.EVENT_TYPES)),
+        ("timestamp_out_of_range",
+         (F.col(S.TIMESTAMP) < F.to_timestamp(F.lit(MIN_TIMESTAMP)))
+         | (F.col(S.TIMESTAMP) >= F.to_timestamp(F.lit(max_timestamp)))),
+    ]
+    flagged = events.withColumn(S.REJECT_REASON, _first_failing(rules))
+    key = [S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP, S.SESSION_ID]
+    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(F.col(S.QUERY).asc_nulls_last()))
+    return flagged.withColumn(
+        S.REJECT_REASON,
+        F.when(F.col(S.REJECT_REASON).isNull() & (dup_rank > 1), F.lit("duplicate")).otherwise(
+            F.col(S.REJECT_REASON)
+        ),
+    )
+
+
+def flag_items(items: DataFrame) -> DataFrame:
+    """Add ``reject_reason`` to catalog rows: null ids, negative prices, duplicate ids."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    rules = [
+        ("null_key", F.col(S.ITEM_ID).isNull() | (F.trim(F.col(S.ITEM_ID)) == "")),
+        ("negative_price", F.col(S.PRICE) < 0),
+    ]
+    flagged = items.withColumn(S.REJECT_REASON, _first_failing(rules))
+    rank = F.row_number().over(Window.partitionBy(S.ITEM_ID).orderBy(F.col(S.TITLE).asc_nulls_last()))
+    return flagged.withColumn(
+        S.REJECT_REASON,
+        F.when(F.col(S.REJECT_REASON).isNull() & (rank > 1), F.lit("duplicate")).otherwise(
+            F.col(S.REJECT_REASON)
+        ),
+    )
+
+
+def split_flagged(flagged: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(accepted rows without the reason column, rejected rows with it)."""
+    from pyspark.sql import functions as F
+
+    accepted = flagged.filter(F.col(S.REJECT_REASON).isNull()).drop(S.REJECT_REASON)
+    rejected = flagged.filter(F.col(S.REJECT_REASON).isNotNull())
+    return accepted, rejected

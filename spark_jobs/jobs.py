@@ -1,0 +1,131 @@
+"""Entry points of the Spark stage: each reads and writes one logical date's partitions.
+
+Run in-process (``shopml spark clean --ds 2026-01-01``) or on a cluster with
+``spark-submit spark_jobs/jobs.py clean --ds 2026-01-01`` (same code, master from the launcher).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, time, timedelta, timezone
+from typing import TYPE_CHECKING
+
+from shopml import schema as S
+from shopml.config import Settings
+from spark_jobs import clean as C
+from spark_jobs import features as F
+from spark_jobs import ingest
+from spark_jobs.session import get_spark
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+def end_of_day(ds: date) -> datetime:
+    """Exclusive upper bound of a logical date: the next midnight, UTC."""
+    return datetime.combine(ds + timedelta(days=1), time.min, tzinfo=timezone.utc)
+
+
+def land(
+    settings: Settings,
+    source: str,
+    max_users: int | None = None,
+    spark: SparkSession | None = None,
+) -> dict[str, int]:
+    """Copy ``source`` into the raw lake: events by ``event_date``, the catalog as one table."""
+    spark = spark or get_spark(settings.spark, "shopml-land")
+    events, items = ingest.read_source(spark, source, settings.anchor_date)
+    if max_users:
+        events = ingest.keep_first_users(events, max_users)
+    events = ingest.with_event_date(events).cache()
+    p = settings.paths
+    events.write.mode("overwrite").partitionBy(S.EVENT_DATE).parquet(str(p.raw_events))
+    items.write.mode("overwrite").parquet(str(p.raw_items))
+    counts = {"events": events.count(), "items": spark.read.parquet(str(p.raw_items)).count()}
+    events.unpersist()
+    return counts
+
+
+def clean(settings: Settings, ds: date, spark: SparkSession | None = None) -> dict[str, object]:
+    """Clean raw events up to ``ds`` and the catalog; rejected rows go to quarantine."""
+    from pyspark.sql import functions as fn
+
+    spark = spark or get_spark(settings.spark, "shopml-clean")
+    p = settings.paths
+    raw = spark.read.parquet(str(p.raw_events)).filter(fn.col(S.EVENT_DATE) <= ds.isoformat())
+    upper = end_of_day(ds).strftime("%Y-%m-%d %H:%M:%S")
+    events_ok, events_bad = C.split_flagged(C.flag_events(raw.drop(S.EVENT_DATE), upper))
+    items_ok, items_bad = C.split_flagged(C.flag_items(spark.read.parquet(str(p.raw_items))))
+    # Events about items missing from the catalog cannot be served: quarantine them too.
+    unknown = events_ok.join(items_ok.select(S.ITEM_ID), S.ITEM_ID, "left_anti").withColumn(
+        S.REJECT_REASON, fn.lit("unknown_item")
+    )
+    events_ok = events_ok.join(items_ok.select(S.ITEM_ID), S.ITEM_ID, "left_semi")
+
+    part = f"ds={ds.isoformat()}"
+    events_ok.write.mode("overwrite").parquet(str(p.clean_events / part))
+    items_ok.write.mode("overwrite").parquet(str(p.clean_items / part))
+    q = p.quarantine_for(ds)
+    events_bad.unionByName(unknown).write.mode("overwrite").parquet(str(q / "event_rows"))
+    items_bad.write.mode("overwrite").parquet(str(q / "item_rows"))
+
+    rejected = spark.read.parquet(str(q / "event_rows"), str(q / "item_rows"))
+    report: dict[str, object] = {
+        "ds": ds.isoformat(),
+        "events_kept": spark.read.parquet(str(p.clean_events / part)).count(),
+        "items_kept": spark.read.parquet(str(p.clean_items / part)).count(),
+        "rejected_by_reason": {
+            r[S.REJECT_REASON]: r["count"] for r in rejected.groupBy(S.REJECT_REASON).count().collect()
+        },
+    }
+    run_dir = p.run(ds)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "clean_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def build_features(settings: Settings, ds: date, spark: SparkSession | None = None) -> dict[str, int]:
+    """User and item daily feature snapshots from the cleaned events of ``ds``."""
+    spark = spark or get_spark(settings.spark, "shopml-features")
+    p = settings.paths
+    events = spark.read.parquet(str(p.clean_events / f"ds={ds.isoformat()}")).cache()
+    out = features_dir(settings, ds)
+    F.user_features(events).write.mode("overwrite").parquet(str(out / "user"))
+    F.item_features(events).write.mode("overwrite").parquet(str(out / "item"))
+    events.unpersist()
+    return {
+        "user_rows": spark.read.parquet(str(out / "user")).count(),
+        "item_rows": spark.read.parquet(str(out / "item")).count(),
+    }
+
+
+def features_dir(settings: Settings, ds: date):
+    """The run's feature snapshot; Feast's sources point here after ``feast apply``."""
+    return settings.paths.features / f"ds={ds.isoformat()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``spark-submit spark_jobs/jobs.py {land,clean,features} --ds YYYY-MM-DD [--source S]``."""
+    import argparse
+    import os
+
+    from shopml.config import load_settings
+
+    os.environ["SHOPML_SPARK_SUBMITTED"] = "1"
+    parser = argparse.ArgumentParser(prog="spark_jobs.jobs")
+    parser.add_argument("job", choices=["land", "clean", "features"])
+    parser.add_argument("--ds", type=date.fromisoformat)
+    parser.add_argument("--source", default=ingest.INSTACART)
+    parser.add_argument("--max-users", type=int, default=None)
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    if args.job == "land":
+        print(land(settings, args.source, args.max_users))
+    elif args.job == "clean":
+        print(clean(settings, args.ds))
+    else:
+        print(build_features(settings, args.ds))
+
+
+if __name__ == "__main__":
+    main()
