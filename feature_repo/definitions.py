@@ -1,0 +1,77 @@
+"""ShopML's Feast objects: entities, sources over the Spark feature snapshots, feature views
+and the feature services training and serving read.
+
+Declarative only: `feast apply` imports this file. ``SHOPML_FEATURES_DIR`` points the sources
+at the run's snapshot (``lake/features/ds=YYYY-MM-DD``); `shopml` sets it before applying.
+"""
+
+import os
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.types import Float32, Int64
+
+# Column names are fixed by shopml.schema; literals here keep this file importable by feast
+# alone, and tests/test_feast.py asserts both agree.
+_FEATURES_DIR = os.environ.get("SHOPML_FEATURES_DIR", "data/features")
+
+# --- entities ---------------------------------------------------------------------------------
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
+              description="A shopper, by the retailer's user id")
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
+              description="A catalog product, by the retailer's item id")
+
+# --- sources ----------------------------------------------------------------------------------
+user_source = FileSource(
+    name="user_daily_snapshots",
+    path=f"{_FEATURES_DIR}/user",
+    timestamp_field="feature_timestamp",
+    description="Cumulative user features per active day, valid from the next midnight",
+)
+item_source = FileSource(
+    name="item_daily_snapshots",
+    path=f"{_FEATURES_DIR}/item",
+    timestamp_field="feature_timestamp",
+    description="Cumulative item features per active day, valid from the next midnight",
+)
+
+# --- feature views ----------------------------------------------------------------------------
+# TTL: a shopper's last snapshot stays valid for a year of inactivity (monthly shoppers exist).
+user_features = FeatureView(
+    name="user_features",
+    entities=[user],
+    ttl=timedelta(days=365),
+    schema=[
+        Field(name="user_n_events", dtype=Int64),
+        Field(name="user_n_purchases", dtype=Int64),
+        Field(name="user_n_baskets", dtype=Int64),
+        Field(name="user_n_distinct_items", dtype=Int64),
+        Field(name="user_reorder_rate", dtype=Float32),
+        Field(name="user_avg_basket_size", dtype=Float32),
+        Field(name="user_days_since_prior", dtype=Float32),
+    ],
+    source=user_source,
+    online=True,
+    tags={"team": "shopml"},
+)
+item_features = FeatureView(
+    name="item_features",
+    entities=[item],
+    ttl=timedelta(days=365),
+    schema=[
+        Field(name="item_n_events", dtype=Int64),
+        Field(name="item_n_purchases", dtype=Int64),
+        Field(name="item_n_users", dtype=Int64),
+        Field(name="item_reorder_rate", dtype=Float32),
+        Field(name="item_purchases_30d", dtype=Int64),
+    ],
+    source=item_source,
+    online=True,
+    tags={"team": "shopml"},
+)
+
+# --- feature services -------------------------------------------------------------------------
+recommender_training = FeatureService(
+    name="recommender_training", features=[user_features, item_features]
+)
+recommender_serving = FeatureService(name="recommender_serving", features=[user_features])

@@ -1,0 +1,1 @@
+"""Training, compression, evaluation and registration of ShopML's recommenders."""
