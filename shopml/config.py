@@ -34,7 +34,7 @@ class SparkConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Hyperparameters of the two-tower recommender and how many Horovod workers train it."""
 
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(8, ge=1)
     workers: int = Field(2, ge=1, description="Horovod processes (horovodrun -np)")
     batch_size: int = Field(512, ge=8, description="per worker")
     lr: float = Field(2e-3, gt=0, description="base LR, scaled by the number of workers")

@@ -1,0 +1,92 @@
+"""MLflow tracking and the model registry (aliases, not stages).
+
+``champion`` is the alias serving loads; it moves only through :func:`promote_if_better`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from shopml.config import Settings
+
+if TYPE_CHECKING:
+    from training.model import TwoTower
+
+EXPERIMENT = "shopml-nightly"
+CHAMPION = "champion"
+# What a serving image needs to unpickle the model; explicit so MLflow does not infer
+# requirements by importing half of the environment.
+PIP_REQUIREMENTS = ["torch==2.13.0", "shopml"]
+
+
+def use_tracking(settings: Settings) -> None:
+    """Point this process's MLflow client at the profile's tracking/registry server."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if settings.tracking_uri.startswith("sqlite:///"):
+        settings.paths.mlflow.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        mlflow.create_experiment(EXPERIMENT, artifact_location=settings.artifact_root)
+    mlflow.set_experiment(EXPERIMENT)
+
+
+def start_run(settings: Settings, ds: str, params: dict[str, object]) -> str:
+    """Create the run every training task of this DAG run logs into; returns its id."""
+    import mlflow
+
+    use_tracking(settings)
+    with mlflow.start_run(run_name=f"nightly-{ds}", tags={"ds": ds}) as run:
+        mlflow.log_params(params)
+    return run.info.run_id
+
+
+def log_model(settings: Settings, run_id: str, model: TwoTower, name: str) -> str:
+    """Log ``model`` as an MLflow PyTorch model in ``run_id``; returns its models:/ URI."""
+    import mlflow
+
+    use_tracking(settings)
+    with mlflow.start_run(run_id=run_id):
+        # pickle, not pt2: the module carries its id vocabularies and `recommend` by raw ids.
+        info = mlflow.pytorch.log_model(
+            model, name=name, pip_requirements=PIP_REQUIREMENTS, serialization_format="pickle"
+        )
+    return info.model_uri
+
+
+def register(settings: Settings, model_uri: str, run_id: str) -> str:
+    """A new registry version (every trained model is registered, promoted or not)."""
+    import mlflow
+
+    use_tracking(settings)
+    version = mlflow.register_model(model_uri, settings.model_name, tags={"run_id": run_id})
+    return str(version.version)
+
+
+def champion_version(settings: Settings) -> str | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    use_tracking(settings)
+    try:
+        mv = MlflowClient().get_model_version_by_alias(settings.model_name, CHAMPION)
+    except MlflowException:
+        return None
+    return str(mv.version)
+
+
+def load_version(settings: Settings, version: str) -> TwoTower:
+    import mlflow
+
+    use_tracking(settings)
+    return mlflow.pytorch.load_model(f"models:/{settings.model_name}/{version}")
+
+
+def set_champion(settings: Settings, version: str) -> None:
+    from mlflow import MlflowClient
+
+    use_tracking(settings)
+    MlflowClient().set_registered_model_alias(settings.model_name, CHAMPION, version)
