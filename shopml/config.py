@@ -34,7 +34,7 @@ class SparkConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Hyperparameters of the two-tower recommender and how many Horovod workers train it."""
 
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(10, ge=1)
     workers: int = Field(2, ge=1, description="Horovod processes (horovodrun -np)")
     batch_size: int = Field(512, ge=8, description="per worker")
     lr: float = Field(2e-3, gt=0, description="base LR, scaled by the number of workers")
@@ -129,3 +129,17 @@ def service_environment(settings: Settings) -> dict[str, str]:
     if settings.mlflow_tracking_uri:
         env["SHOPML_MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
     return env
+
+
+def settings_from_params(params: dict[str, object]) -> Settings:
+    """Settings for one DAG run: the environment, overridden by the trigger form's Params."""
+    base = load_settings()
+    train = base.train.model_copy(
+        update={k: params[k] for k in ("epochs", "workers") if params.get(k) is not None}
+    )
+    evaluation = base.eval.model_copy(
+        update={"promotion_margin": params["promotion_margin"]}
+        if params.get("promotion_margin") is not None
+        else {}
+    )
+    return base.model_copy(update={"train": train, "eval": evaluation})

@@ -1,0 +1,35 @@
+# ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
+.PHONY: install demo test test-fast lint format lock serve airflow-ui mlflow-ui clean
+
+install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
+	bash scripts/setup.sh
+
+demo: install  ## Nightly DAG on the embedded profile, real Instacart data (airflow dags test)
+	bash scripts/demo.sh
+
+test: install  ## The whole test suite (what .ci/run calls)
+	. scripts/env.sh && .venv/bin/ruff check . && .venv/bin/pytest
+
+test-fast:  ## Unit tests only, no end-to-end DAG run
+	. scripts/env.sh && .venv/bin/pytest -m "not integration"
+
+lint:
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+format:
+	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
+
+lock:  ## Re-resolve requirements.in into requirements.lock (torch/horovod excluded)
+	.venv/bin/uv pip compile requirements.in --python .venv/bin/python -o requirements.lock
+
+serve:  ## Serve the champion on http://127.0.0.1:8000
+	. scripts/env.sh && shopml serve
+
+airflow-ui:  ## Airflow UI on http://127.0.0.1:8080 over the demo's state
+	. scripts/env.sh && airflow standalone
+
+mlflow-ui:  ## MLflow UI on http://127.0.0.1:5000 over the demo's state
+	. scripts/env.sh && mlflow ui --backend-store-uri "sqlite:///$$SHOPML_HOME/mlflow/mlflow.db" --port 5000
+
+clean:  ## Remove pipeline state (var/), keep the venv
+	rm -rf var

@@ -1,0 +1,162 @@
+"""
+### ShopML nightly retrain
+
+Lands the interaction logs and catalog, validates them with Great Expectations, cleans and
+engineers features with Spark, syncs Feast, trains the two-tower recommender with Horovod,
+compresses and evaluates it against the baselines and the current champion, and moves the
+MLflow `champion` alias only when the new model is better.
+
+Every task reads and writes the partition of the run's logical date (`ds`), so a rerun of a
+date overwrites its outputs. A failed validation stops the run before training: the
+champion stays. Each task is also `shopml <command> --ds YYYY-MM-DD`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import Param, chain, dag, task
+
+PARAMS = {
+    "source": Param(
+        "instacart",
+        type="string",
+        title="Data source",
+        description="'instacart' (the bundled real sample) or a directory with events/ and "
+        "items/ Parquet in the canonical schema.",
+    ),
+    "max_users": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Max users",
+        description="Keep only the N smallest user ids (quick runs). Empty: all users.",
+    ),
+    "epochs": Param(10, type="integer", minimum=1, maximum=200, title="Training epochs"),
+    "workers": Param(
+        2, type="integer", minimum=1, maximum=64, title="Horovod workers",
+        description="Processes started by horovodrun -np.",
+    ),
+    "promotion_margin": Param(
+        0.0, type="number", minimum=0, maximum=1, title="Promotion margin",
+        description="Relative NDCG@10 gain over popularity and the champion required to promote.",
+    ),
+}
+
+
+def _settings(params):
+    from shopml.config import settings_from_params
+
+    return settings_from_params(dict(params))
+
+
+def _day(ds: str):
+    from datetime import date
+
+    return date.fromisoformat(ds)
+
+
+@dag(
+    dag_id=Path(__file__).stem,
+    schedule="@daily",
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["shopml", "recommendation"],
+    params=PARAMS,
+    doc_md=__doc__,
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=2)},
+)
+def nightly_retrain():
+    @task
+    def land(params=None):
+        from spark_jobs.jobs import land as run
+
+        s = _settings(params)
+        print(run(s, params["source"], params.get("max_users")))
+
+    @task(retries=0)
+    def validate_raw(ds=None, params=None):
+        from airflow.exceptions import AirflowFailException
+
+        from validation.run import ValidationFailed
+        from validation.run import validate_raw as run
+
+        try:
+            for report in run(_settings(params), _day(ds)):
+                print(report.summary())
+        except ValidationFailed as exc:  # bad data: retrying cannot help
+            raise AirflowFailException(str(exc)) from exc
+
+    @task
+    def clean(ds=None, params=None):
+        from spark_jobs.jobs import clean as run
+
+        print(run(_settings(params), _day(ds)))
+
+    @task
+    def build_features(ds=None, params=None):
+        from spark_jobs.jobs import build_features as run
+
+        print(run(_settings(params), _day(ds)))
+
+    @task(retries=0)
+    def validate_features(ds=None, params=None):
+        from airflow.exceptions import AirflowFailException
+
+        from validation.run import ValidationFailed
+        from validation.run import validate_features as run
+
+        try:
+            for report in run(_settings(params), _day(ds)):
+                print(report.summary())
+        except ValidationFailed as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+    @task
+    def feast_sync(ds=None, params=None):
+        from shopml import feast_store
+
+        s = _settings(params)
+        print(feast_store.apply(s, _day(ds)))
+        print(feast_store.materialize(s, _day(ds)))
+
+    @task
+    def training_set(ds=None, params=None):
+        from training.data import build_training_set
+
+        print(build_training_set(_settings(params), _day(ds)))
+
+    @task
+    def train(ds=None, params=None):
+        from training.pipeline import train as run
+
+        print(run(_settings(params), _day(ds)))
+
+    @task
+    def compress(ds=None, params=None):
+        from training.pipeline import compress as run
+
+        print(run(_settings(params), _day(ds)))
+
+    @task
+    def evaluate(ds=None, params=None):
+        from training.pipeline import evaluate as run
+
+        run(_settings(params), _day(ds))
+
+    @task
+    def promote(ds=None, params=None):
+        from training.pipeline import promote as run
+
+        print(run(_settings(params), _day(ds)))
+
+    chain(
+        land(), validate_raw(), clean(), build_features(), validate_features(), feast_sync(),
+        training_set(), train(), compress(), evaluate(), promote(),
+    )
+
+
+nightly_retrain()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One-shot, idempotent install into .venv: torch (CPU wheel), the locked dependency set,
+# Horovod (built once and cached, see build_horovod.sh) and ShopML itself (editable).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/pip install --quiet torch==2.13.0 uv wheel
+.venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements.lock
+bash scripts/build_horovod.sh .venv/bin/python
+.venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .
+.venv/bin/python -c "import torch, horovod.torch, pyspark, feast, great_expectations, mlflow, airflow; print('shopml: environment ready (torch', torch.__version__ + ', pyspark', pyspark.__version__ + ')')"

@@ -1,0 +1,1 @@
+"""Online serving of the champion recommender over HTTP."""

@@ -1,0 +1,136 @@
+"""The ``shopml`` command: every DAG task, runnable by a person, a test or a pod.
+
+Each command is a thin shell over the stage function the Airflow task calls.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Annotated
+
+import typer
+
+from shopml.config import load_settings
+
+app = typer.Typer(help="ShopML: batch ML for e-commerce recommendation.", no_args_is_help=True)
+
+DsOption = Annotated[str, typer.Option("--ds", help="logical date, YYYY-MM-DD")]
+
+
+def _ds(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--ds must be YYYY-MM-DD, got {value!r}") from exc
+
+
+def _echo(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def land(
+    source: Annotated[str, typer.Option(help="'instacart' or a canonical Parquet dir")] = "instacart",
+    max_users: Annotated[int | None, typer.Option(help="keep the N smallest user ids")] = None,
+) -> None:
+    """Land source data into the raw lake (events partitioned by event_date)."""
+    from spark_jobs.jobs import land as run
+
+    _echo(run(load_settings(), source, max_users))
+
+
+@app.command("validate-raw")
+def validate_raw(ds: DsOption) -> None:
+    """Great Expectations on raw events and catalog; quarantines bad partitions."""
+    from validation.run import validate_raw as run
+
+    _echo([r.summary() for r in run(load_settings(), _ds(ds))])
+
+
+@app.command()
+def clean(ds: DsOption) -> None:
+    """Spark cleaning of events up to --ds; rejected rows go to quarantine."""
+    from spark_jobs.jobs import clean as run
+
+    _echo(run(load_settings(), _ds(ds)))
+
+
+@app.command()
+def features(ds: DsOption) -> None:
+    """Spark user/item daily feature snapshots."""
+    from spark_jobs.jobs import build_features as run
+
+    _echo(run(load_settings(), _ds(ds)))
+
+
+@app.command("validate-features")
+def validate_features(ds: DsOption) -> None:
+    """Great Expectations on the feature snapshots."""
+    from validation.run import validate_features as run
+
+    _echo([r.summary() for r in run(load_settings(), _ds(ds))])
+
+
+@app.command("feast-sync")
+def feast_sync(ds: DsOption) -> None:
+    """feast apply + materialize(-incremental) up to the end of --ds."""
+    from shopml import feast_store
+
+    settings, day = load_settings(), _ds(ds)
+    typer.echo(feast_store.apply(settings, day))
+    typer.echo(feast_store.materialize(settings, day))
+
+
+@app.command("training-set")
+def training_set(ds: DsOption) -> None:
+    """Point-in-time training set from Feast, plus the holdout."""
+    from training.data import build_training_set
+
+    _echo(build_training_set(load_settings(), _ds(ds)))
+
+
+@app.command()
+def train(ds: DsOption) -> None:
+    """Train with horovodrun (workers from SHOPML_TRAIN__WORKERS)."""
+    from training.pipeline import train as run
+
+    _echo(run(load_settings(), _ds(ds)))
+
+
+@app.command()
+def compress(ds: DsOption) -> None:
+    """int8 dynamic quantization of the run's model."""
+    from training.pipeline import compress as run
+
+    _echo(run(load_settings(), _ds(ds)))
+
+
+@app.command()
+def evaluate(ds: DsOption) -> None:
+    """Model, int8, baselines and champion on the holdout."""
+    from training.pipeline import evaluate as run
+
+    run(load_settings(), _ds(ds))
+
+
+@app.command()
+def promote(ds: DsOption) -> None:
+    """Register the model; move the champion alias only if it is better."""
+    from training.pipeline import promote as run
+
+    _echo(run(load_settings(), _ds(ds)).__dict__)
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the champion over HTTP (GET /recommendations/{user_id}?k=10)."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    uvicorn.run(create_app(load_settings()), host=host, port=port)
+
+
+if __name__ == "__main__":
+    app()
