@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 DS="${1:-2025-12-31}"   # the Instacart timeline (anchored at 2025-01-01) ends on 2025-12-30
-CONF="${2:-{\}}"
+CONF="${2:-}"
+[[ -n "$CONF" ]] || CONF="{}"
 mkdir -p "$AIRFLOW_HOME"
 airflow db migrate >/dev/null
 # A rerun of the same date replaces the earlier Airflow run; outputs are overwritten per ds.

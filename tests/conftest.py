@@ -1,0 +1,33 @@
+"""Shared fixtures: one local Spark session per test run, isolated ShopML homes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Embedded-profile settings rooted in a fresh temporary SHOPML_HOME."""
+    from shopml.config import load_settings
+
+    monkeypatch.setenv("SHOPML_HOME", str(tmp_path / "home"))
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from shopml.config import SparkConfig
+    from spark_jobs.session import get_spark
+
+    session = get_spark(SparkConfig(master="local[2]", shuffle_partitions=2), "shopml-tests")
+    yield session
+    session.stop()

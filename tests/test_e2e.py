@@ -1,0 +1,124 @@
+"""The whole nightly DAG through Airflow on a slice of the real Instacart data, then serving;
+then a corrupted input that must stop at validation and leave the champion alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from shopml import schema as S
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CONF = {"max_users": 100, "epochs": 20, "workers": 2}
+
+
+def _airflow(home: Path, *args: str) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "SHOPML_HOME": str(home),
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    return subprocess.run([str(bin_dir / "airflow"), *args], env=env, capture_output=True,
+                          text=True, cwd=REPO, timeout=1200)
+
+
+def _dag_test(home: Path, ds: str, conf: dict) -> subprocess.CompletedProcess:
+    return _airflow(home, "dags", "test", "nightly_retrain", ds, "-c", json.dumps(conf))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    home = tmp_path_factory.mktemp("shopml")
+    assert _airflow(home, "db", "migrate").returncode == 0
+    proc = _dag_test(home, "2025-12-31", CONF)
+    log = proc.stdout + proc.stderr
+    assert "state=success" in log, log[-6000:]
+    return home, log
+
+
+@pytest.fixture
+def pipeline_settings(pipeline, monkeypatch):
+    from shopml.config import load_settings
+
+    monkeypatch.setenv("SHOPML_HOME", str(pipeline[0]))
+    return load_settings()
+
+
+def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_settings):
+    from training import registry
+
+    home, log = pipeline
+    run = home / "runs" / "ds=2025-12-31"
+    table = pd.DataFrame(json.loads((run / "evaluation.json").read_text())).set_index("model")
+    assert {"popularity", "personal_top_frequency", "two_tower", "two_tower_int8"} <= set(table.index)
+    assert table.loc["two_tower", "ndcg_at_10"] > table.loc["popularity", "ndcg_at_10"]
+    assert table.loc["two_tower_int8", "size_mb"] < table.loc["two_tower", "size_mb"]
+    assert registry.champion_version(pipeline_settings) == "1"
+    # every stage left its partition of the logical date
+    for path in ("lake/clean/events/ds=2025-12-31", "lake/features/ds=2025-12-31/user",
+                 "gx/gx/uncommitted/data_docs/local_site/index.html"):
+        assert (home / path).exists(), path
+
+
+def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings):
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    train_users = pd.read_parquet(
+        pipeline_settings.paths.run("2025-12-31") / "test_users.parquet")[S.USER_ID]
+    with TestClient(create_app(pipeline_settings)) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "model_version": "1"}
+        known = client.get(f"/recommendations/{train_users.iloc[0]}", params={"k": 5}).json()
+        assert known["fallback"] is False and len(known["items"]) == 5
+        assert known["model_version"] == "1"
+        unknown = client.get("/recommendations/not-a-user").json()
+        assert unknown["fallback"] is True and len(unknown["items"]) == 10
+        bad = client.get(f"/recommendations/{train_users.iloc[0]}", params={"k": 0})
+        assert bad.status_code == 422 and "k" in bad.text
+
+
+def test_corrupted_input_stops_at_validation_and_keeps_champion(pipeline, pipeline_settings,
+                                                                tmp_path):
+    from training import registry
+
+    home, _ = pipeline
+    source = tmp_path / "source"
+    shutil.copytree(home / "lake" / "raw" / "events", source / "events")
+    shutil.copytree(home / "lake" / "raw" / "items", source / "items")
+    # one day's file with null user ids, and a catalog with negative prices
+    day_dir = sorted((source / "events").iterdir())[-5]
+    for f in day_dir.glob("*.parquet"):
+        df = pd.read_parquet(f)
+        df[S.USER_ID] = None
+        df.to_parquet(f, index=False)
+    items = pd.read_parquet(source / "items")
+    items[S.PRICE] = [-1.0 if i % 10 == 0 else 3.5 for i in range(len(items))]
+    shutil.rmtree(source / "items")
+    (source / "items").mkdir()
+    items.to_parquet(source / "items" / "part-0.parquet", index=False)
+
+    proc = _dag_test(home, "2026-01-01", {**CONF, "source": str(source)})
+    log = proc.stdout + proc.stderr
+    assert "state=success" not in log.split("DagRun Finished")[-1]
+    assert "expect_column_values_to_not_be_null on column 'user_id'" in log
+    assert "expect_column_values_to_be_between on column 'price'" in log
+    quarantine = home / "lake" / "quarantine" / "ds=2026-01-01"
+    assert (quarantine / "partitions" / day_dir.name).exists()
+    assert json.loads((quarantine / "raw_events.json").read_text())["bad_partitions"] == [
+        day_dir.name.split("=")[1]]
+    assert not (home / "runs" / "ds=2026-01-01" / "mlflow_run_id").exists()  # never trained
+    assert registry.champion_version(pipeline_settings) == "1"
