@@ -36,11 +36,19 @@ PARAMS = {
     ),
     "epochs": Param(10, type="integer", minimum=1, maximum=200, title="Training epochs"),
     "workers": Param(
-        2, type="integer", minimum=1, maximum=64, title="Horovod workers",
+        2,
+        type="integer",
+        minimum=1,
+        maximum=64,
+        title="Horovod workers",
         description="Processes started by horovodrun -np.",
     ),
     "promotion_margin": Param(
-        0.0, type="number", minimum=0, maximum=1, title="Promotion margin",
+        0.0,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Promotion margin",
         description="Relative NDCG@10 gain over popularity and the champion required to promote.",
     ),
 }
@@ -154,8 +162,17 @@ def nightly_retrain():
         print(run(_settings(params), _day(ds)))
 
     chain(
-        land(), validate_raw(), clean(), build_features(), validate_features(), feast_sync(),
-        training_set(), train(), compress(), evaluate(), promote(),
+        land(),
+        validate_raw(),
+        clean(),
+        build_features(),
+        validate_features(),
+        feast_sync(),
+        training_set(),
+        train(),
+        compress(),
+        evaluate(),
+        promote(),
     )
 
 

@@ -16,10 +16,18 @@ from feast.types import Float32, Int64
 _FEATURES_DIR = os.environ.get("SHOPML_FEATURES_DIR", "data/features")
 
 # --- entities ---------------------------------------------------------------------------------
-user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
-              description="A shopper, by the retailer's user id")
-item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
-              description="A catalog product, by the retailer's item id")
+user = Entity(
+    name="user",
+    join_keys=["user_id"],
+    value_type=ValueType.STRING,
+    description="A shopper, by the retailer's user id",
+)
+item = Entity(
+    name="item",
+    join_keys=["item_id"],
+    value_type=ValueType.STRING,
+    description="A catalog product, by the retailer's item id",
+)
 
 # --- sources ----------------------------------------------------------------------------------
 user_source = FileSource(

@@ -80,11 +80,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         features = _online_features(champ, user_id)
         if user_id not in model.user_index or features is None:
             items = [Recommendation(item_id=i, score=0.0) for i in model.popular_items[:k]]
-            return Recommendations(user_id=user_id, model_version=champ.version, fallback=True,
-                                   items=items)
+            return Recommendations(
+                user_id=user_id, model_version=champ.version, fallback=True, items=items
+            )
         (top,) = model.recommend([user_id], [features], k)
         return Recommendations(
-            user_id=user_id, model_version=champ.version, fallback=False,
+            user_id=user_id,
+            model_version=champ.version,
+            fallback=False,
             items=[Recommendation(item_id=i, score=s) for i, s in top],
         )
 

@@ -31,7 +31,9 @@ def _echo(obj: object) -> None:
 
 @app.command()
 def land(
-    source: Annotated[str, typer.Option(help="'instacart' or a canonical Parquet dir")] = "instacart",
+    source: Annotated[
+        str, typer.Option(help="'instacart' or a canonical Parquet dir")
+    ] = "instacart",
     max_users: Annotated[int | None, typer.Option(help="keep the N smallest user ids")] = None,
 ) -> None:
     """Land source data into the raw lake (events partitioned by event_date)."""

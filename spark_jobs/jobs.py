@@ -7,7 +7,7 @@ Run in-process (``shopml spark clean --ds 2026-01-01``) or on a cluster with
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING
 
 from shopml import schema as S
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def end_of_day(ds: date) -> datetime:
     """Exclusive upper bound of a logical date: the next midnight, UTC."""
-    return datetime.combine(ds + timedelta(days=1), time.min, tzinfo=timezone.utc)
+    return datetime.combine(ds + timedelta(days=1), time.min, tzinfo=UTC)
 
 
 def land(
@@ -75,7 +75,8 @@ def clean(settings: Settings, ds: date, spark: SparkSession | None = None) -> di
         "events_kept": spark.read.parquet(str(p.clean_events / part)).count(),
         "items_kept": spark.read.parquet(str(p.clean_items / part)).count(),
         "rejected_by_reason": {
-            r[S.REJECT_REASON]: r["count"] for r in rejected.groupBy(S.REJECT_REASON).count().collect()
+            r[S.REJECT_REASON]: r["count"]
+            for r in rejected.groupBy(S.REJECT_REASON).count().collect()
         },
     }
     run_dir = p.run(ds)
@@ -84,7 +85,9 @@ def clean(settings: Settings, ds: date, spark: SparkSession | None = None) -> di
     return report
 
 
-def build_features(settings: Settings, ds: date, spark: SparkSession | None = None) -> dict[str, int]:
+def build_features(
+    settings: Settings, ds: date, spark: SparkSession | None = None
+) -> dict[str, int]:
     """User and item daily feature snapshots from the cleaned events of ``ds``."""
     spark = spark or get_spark(settings.spark, "shopml-features")
     p = settings.paths

@@ -7,8 +7,17 @@ import sys
 from tests.conftest import REPO
 
 EXPECTED = [
-    "land", "validate_raw", "clean", "build_features", "validate_features", "feast_sync",
-    "training_set", "train", "compress", "evaluate", "promote",
+    "land",
+    "validate_raw",
+    "clean",
+    "build_features",
+    "validate_features",
+    "feast_sync",
+    "training_set",
+    "train",
+    "compress",
+    "evaluate",
+    "promote",
 ]
 
 
@@ -22,8 +31,13 @@ def test_dagbag_imports_without_errors_and_graph_is_a_chain():
     for upstream, downstream in zip(EXPECTED, EXPECTED[1:], strict=False):
         assert dag.get_task(upstream).downstream_task_ids == {downstream}
     assert dag.get_task("promote").downstream_task_ids == set()
-    assert set(dag.params.keys()) == {"source", "max_users", "epochs", "workers",
-                                      "promotion_margin"}
+    assert set(dag.params.keys()) == {
+        "source",
+        "max_users",
+        "epochs",
+        "workers",
+        "promotion_margin",
+    }
     assert dag.catchup is False and dag.timetable.summary == "@daily"
 
 
@@ -37,10 +51,14 @@ def test_parsing_imports_no_heavy_library_and_opens_no_database(tmp_path):
         "print(json.dumps(heavy))"
     )
     missing_db = tmp_path / "no" / "such" / "airflow.db"
-    env = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{missing_db}",
-           "AIRFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    env = {
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{missing_db}",
+        "AIRFLOW_HOME": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
     assert not missing_db.exists()

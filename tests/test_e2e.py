@@ -31,8 +31,14 @@ def _airflow(home: Path, *args: str) -> subprocess.CompletedProcess:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
     }
-    return subprocess.run([str(bin_dir / "airflow"), *args], env=env, capture_output=True,
-                          text=True, cwd=REPO, timeout=1200)
+    return subprocess.run(
+        [str(bin_dir / "airflow"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
 
 
 def _dag_test(home: Path, ds: str, conf: dict) -> subprocess.CompletedProcess:
@@ -63,13 +69,18 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     home, log = pipeline
     run = home / "runs" / "ds=2025-12-31"
     table = pd.DataFrame(json.loads((run / "evaluation.json").read_text())).set_index("model")
-    assert {"popularity", "personal_top_frequency", "two_tower", "two_tower_int8"} <= set(table.index)
+    assert {"popularity", "personal_top_frequency", "two_tower", "two_tower_int8"} <= set(
+        table.index
+    )
     assert table.loc["two_tower", "ndcg_at_10"] > table.loc["popularity", "ndcg_at_10"]
     assert table.loc["two_tower_int8", "size_mb"] < table.loc["two_tower", "size_mb"]
     assert registry.champion_version(pipeline_settings) == "1"
     # every stage left its partition of the logical date
-    for path in ("lake/clean/events/ds=2025-12-31", "lake/features/ds=2025-12-31/user",
-                 "gx/gx/uncommitted/data_docs/local_site/index.html"):
+    for path in (
+        "lake/clean/events/ds=2025-12-31",
+        "lake/features/ds=2025-12-31/user",
+        "gx/gx/uncommitted/data_docs/local_site/index.html",
+    ):
         assert (home / path).exists(), path
 
 
@@ -78,8 +89,9 @@ def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings):
 
     from serving.app import create_app
 
-    train_users = pd.read_parquet(
-        pipeline_settings.paths.run("2025-12-31") / "test_users.parquet")[S.USER_ID]
+    train_users = pd.read_parquet(pipeline_settings.paths.run("2025-12-31") / "test_users.parquet")[
+        S.USER_ID
+    ]
     with TestClient(create_app(pipeline_settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok", "model_version": "1"}
         known = client.get(f"/recommendations/{train_users.iloc[0]}", params={"k": 5}).json()
@@ -91,8 +103,9 @@ def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings):
         assert bad.status_code == 422 and "k" in bad.text
 
 
-def test_corrupted_input_stops_at_validation_and_keeps_champion(pipeline, pipeline_settings,
-                                                                tmp_path):
+def test_corrupted_input_stops_at_validation_and_keeps_champion(
+    pipeline, pipeline_settings, tmp_path
+):
     from training import registry
 
     home, _ = pipeline
@@ -119,6 +132,7 @@ def test_corrupted_input_stops_at_validation_and_keeps_champion(pipeline, pipeli
     quarantine = home / "lake" / "quarantine" / "ds=2026-01-01"
     assert (quarantine / "partitions" / day_dir.name).exists()
     assert json.loads((quarantine / "raw_events.json").read_text())["bad_partitions"] == [
-        day_dir.name.split("=")[1]]
+        day_dir.name.split("=")[1]
+    ]
     assert not (home / "runs" / "ds=2026-01-01" / "mlflow_run_id").exists()  # never trained
     assert registry.champion_version(pipeline_settings) == "1"

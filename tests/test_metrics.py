@@ -32,18 +32,30 @@ def test_evaluate_rankings_scores_missing_users_zero():
 def _events(rows):
     return pd.DataFrame(
         [
-            {S.USER_ID: u, S.ITEM_ID: i, S.EVENT_TYPE: S.PURCHASE,
-             S.TIMESTAMP: pd.Timestamp("2025-01-01", tz="UTC") + pd.Timedelta(days=d)}
+            {
+                S.USER_ID: u,
+                S.ITEM_ID: i,
+                S.EVENT_TYPE: S.PURCHASE,
+                S.TIMESTAMP: pd.Timestamp("2025-01-01", tz="UTC") + pd.Timedelta(days=d),
+            }
             for u, i, d in rows
         ]
     )
 
 
 def test_popularity_and_personal_top_frequency():
-    train = _events([
-        ("u1", "x", 0), ("u1", "x", 1), ("u1", "y", 2),
-        ("u2", "p", 0), ("u3", "p", 0), ("u2", "q", 1), ("u3", "q", 3), ("u2", "y", 4),
-    ])
+    train = _events(
+        [
+            ("u1", "x", 0),
+            ("u1", "x", 1),
+            ("u1", "y", 2),
+            ("u2", "p", 0),
+            ("u3", "p", 0),
+            ("u2", "q", 1),
+            ("u3", "q", 3),
+            ("u2", "y", 4),
+        ]
+    )
     assert baselines.popularity(train, 3) == ["p", "q", "y"]
     tf = baselines.personal_top_frequency(train, ["u1", "new"], 3)
     assert tf["u1"] == ["x", "y", "p"]  # own items by frequency, then popularity fill

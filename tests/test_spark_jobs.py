@@ -12,32 +12,48 @@ pytestmark = pytest.mark.spark
 
 def _events(spark, rows):
     cols = [S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP, S.SESSION_ID, S.QUERY]
-    return spark.createDataFrame(rows, schema=", ".join(
-        f"{c} {'timestamp' if c == S.TIMESTAMP else 'string'}" for c in cols))
+    return spark.createDataFrame(
+        rows, schema=", ".join(f"{c} {'timestamp' if c == S.TIMESTAMP else 'string'}" for c in cols)
+    )
 
 
 def test_flag_events_names_each_rule(spark):
     t = datetime(2025, 3, 1, 10)
-    df = _events(spark, [
-        ("u1", "i1", "purchase", t, "o1", None),
-        ("u1", "i1", "purchase", t, "o1", None),  # duplicate
-        (None, "i1", "purchase", t, "o1", None),
-        ("u2", "i2", "teleport", t, "o2", None),
-        ("u2", "i2", "view", datetime(1970, 1, 1), "o2", None),
-        ("u2", "i2", "view", datetime(2025, 3, 2, 0, 0, 1), "o2", None),  # after the run's day
-    ])
+    df = _events(
+        spark,
+        [
+            ("u1", "i1", "purchase", t, "o1", None),
+            ("u1", "i1", "purchase", t, "o1", None),  # duplicate
+            (None, "i1", "purchase", t, "o1", None),
+            ("u2", "i2", "teleport", t, "o2", None),
+            ("u2", "i2", "view", datetime(1970, 1, 1), "o2", None),
+            ("u2", "i2", "view", datetime(2025, 3, 2, 0, 0, 1), "o2", None),  # after the run's day
+        ],
+    )
     flagged = clean.flag_events(df, "2025-03-02 00:00:00")
     reasons = sorted((r[S.REJECT_REASON] or "ok") for r in flagged.collect())
-    assert reasons == sorted(["ok", "duplicate", "null_key", "unknown_event_type",
-                              "timestamp_out_of_range", "timestamp_out_of_range"])
+    assert reasons == sorted(
+        [
+            "ok",
+            "duplicate",
+            "null_key",
+            "unknown_event_type",
+            "timestamp_out_of_range",
+            "timestamp_out_of_range",
+        ]
+    )
     ok, bad = clean.split_flagged(flagged)
     assert ok.count() == 1 and bad.count() == 5 and S.REJECT_REASON not in ok.columns
 
 
 def test_flag_items_negative_price_and_duplicates(spark):
     items = spark.createDataFrame(
-        [("a", "A", None, 1.0, None, None), ("a", "A2", None, 1.0, None, None),
-         ("b", "B", None, -3.0, None, None), (None, "?", None, 2.0, None, None)],
+        [
+            ("a", "A", None, 1.0, None, None),
+            ("a", "A2", None, 1.0, None, None),
+            ("b", "B", None, -3.0, None, None),
+            (None, "?", None, 2.0, None, None),
+        ],
         "item_id string, title string, category string, price double, text string, image string",
     )
     reasons = {(r[S.TITLE], r[S.REJECT_REASON]) for r in clean.flag_items(items).collect()}
@@ -45,12 +61,15 @@ def test_flag_items_negative_price_and_duplicates(spark):
 
 
 def test_user_features_are_cumulative_and_valid_from_next_midnight(spark):
-    df = _events(spark, [
-        ("u1", "a", "purchase", datetime(2025, 1, 1, 9), "o1", None),
-        ("u1", "b", "purchase", datetime(2025, 1, 1, 9), "o1", None),
-        ("u1", "a", "purchase", datetime(2025, 1, 4, 9), "o2", None),  # a reorder
-        ("u1", "c", "view", datetime(2025, 1, 4, 10), None, None),
-    ])
+    df = _events(
+        spark,
+        [
+            ("u1", "a", "purchase", datetime(2025, 1, 1, 9), "o1", None),
+            ("u1", "b", "purchase", datetime(2025, 1, 1, 9), "o1", None),
+            ("u1", "a", "purchase", datetime(2025, 1, 4, 9), "o2", None),  # a reorder
+            ("u1", "c", "view", datetime(2025, 1, 4, 10), None, None),
+        ],
+    )
     rows = features.user_features(df).orderBy(S.FEATURE_TIMESTAMP).collect()
     assert [r[S.FEATURE_TIMESTAMP] for r in rows] == [datetime(2025, 1, 2), datetime(2025, 1, 5)]
     last = rows[-1]
@@ -62,11 +81,14 @@ def test_user_features_are_cumulative_and_valid_from_next_midnight(spark):
 
 
 def test_item_features_count_trailing_30_days(spark):
-    df = _events(spark, [
-        ("u1", "a", "purchase", datetime(2025, 1, 1), "o1", None),
-        ("u2", "a", "purchase", datetime(2025, 1, 20), "o2", None),
-        ("u1", "a", "purchase", datetime(2025, 3, 1), "o3", None),
-    ])
+    df = _events(
+        spark,
+        [
+            ("u1", "a", "purchase", datetime(2025, 1, 1), "o1", None),
+            ("u2", "a", "purchase", datetime(2025, 1, 20), "o2", None),
+            ("u1", "a", "purchase", datetime(2025, 3, 1), "o3", None),
+        ],
+    )
     rows = features.item_features(df).orderBy(S.FEATURE_TIMESTAMP).collect()
     assert [r[S.ITEM_PURCHASES_30D] for r in rows] == [1, 2, 1]
     assert [r[S.ITEM_N_USERS] for r in rows] == [1, 2, 2]
@@ -75,19 +97,27 @@ def test_item_features_count_trailing_30_days(spark):
 
 def test_instacart_timestamps_follow_order_gaps(spark):
     raw = spark.createDataFrame(
-        [(10, 7, 1, 2, 8, None, 100, 1.0, 0.0), (10, 7, 1, 2, 8, None, 101, 2.0, 0.0),
-         (11, 7, 2, 3, 14, 5.0, 100, 1.0, 1.0)],
+        [
+            (10, 7, 1, 2, 8, None, 100, 1.0, 0.0),
+            (10, 7, 1, 2, 8, None, 101, 2.0, 0.0),
+            (11, 7, 2, 3, 14, 5.0, 100, 1.0, 1.0),
+        ],
         "order_id int, user_id int, order_number int, order_dow int, order_hour_of_day int, "
         "days_since_prior_order double, product_id int, add_to_cart_order double, reordered double",
     )
     ev = ingest.instacart_events(raw, "2025-01-01").orderBy(S.TIMESTAMP).collect()
     assert [r[S.TIMESTAMP] for r in ev] == [
-        datetime(2025, 1, 1, 8, 0, 1), datetime(2025, 1, 1, 8, 0, 2), datetime(2025, 1, 6, 14, 0, 1)]
+        datetime(2025, 1, 1, 8, 0, 1),
+        datetime(2025, 1, 1, 8, 0, 2),
+        datetime(2025, 1, 6, 14, 0, 1),
+    ]
     assert {r[S.EVENT_TYPE] for r in ev} == {S.PURCHASE}
     assert [r[S.SESSION_ID] for r in ev] == ["10", "10", "11"]
 
 
 def test_conform_events_reports_missing_columns(spark):
     df = spark.createDataFrame([("u", "i")], "user_id string, item_id string")
-    with pytest.raises(ValueError, match=r"missing required column\(s\) \['event_type', 'timestamp'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing required column\(s\) \['event_type', 'timestamp'\]"
+    ):
         ingest.conform_events(df)

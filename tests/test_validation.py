@@ -12,22 +12,34 @@ def _events(n=200, null_users_on=None):
     rows = []
     for i in range(n):
         day = f"2025-01-0{1 + i % 3}"
-        rows.append({S.USER_ID: None if day == null_users_on else f"u{i % 7}", S.ITEM_ID: f"i{i}",
-                     S.EVENT_TYPE: "purchase", S.TIMESTAMP: pd.Timestamp(day, tz="UTC"),
-                     S.EVENT_DATE: day})
+        rows.append(
+            {
+                S.USER_ID: None if day == null_users_on else f"u{i % 7}",
+                S.ITEM_ID: f"i{i}",
+                S.EVENT_TYPE: "purchase",
+                S.TIMESTAMP: pd.Timestamp(day, tz="UTC"),
+                S.EVENT_DATE: day,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def test_clean_events_pass(settings):
     report = validate_frame(settings, "raw_events", suites.raw_events(), _events(), S.EVENT_DATE)
     assert report.success and not report.failures
-    assert (settings.paths.data_docs / "gx" / "uncommitted" / "data_docs" / "local_site"
-            / "index.html").exists()
+    assert (
+        settings.paths.data_docs / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    ).exists()
 
 
 def test_null_user_ids_fail_and_name_column_and_partition(settings):
-    report = validate_frame(settings, "raw_events", suites.raw_events(),
-                            _events(null_users_on="2025-01-02"), S.EVENT_DATE)
+    report = validate_frame(
+        settings,
+        "raw_events",
+        suites.raw_events(),
+        _events(null_users_on="2025-01-02"),
+        S.EVENT_DATE,
+    )
     assert not report.success
     assert report.bad_partitions == ["2025-01-02"]
     summary = report.summary()
@@ -36,8 +48,12 @@ def test_null_user_ids_fail_and_name_column_and_partition(settings):
 
 
 def test_negative_prices_fail_items_suite(settings):
-    items = pd.DataFrame({S.ITEM_ID: [f"i{i}" for i in range(50)],
-                          S.PRICE: [-1.0 if i % 5 == 0 else 2.0 for i in range(50)]})
+    items = pd.DataFrame(
+        {
+            S.ITEM_ID: [f"i{i}" for i in range(50)],
+            S.PRICE: [-1.0 if i % 5 == 0 else 2.0 for i in range(50)],
+        }
+    )
     report = validate_frame(settings, "raw_items", suites.raw_items(), items)
     assert not report.success
     assert any(f["column"] == S.PRICE for f in report.failures)
@@ -45,8 +61,11 @@ def test_negative_prices_fail_items_suite(settings):
 
 @pytest.mark.parametrize("bad", [{S.USER_REORDER_RATE: 1.5}, {S.USER_N_EVENTS: -1}])
 def test_feature_suite_is_strict(settings, bad):
-    row = {S.USER_ID: "u", S.FEATURE_TIMESTAMP: pd.Timestamp("2025-01-02", tz="UTC"),
-           **dict.fromkeys(S.USER_FEATURES, 1.0)}
+    row = {
+        S.USER_ID: "u",
+        S.FEATURE_TIMESTAMP: pd.Timestamp("2025-01-02", tz="UTC"),
+        **dict.fromkeys(S.USER_FEATURES, 1.0),
+    }
     ok = pd.DataFrame([row, {**row, S.USER_ID: "v"}])
     assert validate_frame(settings, "user_features", suites.user_features(), ok).success
     broken = pd.DataFrame([row, {**row, S.USER_ID: "v", **bad}])

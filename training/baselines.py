@@ -20,10 +20,14 @@ def personal_top_frequency(train: pd.DataFrame, users: list[str], k: int) -> dic
     The strong baseline of repeat-purchase commerce: most of a next basket is reorders.
     """
     purchases = train[train[S.EVENT_TYPE] == S.PURCHASE]
-    stats = purchases.groupby([S.USER_ID, S.ITEM_ID]).agg(
-        n=(S.TIMESTAMP, "size"), last=(S.TIMESTAMP, "max")
-    ).reset_index()
-    stats = stats.sort_values([S.USER_ID, "n", "last", S.ITEM_ID], ascending=[True, False, False, True])
+    stats = (
+        purchases.groupby([S.USER_ID, S.ITEM_ID])
+        .agg(n=(S.TIMESTAMP, "size"), last=(S.TIMESTAMP, "max"))
+        .reset_index()
+    )
+    stats = stats.sort_values(
+        [S.USER_ID, "n", "last", S.ITEM_ID], ascending=[True, False, False, True]
+    )
     own = stats.groupby(S.USER_ID)[S.ITEM_ID].apply(lambda s: s.head(k).tolist()).to_dict()
     fill = popularity(train, 2 * k)
     out = {}

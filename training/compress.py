@@ -23,8 +23,10 @@ def quantize_int8(model: TwoTower) -> TwoTower:
         warnings.simplefilter("ignore")
         quantized = quantize_dynamic(
             copy.deepcopy(model).eval(),
-            {nn.Linear: torch.ao.quantization.default_dynamic_qconfig,
-             nn.Embedding: float_qparams_weight_only_qconfig},
+            {
+                nn.Linear: torch.ao.quantization.default_dynamic_qconfig,
+                nn.Embedding: float_qparams_weight_only_qconfig,
+            },
             dtype=torch.qint8,
         )
     return quantized

@@ -33,7 +33,10 @@ def holdout(run_dir: Path) -> tuple[dict[str, set[str]], pd.DataFrame, pd.DataFr
 def model_rankings(model: TwoTower, user_features: pd.DataFrame, k: int) -> dict[str, list[str]]:
     users = user_features.index.tolist()
     rows = user_features[list(model.feature_names)].to_dict("records")
-    return {u: [i for i, _ in recs] for u, recs in zip(users, model.recommend(users, rows, k), strict=True)}
+    return {
+        u: [i for i, _ in recs]
+        for u, recs in zip(users, model.recommend(users, rows, k), strict=True)
+    }
 
 
 def model_size_bytes(model: torch.nn.Module) -> int:
@@ -42,7 +45,9 @@ def model_size_bytes(model: torch.nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
-def cpu_latency_ms(model: TwoTower, user_features: pd.DataFrame, k: int, repeats: int = 50) -> float:
+def cpu_latency_ms(
+    model: TwoTower, user_features: pd.DataFrame, k: int, repeats: int = 50
+) -> float:
     """Median wall time of one single-user recommendation on one CPU thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -71,17 +76,21 @@ def evaluate_run(
     rows: list[dict[str, Any]] = []
     pop = baselines.popularity(train, k)
     rows.append({"model": "popularity", **evaluate_rankings(dict.fromkeys(users, pop), truth, k)})
-    rows.append({
-        "model": "personal_top_frequency",
-        **evaluate_rankings(baselines.personal_top_frequency(train, users, k), truth, k),
-    })
+    rows.append(
+        {
+            "model": "personal_top_frequency",
+            **evaluate_rankings(baselines.personal_top_frequency(train, users, k), truth, k),
+        }
+    )
     for name, model in models.items():
-        rows.append({
-            "model": name,
-            **evaluate_rankings(model_rankings(model, feats, k), truth, k),
-            "size_mb": model_size_bytes(model) / 1e6,
-            "latency_ms": cpu_latency_ms(model, feats, k),
-        })
+        rows.append(
+            {
+                "model": name,
+                **evaluate_rankings(model_rankings(model, feats, k), truth, k),
+                "size_mb": model_size_bytes(model) / 1e6,
+                "latency_ms": cpu_latency_ms(model, feats, k),
+            }
+        )
     table = pd.DataFrame(rows)
     table["protocol"] = PROTOCOL
     return table

@@ -18,9 +18,19 @@ def horovodrun_command(run_dir: Path, cfg: TrainConfig) -> list[str]:
     """
     horovodrun = str(Path(sys.executable).with_name("horovodrun"))
     return [
-        horovodrun, "-np", str(cfg.workers), "-H", f"localhost:{cfg.workers}", "--gloo",
-        sys.executable, "-m", "training.train",
-        "--run-dir", str(run_dir), "--config", cfg.model_dump_json(),
+        horovodrun,
+        "-np",
+        str(cfg.workers),
+        "-H",
+        f"localhost:{cfg.workers}",
+        "--gloo",
+        sys.executable,
+        "-m",
+        "training.train",
+        "--run-dir",
+        str(run_dir),
+        "--config",
+        cfg.model_dump_json(),
     ]
 
 

@@ -16,8 +16,12 @@ from shopml import schema as S
 
 # Count-like features are log-scaled; rates are already in [0, 1].
 _LOG_SCALED = {
-    S.USER_N_EVENTS, S.USER_N_PURCHASES, S.USER_N_BASKETS, S.USER_N_DISTINCT_ITEMS,
-    S.USER_AVG_BASKET_SIZE, S.USER_DAYS_SINCE_PRIOR,
+    S.USER_N_EVENTS,
+    S.USER_N_PURCHASES,
+    S.USER_N_BASKETS,
+    S.USER_N_DISTINCT_ITEMS,
+    S.USER_AVG_BASKET_SIZE,
+    S.USER_DAYS_SINCE_PRIOR,
 }
 UNKNOWN_USER = 0  # embedding row shared by users unseen at training time
 
@@ -60,7 +64,9 @@ class TwoTower(nn.Module):
     def user_vector(self, user_idx: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.user_emb(user_idx) + self.user_mlp(self.scale(features))
 
-    def item_vectors(self, item_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def item_vectors(
+        self, item_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and biases of ``item_idx`` (the whole catalog when None)."""
         if item_idx is None:
             item_idx = torch.arange(len(self.item_ids))
@@ -78,7 +84,8 @@ class TwoTower(nn.Module):
     def features_tensor(self, rows: list[dict[str, float | None]]) -> torch.Tensor:
         """Feature dicts to a tensor; a missing value (no snapshot yet) becomes 0."""
         return torch.tensor(
-            [[float(r.get(f) or 0.0) for f in self.feature_names] for r in rows], dtype=torch.float32
+            [[float(r.get(f) or 0.0) for f in self.feature_names] for r in rows],
+            dtype=torch.float32,
         )
 
     @torch.no_grad()
@@ -113,6 +120,8 @@ def sampled_softmax_loss(
     neg_vec, neg_bias = model.item_vectors(neg_items)
     pos_logit = (users * pos_vec).sum(-1, keepdim=True) + pos_bias.unsqueeze(-1)
     neg_logit = users @ neg_vec.T + neg_bias
-    neg_logit = neg_logit.masked_fill(neg_items.unsqueeze(0) == pos_items.unsqueeze(1), float("-inf"))
+    neg_logit = neg_logit.masked_fill(
+        neg_items.unsqueeze(0) == pos_items.unsqueeze(1), float("-inf")
+    )
     logits = torch.cat([pos_logit, neg_logit], dim=1)
     return nn.functional.cross_entropy(logits, torch.zeros(len(users), dtype=torch.long))

@@ -102,8 +102,9 @@ def promote(settings: Settings, ds: date) -> Decision:
     run_id = _run_id(settings, ds)
     model = torch.load(run_dir / "model.pt", weights_only=False)
     uri = registry.log_model(settings, run_id, model, "model")
-    registry.log_model(settings, run_id, torch.load(run_dir / "model_int8.pt", weights_only=False),
-                       "model_int8")
+    registry.log_model(
+        settings, run_id, torch.load(run_dir / "model_int8.pt", weights_only=False), "model_int8"
+    )
     version = registry.register(settings, uri, run_id)
     ratio = ndcg / float(table.loc["personal_top_frequency", metric])
     if all(beaten.values()):
@@ -111,12 +112,16 @@ def promote(settings: Settings, ds: date) -> Decision:
         reason = "beats " + ", ".join(f"{m} ({v:.4f})" for m, v in bars.items())
     else:
         lost = [f"{m} ({bars[m]:.4f})" for m, ok in beaten.items() if not ok]
-        reason = f"NOT promoted: {metric}={ndcg:.4f} does not beat {', '.join(lost)} by margin {margin}"
+        reason = (
+            f"NOT promoted: {metric}={ndcg:.4f} does not beat {', '.join(lost)} by margin {margin}"
+        )
     decision = Decision(version, all(beaten.values()), reason, ndcg, ratio)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metric("promoted", float(decision.promoted))
         mlflow.log_metric("ratio_to_personal_top_frequency", ratio)
         mlflow.set_tag("promotion", reason)
     (run_dir / "promotion.json").write_text(json.dumps(decision.__dict__, indent=2))
-    print(f"model version {version}: {reason}; {metric} ratio to personal top-frequency {ratio:.3f}")
+    print(
+        f"model version {version}: {reason}; {metric} ratio to personal top-frequency {ratio:.3f}"
+    )
     return decision

@@ -62,8 +62,9 @@ def main() -> None:
 
     # --- model and optimizer ----------------------------------------------------------------
     # LR scaled by the number of workers: the effective batch is size x batch_size.
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr * hvd.size(),
-                                 weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr * hvd.size(), weight_decay=cfg.weight_decay
+    )
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())

@@ -91,7 +91,10 @@ def validate_frame(
     )
     result_format: dict[str, Any] = {"result_format": "SUMMARY"}
     if partition_column:
-        result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": [partition_column]}
+        result_format = {
+            "result_format": "COMPLETE",
+            "unexpected_index_column_names": [partition_column],
+        }
     checkpoint = ctx.checkpoints.add_or_update(
         gx.Checkpoint(
             name=suite_name,
@@ -163,7 +166,9 @@ def _raise_on_failure(settings: Settings, ds: date, reports: list[SuiteReport]) 
     if not failed:
         return
     where = [str(_quarantine_partitions(settings, ds, r)) for r in failed][0]
-    docs = settings.paths.data_docs / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    docs = (
+        settings.paths.data_docs / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    )
     raise ValidationFailed(
         "\n".join(r.summary() for r in failed)
         + f"\nQuarantined copies and reports: {where}\nData Docs: {docs}\n"
@@ -193,6 +198,8 @@ def validate_features(settings: Settings, ds: date) -> list[SuiteReport]:
         ("user_features", suites.user_features, root / "user"),
         ("item_features", suites.item_features, root / "item"),
     ]
-    reports = [validate_frame(settings, name, make(), _read_parquet(path)) for name, make, path in checks]
+    reports = [
+        validate_frame(settings, name, make(), _read_parquet(path)) for name, make, path in checks
+    ]
     _raise_on_failure(settings, ds, reports)
     return reports
