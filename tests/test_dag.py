@@ -24,7 +24,7 @@ EXPECTED = [
 def test_dagbag_imports_without_errors_and_graph_is_a_chain():
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(REPO / "dags"), include_examples=False)
+    bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     dag = bag.get_dag("nightly_retrain")
     assert dag is not None
@@ -38,7 +38,8 @@ def test_dagbag_imports_without_errors_and_graph_is_a_chain():
         "workers",
         "promotion_margin",
     }
-    assert dag.catchup is False and dag.timetable.summary == "@daily"
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.timetable.expression == "0 0 * * *"
 
 
 def test_parsing_imports_no_heavy_library_and_opens_no_database(tmp_path):
