@@ -116,7 +116,7 @@ def test_corrupted_input_stops_at_validation_and_keeps_champion(
     day_dir = sorted((source / "events").iterdir())[-5]
     for f in day_dir.glob("*.parquet"):
         df = pd.read_parquet(f)
-        df[S.USER_ID] = None
+        df[S.USER_ID] = pd.Series([None] * len(df), dtype="string")  # typed, all null
         df.to_parquet(f, index=False)
     items = pd.read_parquet(source / "items")
     items[S.PRICE] = [-1.0 if i % 10 == 0 else 3.5 for i in range(len(items))]
