@@ -1,0 +1,87 @@
+"""Feast repo: definitions agree with the schema, and the training join is point-in-time."""
+
+from __future__ import annotations
+
+import runpy
+from datetime import date
+
+import pandas as pd
+import pytest
+
+from shopml import feast_store
+from shopml import schema as S
+
+DEFS = feast_store.FEATURE_REPO / "definitions.py"
+
+
+def test_feature_views_use_the_canonical_column_names():
+    defs = runpy.run_path(str(DEFS))
+    user_fields = [f.name for f in defs["user_features"].schema]
+    item_fields = [f.name for f in defs["item_features"].schema]
+    assert tuple(user_fields) == S.USER_FEATURES
+    assert tuple(item_fields) == S.ITEM_FEATURES
+    assert defs["user"].join_key == S.USER_ID and defs["item"].join_key == S.ITEM_ID
+    assert defs["user_source"].timestamp_field == S.FEATURE_TIMESTAMP
+
+
+@pytest.mark.integration
+def test_historical_features_pick_the_latest_snapshot_not_after_each_row(settings):
+    ds = date(2025, 1, 31)
+    root = settings.paths.features / f"ds={ds.isoformat()}"
+    snaps = pd.DataFrame(
+        {
+            S.USER_ID: ["a", "a", "a", "b"],
+            S.FEATURE_TIMESTAMP: pd.to_datetime(
+                ["2025-01-02", "2025-01-05", "2025-01-09", "2025-01-03"], utc=True
+            ),
+            **{f: [1.0, 2.0, 3.0, 7.0] for f in S.USER_FEATURES},
+        }
+    )
+    for f in S.USER_FEATURES[:4]:
+        snaps[f] = snaps[f].astype("int64")
+    items = pd.DataFrame(
+        {
+            S.ITEM_ID: ["x"],
+            S.FEATURE_TIMESTAMP: pd.to_datetime(["2025-01-01"], utc=True),
+            **{f: [1] for f in S.ITEM_FEATURES},
+        }
+    )
+    items[S.ITEM_REORDER_RATE] = items[S.ITEM_REORDER_RATE].astype("float32")
+    (root / "user").mkdir(parents=True)
+    (root / "item").mkdir(parents=True)
+    snaps.to_parquet(root / "user" / "part-0.parquet", index=False)
+    items.to_parquet(root / "item" / "part-0.parquet", index=False)
+    feast_store.apply(settings, ds)
+
+    entity = pd.DataFrame(
+        {
+            S.USER_ID: ["a", "a", "a", "a", "b", "c"],
+            S.ITEM_ID: ["x"] * 6,
+            "event_timestamp": pd.to_datetime(
+                [
+                    "2025-01-01",
+                    "2025-01-04 12:00",
+                    "2025-01-05",
+                    "2025-01-20",
+                    "2025-01-03",
+                    "2025-01-10",
+                ],
+                utc=True,
+            ),
+        }
+    )
+    from training.data import point_in_time_features
+
+    got = point_in_time_features(settings, entity)
+
+    def oracle(user: str, ts: pd.Timestamp) -> float:
+        rows = snaps[(snaps[S.USER_ID] == user) & (snaps[S.FEATURE_TIMESTAMP] <= ts)]
+        return (
+            float(rows.sort_values(S.FEATURE_TIMESTAMP).iloc[-1][S.USER_N_EVENTS])
+            if len(rows)
+            else 0.0
+        )
+
+    got = got.sort_values([S.USER_ID, "event_timestamp"]).reset_index(drop=True)
+    expected = [oracle(u, t) for u, t in zip(got[S.USER_ID], got["event_timestamp"], strict=True)]
+    assert got[S.USER_N_EVENTS].tolist() == expected == [0.0, 1.0, 2.0, 3.0, 7.0, 0.0]
