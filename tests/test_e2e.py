@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from shopml import schema as S
@@ -115,9 +117,10 @@ def test_corrupted_input_stops_at_validation_and_keeps_champion(
     # one day's file with null user ids, and a catalog with negative prices
     day_dir = sorted((source / "events").iterdir())[-5]
     for f in day_dir.glob("*.parquet"):
-        df = pd.read_parquet(f)
-        df[S.USER_ID] = pd.Series([None] * len(df), dtype="string")  # typed, all null
-        df.to_parquet(f, index=False)
+        table = pq.read_table(f)  # rewritten with its own schema, as the writer would
+        nulls = pa.nulls(table.num_rows, type=pa.string())
+        table = table.set_column(table.schema.get_field_index(S.USER_ID), S.USER_ID, nulls)
+        pq.write_table(table, f)
     items = pd.read_parquet(source / "items")
     items[S.PRICE] = [-1.0 if i % 10 == 0 else 3.5 for i in range(len(items))]
     shutil.rmtree(source / "items")
