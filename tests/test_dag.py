@@ -26,7 +26,7 @@ def test_dagbag_imports_without_errors_and_graph_is_a_chain():
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
-    dag = bag.get_dag("nightly_retrain")
+    dag = bag.dags.get("nightly_retrain")  # in memory: no metadata DB needed
     assert dag is not None
     for upstream, downstream in zip(EXPECTED, EXPECTED[1:], strict=False):
         assert dag.get_task(upstream).downstream_task_ids == {downstream}
