@@ -7,6 +7,9 @@ Run in-process (``shopml spark clean --ds 2026-01-01``) or on a cluster with
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING
 
@@ -26,6 +29,31 @@ def end_of_day(ds: date) -> datetime:
     return datetime.combine(ds + timedelta(days=1), time.min, tzinfo=UTC)
 
 
+@contextmanager
+def _readable_source(source: str) -> Iterator[None]:
+    """Turn Spark's unreadable-file failure into an error that names the file and a fix."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    try:
+        yield
+    except (PySparkException, Py4JJavaError) as err:
+        if "FAILED_READ_FILE" not in str(err):
+            raise
+        found = re.search(r"reading file (\S+?)\.?\s", str(err))
+        where = found.group(1) if found else source
+        raise SourceReadError(
+            f"cannot read {where} from source '{source}': the file is not valid Parquet, or a "
+            "stale Hadoop '.crc' side file next to it no longer matches (delete the .crc files "
+            "after editing Parquet by other tools). Nothing was landed; fix or remove the file "
+            "and rerun."
+        ) from err
+
+
+class SourceReadError(RuntimeError):
+    """A source file cannot be read at all (before any data validation can look at it)."""
+
+
 def land(
     settings: Settings,
     source: str,
@@ -39,8 +67,9 @@ def land(
         events = ingest.keep_first_users(events, max_users)
     events = ingest.with_event_date(events).cache()
     p = settings.paths
-    events.write.mode("overwrite").partitionBy(S.EVENT_DATE).parquet(str(p.raw_events))
-    items.write.mode("overwrite").parquet(str(p.raw_items))
+    with _readable_source(source):
+        events.write.mode("overwrite").partitionBy(S.EVENT_DATE).parquet(str(p.raw_events))
+        items.write.mode("overwrite").parquet(str(p.raw_items))
     counts = {"events": events.count(), "items": spark.read.parquet(str(p.raw_items)).count()}
     events.unpersist()
     return counts

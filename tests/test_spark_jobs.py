@@ -121,3 +121,23 @@ def test_conform_events_reports_missing_columns(spark):
         ValueError, match=r"missing required column\(s\) \['event_type', 'timestamp'\]"
     ):
         ingest.conform_events(df)
+
+
+def test_land_names_an_unreadable_source_file(spark, settings, tmp_path):
+    """A Parquet file edited by another tool next to a stale Hadoop .crc: clear error, no data."""
+    import pyarrow.parquet as pq
+
+    from spark_jobs.jobs import SourceReadError, land
+
+    src = tmp_path / "src"
+    ts = datetime(2025, 3, 1, 10)
+    _events(spark, [("u1", "i1", "purchase", ts, None, None)]).write.parquet(str(src / "events"))
+    spark.createDataFrame(
+        [("i1", "t", "c", 1.0)], "item_id string, title string, category string, price double"
+    ).write.parquet(str(src / "items"))
+    part = next((src / "events").glob("part-*.parquet"))
+    table = pq.read_table(part)
+    pq.write_table(table, part, compression="gzip")  # same rows, other bytes: .crc is stale
+    with pytest.raises(SourceReadError, match=r"cannot read .*part-.*\.crc"):
+        land(settings, str(src), spark=spark)
+    assert not list(settings.paths.raw_events.rglob("*.parquet"))  # nothing landed
