@@ -11,6 +11,9 @@ fi
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/pip install --quiet torch==2.13.0 uv wheel
 .venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements.lock
+# Benchmark data shipped inside packages whose own dependencies we never import (recbole
+# would pull its own torch): installed without dependencies, pinned.
+.venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps recbole==1.2.1
 bash scripts/build_horovod.sh .venv/bin/python
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .
 .venv/bin/python -c "import torch, horovod.torch, pyspark, feast, great_expectations, mlflow, airflow; print('shopml: environment ready (torch', torch.__version__ + ', pyspark', pyspark.__version__ + ')')"

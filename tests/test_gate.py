@@ -1,0 +1,138 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from shopml import schema as S
+from training import gate
+from training import metrics as M
+from training.interactions import from_events
+
+
+def _frame(values, users=None):
+    users = range(len(values)) if users is None else users
+    return pd.DataFrame({"user_idx": list(users), "ndcg": values})
+
+
+def test_margin_is_relative_to_the_reference_mean():
+    # champion per user 0.1, 0.2, 0.3 (mean 0.2); challenger +0.01 for every user, so every
+    # bootstrap mean of the difference is 0.01: CI [0.01, 0.01]
+    champion = _frame([0.1, 0.2, 0.3])
+    challenger = _frame([0.11, 0.21, 0.31])
+    # margin 0.04: threshold 0.04 x 0.2 = 0.008 < 0.01 -> promote
+    d = gate.decide(challenger, champion, margin=0.04, segments=(), n_boot=200)
+    assert d.promote and d.reference == "champion"
+    assert d.numbers["diff_vs_champion_ci_low"] == pytest.approx(0.01)
+    assert d.numbers["threshold_vs_champion"] == pytest.approx(0.008)
+    # margin 0.06: threshold 0.06 x 0.2 = 0.012 > 0.01 -> reject
+    d = gate.decide(challenger, champion, margin=0.06, segments=(), n_boot=200)
+    assert not d.promote
+    assert "does not clear" in d.reasons[1] and d.reasons[0].startswith("REJECT")
+
+
+def test_a_tie_never_promotes():
+    same = _frame([0.3, 0.1, 0.7, 0.0])
+    d = gate.decide(same, same, margin=0.0, segments=(), n_boot=100)
+    assert not d.promote  # CI of a zero difference is [0, 0]: not strictly above 0
+
+
+def test_noise_does_not_promote_and_a_real_gain_does():
+    rng = np.random.default_rng(0)
+    champion = rng.random(400)
+    noisy = _frame(np.clip(champion + rng.normal(0, 0.2, 400), 0, 1))
+    better = _frame(np.clip(champion + 0.05 + rng.normal(0, 0.05, 400), 0, 1))
+    assert not gate.decide(noisy, _frame(champion), margin=0.01, segments=()).promote
+    d = gate.decide(better, _frame(champion), margin=0.01, segments=())
+    assert d.promote
+    again = gate.decide(better, _frame(champion), margin=0.01, segments=())
+    assert again == d  # seeded: the same decision and numbers
+
+
+def _segmented(warm, cold):
+    """20 users; users 0-4 are cold. Per-user NDCG ``warm`` / ``cold``."""
+    values = [cold] * 5 + [warm] * 15
+    frame = _frame(values)
+    return {"all": frame, "cold": frame.iloc[:5]}
+
+
+def test_a_regressing_protected_segment_rejects_with_the_reason():
+    champion = _segmented(warm=0.5, cold=0.5)
+    challenger = _segmented(warm=0.8, cold=0.4)
+    # overall: mean difference (15 x 0.3 - 5 x 0.1) / 20 = 0.2, far above 0.01 x 0.5
+    # cold: relative drop (0.5 - 0.4) / 0.5 = 20% > 5% tolerance -> reject
+    d = gate.decide(challenger, champion, segments=("cold",), tolerance=0.05, n_boot=200)
+    assert not d.promote
+    assert any("segment 'cold' regresses" in r and "20.0%" in r for r in d.reasons)
+    assert d.numbers["segment_cold_relative_drop"] == pytest.approx(0.2)
+    # a 25% tolerance lets the same challenger through
+    assert gate.decide(challenger, champion, segments=("cold",), tolerance=0.25).promote
+
+
+def test_first_run_compares_with_the_baseline_and_both_bars_apply():
+    baseline = _frame([0.2] * 10)
+    champion = _frame([0.1] * 10)
+    challenger = _frame([0.15] * 10)
+    d = gate.decide(challenger, baseline=baseline, segments=())
+    assert d.reference == "baseline" and not d.promote  # 0.15 < popularity's 0.2
+    # beats the champion, but the champion itself is below popularity: still rejected
+    d = gate.decide(challenger, champion, baseline, segments=())
+    assert d.reference == "champion" and not d.promote
+    assert d.numbers["diff_vs_champion_ci_low"] == pytest.approx(0.05)
+    assert d.numbers["diff_vs_baseline_ci_high"] == pytest.approx(-0.05)
+
+
+def _evaluation(score, seed=0, exclude_seen=False):
+    rng = np.random.default_rng(seed)
+    n = 3000
+    ev = pd.DataFrame(
+        {
+            S.USER_ID: rng.integers(0, 150, n).astype(str),
+            S.ITEM_ID: rng.zipf(1.5, n).clip(max=80).astype(str),
+            S.EVENT_TYPE: S.PURCHASE,
+            S.TIMESTAMP: pd.Timestamp("2025-01-01", tz="UTC"),
+        }
+    )
+    data = from_events(ev)
+    is_test = np.random.default_rng(1).random(n) < 0.25
+    train, test = data.subset(~is_test), data.subset(is_test)
+    return M.evaluate(score(train, test), train, test, k=10, exclude_seen=exclude_seen, n_boot=100)
+
+
+def _popularity(train, test):
+    pop = np.bincount(train.events["item_idx"], minlength=train.n_items).astype(np.float32)
+    return lambda users: np.tile(pop, (len(users), 1))
+
+
+def _oracle(train, test):
+    truth = M.relevance_matrix(test, np.arange(test.n_users)).toarray().astype(np.float32)
+    return lambda users: truth[users]  # knows the held-out items: better everywhere
+
+
+def test_gate_on_evaluation_results_with_default_segments():
+    pop, oracle = _evaluation(_popularity), _evaluation(_oracle)
+    d = gate.decide(oracle, baseline=pop)
+    assert d.promote, d.reasons
+    assert {"segment_cold_users", "segment_heavy_users", "segment_long_tail_users"} <= set(
+        d.numbers
+    )
+    assert not gate.decide(pop, champion=oracle).promote
+    assert d.to_dict()["promote"] is True
+    with pytest.raises(ValueError, match="different protocols"):
+        gate.decide(oracle, baseline=_evaluation(_popularity, exclude_seen=True))
+
+
+def test_gate_errors_are_readable():
+    frame = _frame([0.1, 0.2])
+    with pytest.raises(ValueError, match="nothing to compare with"):
+        gate.decide(frame)
+    with pytest.raises(ValueError, match="no user column 'user_idx'"):
+        gate.decide(frame.rename(columns={"user_idx": "uid"}), frame, segments=())
+    with pytest.raises(ValueError, match="no metric column 'recall'"):
+        gate.decide(frame, frame, metric="recall", segments=())
+    with pytest.raises(ValueError, match="different users"):
+        gate.decide(frame, _frame([0.1, 0.2], users=[5, 6]), segments=())
+    with pytest.raises(ValueError, match="protected segment 'cold' is missing"):
+        gate.decide(frame, frame)
+    with pytest.raises(ValueError, match="no users evaluated"):
+        gate.decide(_frame([]), _frame([]), segments=())
+    with pytest.raises(ValueError, match="margin must be"):
+        gate.decide(frame, frame, margin=-0.1, segments=())
