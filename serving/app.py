@@ -64,11 +64,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ShopML recommendations", lifespan=lifespan)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    def healthz() -> dict[str, str | None]:
+        """Liveness: the process answers (a missing model is readiness, not a reason to restart)."""
+        champ = state.get("champion")
+        return {"status": "ok", "model_version": champ.version if champ else None}
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, str]:
+        """Readiness: the champion is loaded, so traffic may be routed here."""
         champ = state.get("champion")
         if champ is None:
             raise HTTPException(503, "model not loaded")
-        return {"status": "ok", "model_version": champ.version}
+        return {"status": "ready", "model_version": champ.version}
 
     @app.get("/recommendations/{user_id}", response_model=Recommendations)
     def recommend(

@@ -130,11 +130,22 @@ def conform_items(df: DataFrame) -> DataFrame:
 
 
 def keep_first_users(events: DataFrame, max_users: int) -> DataFrame:
-    """A deterministic slice: the ``max_users`` smallest user ids (for tests and quick demos)."""
+    """A deterministic slice: the ``max_users`` smallest user ids (for tests and quick demos).
+
+    Rows without a user id are kept: they belong to no user to choose, and dropping them here
+    would hide bad data from validation (which quarantines them and stops the run).
+    """
     from pyspark.sql import functions as F
 
-    users = events.select(S.USER_ID).distinct().orderBy(F.col(S.USER_ID).cast("long"), S.USER_ID)
-    return events.join(users.limit(max_users), S.USER_ID)
+    users = (
+        events.select(S.USER_ID)
+        .where(F.col(S.USER_ID).isNotNull())
+        .distinct()
+        .orderBy(F.col(S.USER_ID).cast("long"), S.USER_ID)
+        .limit(max_users)
+    )
+    chosen = events.join(users, S.USER_ID, "left_semi")
+    return chosen.unionByName(events.where(F.col(S.USER_ID).isNull()))
 
 
 def with_event_date(events: DataFrame) -> DataFrame:

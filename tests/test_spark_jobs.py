@@ -141,3 +141,11 @@ def test_land_names_an_unreadable_source_file(spark, settings, tmp_path):
     with pytest.raises(SourceReadError, match=r"cannot read .*part-.*\.crc"):
         land(settings, str(src), spark=spark)
     assert not list(settings.paths.raw_events.rglob("*.parquet"))  # nothing landed
+
+
+def test_keep_first_users_keeps_rows_without_user_for_validation(spark):
+    ts = datetime(2025, 3, 1, 10)
+    rows = [(u, "i1", "purchase", ts, None, None) for u in ("3", "1", "2", "10", None)]
+    got = ingest.keep_first_users(_events(spark, rows), 2).select(S.USER_ID).collect()
+    # numeric order: "1", "2" (not "10"); the null row stays for GX to catch
+    assert sorted(r[0] or "<null>" for r in got) == ["1", "2", "<null>"]
