@@ -15,7 +15,7 @@ VERSION=0.28.1
 CACHE="${SHOPML_WHEEL_CACHE:-$HOME/.cache/shopml/wheels}"
 TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 # The wheel links against one torch ABI: key the cache on the torch version too.
-TAG="torch${TORCH_VERSION}"
+TAG="torch${TORCH_VERSION}${HOROVOD_GPU_OPERATIONS:+-${HOROVOD_GPU_OPERATIONS,,}}"  # a NCCL build is another wheel
 mkdir -p "$CACHE/$TAG"
 
 if "$PY" -c "import horovod.torch" 2>/dev/null; then

@@ -15,5 +15,6 @@ fi
 # would pull its own torch): installed without dependencies, pinned.
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps recbole==1.2.1
 bash scripts/build_horovod.sh .venv/bin/python
+bash scripts/fetch_tools.sh >/dev/null  # helm for tests/test_helm.py (cached outside the clone)
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .
 .venv/bin/python -c "import torch, horovod.torch, pyspark, feast, great_expectations, mlflow, airflow; print('shopml: environment ready (torch', torch.__version__ + ', pyspark', pyspark.__version__ + ')')"
