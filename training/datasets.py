@@ -15,8 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from shopml import schema as S
-
-RATING = "rating"
+from training.interactions import RATING
 
 
 def _package_file(dist: str, relative: str) -> Path:

@@ -19,6 +19,7 @@ from shopml import schema as S
 USER_IDX = "user_idx"
 ITEM_IDX = "item_idx"
 WEIGHT = "weight"
+RATING = "rating"
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,10 @@ class Interactions:
     """Events of one training set with dense user/item indices.
 
     ``events`` has columns ``user_idx``, ``item_idx``, ``timestamp`` (UTC), ``event_type``,
-    ``weight`` (1.0 per event unless the source carries ratings) and, when present,
-    ``session_id``. ``user_ids[i]`` / ``item_ids[j]`` map indices back to raw ids. The item
-    vocabulary is the whole catalog, so items nobody interacted with are still rankable.
+    ``weight`` (1.0 per event unless a weight column is chosen) and, when present,
+    ``session_id`` and ``rating``. ``user_ids[i]`` / ``item_ids[j]`` map indices back to
+    raw ids. The item vocabulary is the whole catalog, so items nobody interacted with are
+    still rankable.
     """
 
     events: pd.DataFrame
@@ -111,6 +113,8 @@ def from_events(
     )
     if S.SESSION_ID in ev.columns:
         out[S.SESSION_ID] = ev[S.SESSION_ID].to_numpy()
+    if RATING in ev.columns:  # explicit feedback, when a source has it (e.g. MovieLens)
+        out[RATING] = ev[RATING].astype("float32").to_numpy()
     catalog = None
     if items is not None:
         catalog = (
