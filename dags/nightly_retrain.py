@@ -49,7 +49,24 @@ PARAMS = {
         minimum=0,
         maximum=1,
         title="Promotion margin",
-        description="Relative NDCG@10 gain over popularity and the champion required to promote.",
+        description="Relative: the lower bound of the paired-bootstrap NDCG@10 gain over the "
+        "champion (first run: popularity) must exceed margin x its mean.",
+    ),
+    "models": Param(
+        ["user_knn", "item_knn"],
+        type="array",
+        items={"type": "string"},
+        title="Zoo models",
+        description="Models of the zoo also fitted and evaluated on the run's holdout (each a "
+        "nested MLflow run): popularity, recent_popularity, personal_top_frequency, item_knn, "
+        "user_knn, ease, als, content_tfidf, two_tower, sasrec, hybrid.",
+    ),
+    "model_configs": Param(
+        {},
+        type="object",
+        title="Zoo model configs",
+        description='Per model, its config, e.g. {"user_knn": {"neighbors": 200}} '
+        "(tuned ones: `shopml tune`, benchmarks/configs/).",
     ),
 }
 

@@ -125,6 +125,59 @@ def promote(ds: DsOption) -> None:
 
 
 @app.command()
+def zoo(
+    dataset: Annotated[str, typer.Option(help="movielens-100k or instacart")] = "instacart",
+    models: Annotated[str, typer.Option(help="comma-separated zoo model names")] = (
+        "popularity,personal_top_frequency,user_knn"
+    ),
+    configs: Annotated[str, typer.Option(help='JSON: {"user_knn": {"neighbors": 50}}')] = "{}",
+) -> None:
+    """Fit and evaluate zoo models on a dataset's protocol; print the table."""
+    from training.zoo import PROTOCOLS, compare, format_table, protocol_split
+
+    if dataset not in PROTOCOLS:
+        raise typer.BadParameter(f"--dataset must be one of {sorted(PROTOCOLS)}")
+    cfg = json.loads(configs)
+    protocol = PROTOCOLS[dataset]
+    wanted = {m: (m, cfg.get(m, {})) for m in models.split(",")}
+    from training.recommenders import build
+
+    for name, config in wanted.values():
+        build(name, **config)  # fail on a typo before loading any data
+    table, _ = compare(wanted, protocol_split(protocol), protocol.k, protocol.exclude_seen)
+    typer.echo(f"protocol: {table.attrs['protocol']}")
+    typer.echo(format_table(table))
+
+
+@app.command()
+def tune(
+    model: Annotated[str, typer.Option(help="zoo model to tune")],
+    dataset: Annotated[str, typer.Option(help="movielens-100k or instacart")] = "instacart",
+    trials: Annotated[int, typer.Option(min=1, help="Optuna TPE trials")] = 20,
+) -> None:
+    """Optuna search on a validation split inside the training part; trials are nested
+    MLflow runs (experiment shopml-tuning). Prints the best config as JSON."""
+    import mlflow
+
+    from training import registry
+    from training.tune import tune as run
+    from training.zoo import PROTOCOLS, protocol_split, validation_split
+
+    if dataset not in PROTOCOLS:
+        raise typer.BadParameter(f"--dataset must be one of {sorted(PROTOCOLS)}")
+    settings = load_settings()
+    registry.use_tracking(settings)
+    if mlflow.get_experiment_by_name("shopml-tuning") is None:
+        mlflow.create_experiment("shopml-tuning", artifact_location=settings.artifact_root)
+    mlflow.set_experiment("shopml-tuning")
+    protocol = PROTOCOLS[dataset]
+    val = validation_split(protocol, protocol_split(protocol))
+    best, score, _ = run(model, val, trials, protocol.k, protocol.exclude_seen,
+                         log_to_mlflow=True)  # fmt: skip
+    _echo({"model": model, "val_ndcg": score, "config": best})
+
+
+@app.command()
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the champion over HTTP (GET /recommendations/{user_id}?k=10)."""
     import uvicorn

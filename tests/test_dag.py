@@ -37,6 +37,8 @@ def test_dagbag_imports_without_errors_and_graph_is_a_chain():
         "epochs",
         "workers",
         "promotion_margin",
+        "models",
+        "model_configs",
     }
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.timetable.expression == "0 0 * * *"

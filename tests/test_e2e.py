@@ -53,7 +53,7 @@ def pipeline(tmp_path_factory):
     assert _airflow(home, "db", "migrate").returncode == 0
     proc = _dag_test(home, "2025-12-31", CONF)
     log = proc.stdout + proc.stderr
-    assert "state=success" in log, log[-6000:]
+    assert "state=success" in log.split("DagRun Finished")[-1], log[-6000:]
     return home, log
 
 
@@ -71,9 +71,17 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     home, log = pipeline
     run = home / "runs" / "ds=2025-12-31"
     table = pd.DataFrame(json.loads((run / "evaluation.json").read_text())).set_index("model")
-    assert {"popularity", "personal_top_frequency", "two_tower", "two_tower_int8"} <= set(
-        table.index
-    )
+    assert {
+        "popularity",
+        "personal_top_frequency",
+        "two_tower",
+        "two_tower_int8",
+        "user_knn",  # the zoo models of the `models` Param's default
+        "item_knn",
+    } <= set(table.index)
+    decision = json.loads((run / "promotion.json").read_text())
+    assert decision["promoted"] and decision["gate"]["reference"] == "baseline"
+    assert decision["gate"]["numbers"]["diff_vs_baseline_ci_low"] > 0
     assert table.loc["two_tower", "ndcg_at_10"] > table.loc["popularity", "ndcg_at_10"]
     assert table.loc["two_tower_int8", "size_mb"] < table.loc["two_tower", "size_mb"]
     assert registry.champion_version(pipeline_settings) == "1"
@@ -133,12 +141,13 @@ def test_corrupted_input_stops_at_validation_and_keeps_champion(
     proc = _dag_test(home, "2026-01-01", {**CONF, "source": str(source)})
     log = proc.stdout + proc.stderr
     assert "state=success" not in log.split("DagRun Finished")[-1]
-    assert "expect_column_values_to_not_be_null on column 'user_id'" in log
+    assert "suite 'raw_event_partitions': FAILED" in log, log[-6000:]
+    assert "expect_column_values_to_be_between on column 'user_id_null_share'" in log
+    assert f"bad partitions: {day_dir.name.split('=')[1]}" in log
     assert "expect_column_values_to_be_between on column 'price'" in log
     quarantine = home / "lake" / "quarantine" / "ds=2026-01-01"
     assert (quarantine / "partitions" / day_dir.name).exists()
-    assert json.loads((quarantine / "raw_events.json").read_text())["bad_partitions"] == [
-        day_dir.name.split("=")[1]
-    ]
+    report = json.loads((quarantine / "raw_event_partitions.json").read_text())
+    assert report["bad_partitions"] == [day_dir.name.split("=")[1]]
     assert not (home / "runs" / "ds=2026-01-01" / "mlflow_run_id").exists()  # never trained
     assert registry.champion_version(pipeline_settings) == "1"

@@ -47,6 +47,33 @@ def test_null_user_ids_fail_and_name_column_and_partition(settings):
     assert "2025-01-02" in summary
 
 
+def test_one_corrupted_day_in_a_long_history_is_caught_per_partition(settings):
+    """0.3% null user ids overall passes ``mostly``; the day that holds them all does not."""
+    from validation.run import partition_profile
+
+    days = pd.date_range("2025-01-01", periods=300, freq="D", tz="UTC")
+    events = pd.DataFrame(
+        {
+            S.USER_ID: [None if d.day == 5 and d.month == 3 else "u1" for d in days],
+            S.ITEM_ID: "i1",
+            S.EVENT_TYPE: "purchase",
+            S.TIMESTAMP: days,
+            S.EVENT_DATE: days.strftime("%Y-%m-%d"),
+        }
+    )
+    whole = validate_frame(settings, "raw_events", suites.raw_events(), events, S.EVENT_DATE)
+    assert whole.success  # 1 bad row in 300 is within mostly=0.99
+    report = validate_frame(
+        settings,
+        "raw_event_partitions",
+        suites.raw_event_partitions(),
+        partition_profile(events),
+        S.EVENT_DATE,
+    )
+    assert not report.success and report.bad_partitions == ["2025-03-05"]
+    assert "on column 'user_id_null_share'" in report.summary()
+
+
 def test_negative_prices_fail_items_suite(settings):
     items = pd.DataFrame(
         {

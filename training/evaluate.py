@@ -1,11 +1,17 @@
-"""Offline evaluation of a run: the model, its int8 copy, the baselines and the champion,
-all on the same holdout, written as one table."""
+"""Offline evaluation of a nightly run: the trained model, its int8 copy, the champion, the
+baselines and the zoo models chosen in the DAG's Params, all on the same holdout and through
+the one evaluation library (``training.metrics``), so the promotion gate compares like with like.
+
+Writes ``evaluation.json`` (one row per model: metrics, segment NDCG, CI, size, latency) and
+``per_user.parquet`` (per-user, per-segment metrics: what the gate resamples).
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +20,48 @@ import pandas as pd
 import torch
 
 from shopml import schema as S
-from training import baselines
-from training.data import PROTOCOL
-from training.metrics import evaluate_rankings
+from training.data import PROTOCOL, read_vocab
+from training.interactions import Interactions, from_events, index_like
+from training.metrics import EvaluationResult, evaluate
 from training.model import TwoTower
 
+SEGMENTS = ("all", "cold", "heavy", "long_tail", "mostly_long_tail")
 
-def holdout(run_dir: Path) -> tuple[dict[str, set[str]], pd.DataFrame, pd.DataFrame]:
-    """(truth per user, the test users' point-in-time features, the training events)."""
-    test = pd.read_parquet(run_dir / "test.parquet")
-    truth = test.groupby(S.USER_ID)[S.ITEM_ID].apply(set).to_dict()
-    users = pd.read_parquet(run_dir / "test_users.parquet").set_index(S.USER_ID)
-    train = pd.read_parquet(run_dir / "train_events.parquet")
-    return truth, users, train
+BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
+    "popularity": ("popularity", {}),
+    "personal_top_frequency": ("personal_top_frequency", {}),
+}
 
 
-@torch.no_grad()
-def model_rankings(model: TwoTower, user_features: pd.DataFrame, k: int) -> dict[str, list[str]]:
-    users = user_features.index.tolist()
-    rows = user_features[list(model.feature_names)].to_dict("records")
-    return {
-        u: [i for i, _ in recs]
-        for u, recs in zip(users, model.recommend(users, rows, k), strict=True)
-    }
+def run_interactions(run_dir: Path) -> tuple[Interactions, Interactions, pd.DataFrame]:
+    """(train, test, test users' point-in-time features) of a run, on one vocabulary."""
+    catalog = pd.DataFrame({S.ITEM_ID: read_vocab(run_dir)["items"]})
+    train = from_events(pd.read_parquet(run_dir / "train_events.parquet"), catalog)
+    test = index_like(train, pd.read_parquet(run_dir / "test.parquet"))
+    features = pd.read_parquet(run_dir / "test_users.parquet").set_index(S.USER_ID)
+    return train, test, features
+
+
+def two_tower_scorer(
+    model: TwoTower, train: Interactions, features: pd.DataFrame
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Index-space scores of a (served) two-tower model, on the run's item vocabulary.
+
+    A champion trained on an older catalog scores only the items it knows; items new since
+    then get the lowest score (it cannot rank what it never saw).
+    """
+    pos = pd.Index(model.item_ids).get_indexer(train.item_ids)
+
+    @torch.no_grad()
+    def score(users: np.ndarray) -> np.ndarray:
+        ids = train.user_ids[users].tolist()
+        rows = features.reindex(ids)[list(model.feature_names)].fillna(0.0).to_dict("records")
+        raw = model(model.user_indices(ids), model.features_tensor(rows)).numpy()
+        out = np.full((len(ids), train.n_items), raw.min() - 1.0, dtype=np.float32)
+        out[:, pos >= 0] = raw[:, pos[pos >= 0]]
+        return out
+
+    return score
 
 
 def model_size_bytes(model: torch.nn.Module) -> int:
@@ -45,58 +70,91 @@ def model_size_bytes(model: torch.nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
-def cpu_latency_ms(
-    model: TwoTower, user_features: pd.DataFrame, k: int, repeats: int = 50
-) -> float:
-    """Median wall time of one single-user recommendation on one CPU thread."""
+def cpu_latency_ms(score: Callable[[np.ndarray], np.ndarray], repeats: int = 50) -> float:
+    """Median wall time of scoring the whole catalog for one user on one CPU thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = user_features.head(1)
-        model_rankings(model, one, k)  # warm-up
+        one = np.array([0])
+        score(one)  # warm-up
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            model_rankings(model, one, k)
+            score(one)
             times.append((time.perf_counter() - t) * 1000)
         return float(np.median(times))
     finally:
         torch.set_num_threads(threads)
 
 
+def _row(name: str, result: EvaluationResult) -> dict[str, Any]:
+    k = result.k
+    row: dict[str, Any] = {"model": name, **result.means()}
+    ci = result.ci("ndcg", n_boot=500)
+    row[f"ndcg_at_{k}_ci_low"], row[f"ndcg_at_{k}_ci_high"] = ci.low, ci.high
+    row[f"coverage_at_{k}"] = result.summary.get(f"coverage_at_{k}")
+    for seg in ("cold", "heavy", "long_tail"):
+        row[f"{seg}.ndcg_at_{k}"] = result.means(seg)[f"ndcg_at_{k}"]
+    return row
+
+
+def per_user_frame(name: str, result: EvaluationResult) -> pd.DataFrame:
+    """Every segment's per-user metrics, stacked, labelled by model (the gate's input)."""
+    frames = [f.assign(model=name, segment=seg) for seg, f in result.segments.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
 def evaluate_run(
     run_dir: Path,
     k: int,
     models: dict[str, TwoTower],
-) -> pd.DataFrame:
-    """One row per model/baseline: Recall@k, NDCG@k and (for models) size and latency."""
-    truth, user_features, train = holdout(run_dir)
-    users = list(truth)
-    feats = user_features.reindex(users).fillna(0.0)
-    rows: list[dict[str, Any]] = []
-    pop = baselines.popularity(train, k)
-    rows.append({"model": "popularity", **evaluate_rankings(dict.fromkeys(users, pop), truth, k)})
-    rows.append(
-        {
-            "model": "personal_top_frequency",
-            **evaluate_rankings(baselines.personal_top_frequency(train, users, k), truth, k),
-        }
-    )
+    zoo: dict[str, tuple[str, dict[str, Any]]] | None = None,
+    log_zoo: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table, per-user frame): baselines, the run's models and the zoo on the same holdout.
+
+    Zoo models are fitted here on the run's training events (they need no Horovod launch or
+    Feast features); ``log_zoo`` logs each as a nested MLflow run of the active run.
+    """
+    from training.splits import Split
+    from training.zoo import fit_and_evaluate, log_fitted
+
+    train, test, features = run_interactions(run_dir)
+    split = Split(train, test, "run", PROTOCOL)
+    rows, per_user = [], []
+    for label, (name, config) in {**BASELINES, **(zoo or {})}.items():
+        fitted = fit_and_evaluate(name, config, split, k, exclude_seen=False)
+        fitted.name = label
+        if log_zoo and label not in BASELINES:
+            log_fitted(fitted)
+        rows.append(_row(label, fitted.result) | {"size_mb": fitted.size_bytes / 1e6})
+        per_user.append(per_user_frame(label, fitted.result))
     for name, model in models.items():
+        score = two_tower_scorer(model, train, features)
+        result = evaluate(score, train, test, k, exclude_seen=False, split=PROTOCOL)
         rows.append(
-            {
-                "model": name,
-                **evaluate_rankings(model_rankings(model, feats, k), truth, k),
-                "size_mb": model_size_bytes(model) / 1e6,
-                "latency_ms": cpu_latency_ms(model, feats, k),
-            }
+            _row(name, result)
+            | {"size_mb": model_size_bytes(model) / 1e6, "latency_ms": cpu_latency_ms(score)}
         )
+        per_user.append(per_user_frame(name, result))
     table = pd.DataFrame(rows)
-    table["protocol"] = PROTOCOL
-    return table
+    table["protocol"] = result.protocol if models else PROTOCOL
+    return table, pd.concat(per_user, ignore_index=True)
 
 
-def write_table(table: pd.DataFrame, run_dir: Path) -> Path:
+def write_results(table: pd.DataFrame, per_user: pd.DataFrame, run_dir: Path) -> Path:
     path = run_dir / "evaluation.json"
-    path.write_text(json.dumps(table.to_dict("records"), indent=2))
+    path.write_text(json.dumps(table.to_dict("records"), indent=2, default=float))
+    per_user.to_parquet(run_dir / "per_user.parquet", index=False)
     return path
+
+
+def segments_of(per_user: pd.DataFrame, model: str) -> dict[str, pd.DataFrame]:
+    """The gate's input for one model: segment name -> per-user frame."""
+    mine = per_user[per_user["model"] == model]
+    if mine.empty:
+        raise ValueError(f"no per-user results for model '{model}' in this run")
+    frames = {seg: f.drop(columns=["model", "segment"]) for seg, f in mine.groupby("segment")}
+    empty = mine.iloc[:0].drop(columns=["model", "segment"])
+    # a segment with no users stored no rows; the gate reports it as empty, not as missing
+    return {seg: frames.get(seg, empty) for seg in (*SEGMENTS, *frames)}

@@ -125,3 +125,29 @@ def from_events(
             .reset_index()
         )
     return Interactions(out, user_ids, item_ids, catalog)
+
+
+def index_like(reference: Interactions, events: pd.DataFrame) -> Interactions:
+    """Index ``events`` (e.g. a holdout) with ``reference``'s vocabularies.
+
+    Rows whose user or item the reference does not know cannot be scored and are dropped;
+    ``timestamp`` and ``event_type`` are optional (a holdout of (user, item) pairs is enough).
+    """
+    users = pd.Index(reference.user_ids).get_indexer(events[S.USER_ID].astype(str))
+    items = pd.Index(reference.item_ids).get_indexer(events[S.ITEM_ID].astype(str))
+    keep = (users >= 0) & (items >= 0)
+    n = int(keep.sum())
+    out = pd.DataFrame(
+        {
+            USER_IDX: users[keep],
+            ITEM_IDX: items[keep],
+            S.TIMESTAMP: pd.to_datetime(events[S.TIMESTAMP], utc=True).to_numpy()[keep]
+            if S.TIMESTAMP in events
+            else pd.Series(pd.NaT, index=range(n), dtype="datetime64[ns, UTC]").to_numpy(),
+            S.EVENT_TYPE: events[S.EVENT_TYPE].to_numpy()[keep]
+            if S.EVENT_TYPE in events
+            else np.full(n, S.PURCHASE, dtype=object),
+            WEIGHT: np.ones(n, dtype=np.float32),
+        }
+    )
+    return Interactions(out, reference.user_ids, reference.item_ids, reference.items)

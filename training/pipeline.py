@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 
 from shopml.config import Settings
-from training import registry
+from training import gate, registry
 from training.compress import quantize_int8
-from training.evaluate import evaluate_run, write_table
+from training.evaluate import evaluate_run, segments_of, write_results
 from training.launch import train_distributed
 
 
@@ -53,10 +53,15 @@ def compress(settings: Settings, ds: date) -> dict[str, object]:
 
 
 def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
-    """Model, int8 copy, baselines and current champion on the same holdout."""
+    """Model, int8 copy, champion, baselines and the Params' zoo models on the same holdout."""
     import mlflow
 
+    from training.recommenders import build
+
     run_dir = settings.paths.run(ds)
+    zoo = {m: (m, settings.eval.model_configs.get(m, {})) for m in settings.eval.models}
+    for name, config in zoo.values():
+        build(name, **config)  # unknown names and bad configs fail before anything is fitted
     models = {
         "two_tower": torch.load(run_dir / "model.pt", weights_only=False),
         "two_tower_int8": torch.load(run_dir / "model_int8.pt", weights_only=False),
@@ -64,16 +69,18 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     champ = registry.champion_version(settings)
     if champ is not None:
         models[f"champion_v{champ}"] = registry.load_version(settings, champ)
-    table = evaluate_run(run_dir, settings.eval.k, models)
-    write_table(table, run_dir)
     k = settings.eval.k
     with mlflow.start_run(run_id=_run_id(settings, ds)):
+        table, per_user = evaluate_run(run_dir, k, models, zoo, log_zoo=True)
+        write_results(table, per_user, run_dir)
         for row in table.to_dict("records"):
             for metric in (f"recall_at_{k}", f"ndcg_at_{k}", "size_mb", "latency_ms"):
                 if pd.notna(row.get(metric)):
                     mlflow.log_metric(f"{row['model']}.{metric}", float(row[metric]))
         mlflow.log_table(table, "evaluation.json")
-    print(table.drop(columns="protocol").to_string(index=False))
+    cols = ["model", f"ndcg_at_{k}", f"recall_at_{k}", f"ndcg_at_{k}_ci_low",
+            f"ndcg_at_{k}_ci_high", "size_mb", "latency_ms"]  # fmt: skip
+    print(table[[c for c in cols if c in table]].to_string(index=False))
     return table
 
 
@@ -84,20 +91,30 @@ class Decision:
     reason: str
     ndcg: float
     ratio_to_top_frequency: float
+    gate: dict[str, object]
 
 
 def promote(settings: Settings, ds: date) -> Decision:
-    """Register the model; move ``champion`` only if it beats popularity and the champion."""
+    """Register the model; move ``champion`` only if the gate says so (training/gate.py):
+    the paired-bootstrap lower bound of its NDCG gain over the champion (first run:
+    popularity) clears the margin and no protected segment regresses beyond tolerance."""
     import mlflow
 
     run_dir = settings.paths.run(ds)
-    k, margin = settings.eval.k, settings.eval.promotion_margin
+    k = settings.eval.k
     table = pd.DataFrame(json.loads((run_dir / "evaluation.json").read_text())).set_index("model")
+    per_user = pd.read_parquet(run_dir / "per_user.parquet")
+    champions = [m for m in table.index if m.startswith("champion_v")]
+    verdict = gate.decide(
+        segments_of(per_user, "two_tower"),
+        champion=segments_of(per_user, champions[0]) if champions else None,
+        baseline=segments_of(per_user, "popularity"),
+        metric="ndcg",
+        margin=settings.eval.promotion_margin,
+        tolerance=settings.eval.segment_tolerance,
+    )
     metric = f"ndcg_at_{k}"
     ndcg = float(table.loc["two_tower", metric])
-    bars = {"popularity": float(table.loc["popularity", metric])}
-    bars |= {m: float(table.loc[m, metric]) for m in table.index if m.startswith("champion_v")}
-    beaten = {m: ndcg > v * (1 + margin) for m, v in bars.items()}
 
     run_id = _run_id(settings, ds)
     model = torch.load(run_dir / "model.pt", weights_only=False)
@@ -107,20 +124,18 @@ def promote(settings: Settings, ds: date) -> Decision:
     )
     version = registry.register(settings, uri, run_id)
     ratio = ndcg / float(table.loc["personal_top_frequency", metric])
-    if all(beaten.values()):
+    if verdict.promote:
         registry.set_champion(settings, version)
-        reason = "beats " + ", ".join(f"{m} ({v:.4f})" for m, v in bars.items())
+        reason = "promoted: " + "; ".join(verdict.reasons)
     else:
-        lost = [f"{m} ({bars[m]:.4f})" for m, ok in beaten.items() if not ok]
-        reason = (
-            f"NOT promoted: {metric}={ndcg:.4f} does not beat {', '.join(lost)} by margin {margin}"
-        )
-    decision = Decision(version, all(beaten.values()), reason, ndcg, ratio)
+        reason = "NOT promoted: " + "; ".join(verdict.reasons)
+    decision = Decision(version, verdict.promote, reason, ndcg, ratio, verdict.to_dict())
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metric("promoted", float(decision.promoted))
         mlflow.log_metric("ratio_to_personal_top_frequency", ratio)
-        mlflow.set_tag("promotion", reason)
-    (run_dir / "promotion.json").write_text(json.dumps(decision.__dict__, indent=2))
+        mlflow.set_tag("promotion", reason[:5000])
+        mlflow.log_dict(verdict.to_dict(), "promotion.json")
+    (run_dir / "promotion.json").write_text(json.dumps(decision.__dict__, indent=2, default=str))
     print(
         f"model version {version}: {reason}; {metric} ratio to personal top-frequency {ratio:.3f}"
     )

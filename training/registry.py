@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,8 @@ from shopml.config import Settings
 
 if TYPE_CHECKING:
     from training.model import TwoTower
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "shopml-nightly"
 CHAMPION = "champion"
@@ -29,8 +32,21 @@ def use_tracking(settings: Settings) -> None:
         settings.paths.mlflow.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        # The artifact root is fixed when the experiment is created (the server's default
+        # root is not used): runs and logged models are stored under it.
         mlflow.create_experiment(EXPERIMENT, artifact_location=settings.artifact_root)
+    elif settings.mlflow_artifact_root and not experiment.artifact_location.startswith(
+        settings.mlflow_artifact_root.rstrip("/")
+    ):
+        log.warning(
+            "experiment %s keeps its artifact location %s; SHOPML_MLFLOW_ARTIFACT_ROOT=%s "
+            "applies to new experiments only",
+            EXPERIMENT,
+            experiment.artifact_location,
+            settings.mlflow_artifact_root,
+        )
     mlflow.set_experiment(EXPERIMENT)
 
 

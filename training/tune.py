@@ -13,46 +13,52 @@ from typing import Any
 from training.splits import Split
 from training.zoo import fit_and_evaluate
 
-Space = Callable[[Any], dict[str, Any]]
+Space = Callable[[Any, bool], dict[str, Any]]
+
+
+def _repeat(t: Any, repeats: bool) -> dict[str, Any]:
+    """The repeat-blend weight, searched only where repeats count (seen items not excluded)."""
+    return {"repeat_weight": t.suggest_float("repeat_weight", 0.0, 3.0)} if repeats else {}
+
 
 # One search space per model: what a practitioner would tune, with sane ranges.
 SPACES: dict[str, Space] = {
-    "popularity": lambda t: {},
-    "recent_popularity": lambda t: {"days": t.suggest_float("days", 3, 180, log=True)},
-    "personal_top_frequency": lambda t: {},
-    "item_knn": lambda t: {
+    "popularity": lambda t, r: {},
+    "recent_popularity": lambda t, r: {"days": t.suggest_float("days", 3, 180, log=True)},
+    "personal_top_frequency": lambda t, r: {},
+    "item_knn": lambda t, r: {
         "neighbors": t.suggest_int("neighbors", 10, 500, log=True),
         "shrink": t.suggest_float("shrink", 0.0, 100.0),
-        "repeat_weight": t.suggest_float("repeat_weight", 0.0, 3.0),
+        **_repeat(t, r),
     },
-    "user_knn": lambda t: {
+    "user_knn": lambda t, r: {
         "neighbors": t.suggest_int("neighbors", 10, 500, log=True),
         "shrink": t.suggest_float("shrink", 0.0, 100.0),
         "own_weight": t.suggest_float("own_weight", 0.0, 1.0),
         "half_life_days": t.suggest_float("half_life_days", 3, 720, log=True),
     },
-    "ease": lambda t: {
+    "ease": lambda t, r: {
         "l2": t.suggest_float("l2", 10, 3000, log=True),
-        "repeat_weight": t.suggest_float("repeat_weight", 0.0, 3.0),
+        **_repeat(t, r),
     },
-    "als": lambda t: {
+    "als": lambda t, r: {
         "rank": t.suggest_categorical("rank", [32, 64, 128]),
         "reg": t.suggest_float("reg", 1e-3, 1.0, log=True),
         "alpha": t.suggest_float("alpha", 1.0, 100.0, log=True),
-        "repeat_weight": t.suggest_float("repeat_weight", 0.0, 3.0),
+        **_repeat(t, r),
     },
-    "content_tfidf": lambda t: {"repeat_weight": t.suggest_float("repeat_weight", 0.0, 3.0)},
-    "two_tower": lambda t: {
+    "content_tfidf": lambda t, r: _repeat(t, r),
+    "two_tower": lambda t, r: {
         "epochs": t.suggest_int("epochs", 3, 15),
         "lr": t.suggest_float("lr", 3e-4, 1e-2, log=True),
         "temperature": t.suggest_float("temperature", 0.05, 0.5, log=True),
-        "repeat_weight": t.suggest_float("repeat_weight", 0.0, 3.0),
+        **_repeat(t, r),
     },
-    "sasrec": lambda t: {
+    "sasrec": lambda t, r: {
         "epochs": t.suggest_int("epochs", 5, 30),
         "lr": t.suggest_float("lr", 3e-4, 5e-3, log=True),
         "dropout": t.suggest_float("dropout", 0.0, 0.5),
-        "repeat_weight": t.suggest_float("repeat_weight", 0.0, 3.0),
+        **_repeat(t, r),
     },
 }
 
@@ -76,9 +82,14 @@ def tune(
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
     fixed = dict(fixed or {})
     trials: list[dict[str, Any]] = []
+    try:  # a space with nothing to search (e.g. popularity) needs one trial, not n_trials
+        SPACES[name](optuna.trial.FixedTrial({}), not exclude_seen)
+        n_trials = 1
+    except ValueError:
+        pass
 
     def objective(trial: optuna.Trial) -> float:
-        config = {**SPACES[name](trial), **fixed}
+        config = {**SPACES[name](trial, not exclude_seen), **fixed}
         fitted = fit_and_evaluate(name, config, validation, k, exclude_seen, n_boot=50)
         ndcg = fitted.result.means()[f"ndcg_at_{k}"]
         trials.append({"trial": trial.number, "config": config, f"ndcg_at_{k}": ndcg})

@@ -57,10 +57,24 @@ def model_size_bytes(model: Any) -> int:
     return len(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def check_inputs(split: Split, k: int) -> None:
+    """Impossible setups fail here, before any model is fitted."""
+    if k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    if split.train.events.empty:
+        raise ValueError(
+            f"empty training set after the split ({split.description}): "
+            "check the data's date range and the split parameters"
+        )
+    if split.test.events.empty:
+        raise ValueError(f"empty test set after the split ({split.description})")
+
+
 def fit_and_evaluate(
     name: str, config: dict[str, Any], split: Split, k: int, exclude_seen: bool, **eval_kw: Any
 ) -> Fitted:
     """Build (config errors surface here, before any training), fit on train, evaluate on test."""
+    check_inputs(split, k)
     model = build(name, **config)
     started = time.perf_counter()
     model.fit(split.train)
@@ -83,6 +97,7 @@ def compare(
 
     All configs are built first, so a typo in the last model fails before the first trains.
     """
+    check_inputs(split, k)
     for name, config in models.values():
         build(name, **config)
     fitted: dict[str, Fitted] = {}

@@ -176,6 +176,20 @@ def _raise_on_failure(settings: Settings, ds: date, reports: list[SuiteReport]) 
     )
 
 
+def partition_profile(events: pd.DataFrame) -> pd.DataFrame:
+    """One row per ``event_date``: its row count and the share of each kind of bad value."""
+    import pandas as pd
+
+    by = events[S.EVENT_DATE]
+    cols = {"rows": events.groupby(by).size()}
+    for c in S.EVENT_REQUIRED:
+        values = events[c] if c in events else pd.Series(None, index=events.index)
+        cols[suites.null_share_column(c)] = values.isna().groupby(by).mean()
+    unknown = ~events[S.EVENT_TYPE].isin(S.EVENT_TYPES) if S.EVENT_TYPE in events else by.isna()
+    cols[suites.UNKNOWN_EVENT_TYPE_SHARE] = unknown.groupby(by).mean()
+    return pd.DataFrame(cols).rename_axis(S.EVENT_DATE).reset_index()
+
+
 def validate_raw(settings: Settings, ds: date) -> list[SuiteReport]:
     """Raw events (partitions up to ``ds``) and the raw catalog."""
     events = _read_parquet(settings.paths.raw_events, **{S.EVENT_DATE: ("<=", ds.isoformat())})
@@ -183,6 +197,13 @@ def validate_raw(settings: Settings, ds: date) -> list[SuiteReport]:
     items = _read_parquet(settings.paths.raw_items)
     reports = [
         validate_frame(settings, "raw_events", suites.raw_events(), events, S.EVENT_DATE),
+        validate_frame(
+            settings,
+            "raw_event_partitions",
+            suites.raw_event_partitions(),
+            partition_profile(events),
+            S.EVENT_DATE,
+        ),
         validate_frame(settings, "raw_items", suites.raw_items(), items),
     ]
     _raise_on_failure(settings, ds, reports)

@@ -1,8 +1,12 @@
 """Expectation suites, declared once. Each suite is a function returning fresh expectations.
 
 Raw-data expectations use ``mostly`` so a stray bad row (which cleaning quarantines) does
-not stop the night, while a corrupted file does. Feature expectations are strict: features
-are our own output, and any violation there is a bug.
+not stop the night. ``mostly`` over a year of events would let one corrupted day through, so
+raw events are also judged per ``event_date`` partition: a profile table (one row per
+partition: the share of null keys and unknown event types) must stay within the same
+tolerance, and a partition that does not is named, quarantined and stops the run.
+Feature expectations are strict: features are our own output, and any violation there is a
+bug.
 """
 
 from __future__ import annotations
@@ -31,6 +35,25 @@ def raw_events() -> list[Expectation]:
     )
     exps.append(gxe.ExpectTableRowCountToBeBetween(min_value=1))
     return exps
+
+
+def null_share_column(column: str) -> str:
+    return f"{column}_null_share"
+
+
+UNKNOWN_EVENT_TYPE_SHARE = "unknown_event_type_share"
+
+
+def raw_event_partitions() -> list[Expectation]:
+    """On the per-partition profile (validation.run.partition_profile): each share <= 1%."""
+    import great_expectations as gx
+
+    gxe = gx.expectations
+    shares = [null_share_column(c) for c in S.EVENT_REQUIRED] + [UNKNOWN_EVENT_TYPE_SHARE]
+    return [
+        gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0.0, max_value=1.0 - RAW_MOSTLY)
+        for c in shares
+    ]
 
 
 def raw_items() -> list[Expectation]:
