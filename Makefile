@@ -1,5 +1,5 @@
 # ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
-.PHONY: install demo test test-fast lint format lock serve airflow-ui mlflow-ui clean tools image
+.PHONY: install demo test test-fast lint format lock serve airflow-ui mlflow-ui clean tools image prod-demo prod-clean
 
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
@@ -30,6 +30,12 @@ airflow-ui:  ## Airflow UI on http://127.0.0.1:8080 over the demo's state
 
 mlflow-ui:  ## MLflow UI on http://127.0.0.1:5000 over the demo's state
 	. scripts/env.sh && mlflow ui --backend-store-uri "sqlite:///$$SHOPML_HOME/mlflow/mlflow.db" --port 5000
+
+prod-demo:  ## Nightly DAG on the production profile: this machine's PostgreSQL + Redis
+	bash scripts/prod_demo.sh
+
+prod-clean:  ## Drop the production demo's databases, Redis keys and var/prod
+	bash scripts/prod_demo.sh --clean
 
 tools:  ## helm for the chart tests (cached in ~/.cache/shopml/tools)
 	bash scripts/fetch_tools.sh

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,19 +46,46 @@ class TrainConfig(BaseModel):
 
 
 class EvalConfig(BaseModel):
+    """How a run is evaluated and what the promotion gate asks (see training/gate.py)."""
+
     k: int = Field(10, ge=1)
     promotion_margin: float = Field(
-        0.0, ge=0, description="relative NDCG@k gain over baseline and champion needed to promote"
+        0.0,
+        ge=0,
+        description="relative: the lower bound of the paired-bootstrap NDCG@k gain must exceed "
+        "margin x the reference's mean (champion, or popularity on a first run)",
+    )
+    segment_tolerance: float = Field(
+        0.05, ge=0, description="largest relative NDCG drop allowed in a protected segment"
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["user_knn", "item_knn"],
+        description="zoo models also fitted and evaluated on each run's holdout",
+    )
+    model_configs: dict[str, dict[str, object]] = Field(
+        default_factory=dict, description="per zoo model, its config (e.g. tuned by `shopml tune`)"
     )
 
 
 class FeastConfig(BaseModel):
-    """Feast backends. Embedded: SQLite online store and file registry under SHOPML_HOME."""
+    """Feast backends. Embedded: SQLite online store and file registry under SHOPML_HOME
+    (feature_repo/feature_store.yaml). Production: Redis online store and SQL registry
+    (feature_repo/feature_store.production.yaml)."""
 
-    online_store: str = "sqlite"  # or "redis"
-    redis_connection: str = "127.0.0.1:6379"
-    registry: str | None = None  # a path or a SQLAlchemy URL; default under SHOPML_HOME
-    project: str = "shopml"
+    online_store: Literal["sqlite", "redis"] = "sqlite"  # production: redis unless set
+    redis_connection: str = Field(
+        "127.0.0.1:6379", description="Feast connection string: host:port[,db=N][,ssl=true]..."
+    )
+    registry: str | None = Field(
+        None,
+        description="embedded: a file path (default under SHOPML_HOME); production: a "
+        "SQLAlchemy URL, e.g. postgresql+psycopg2://user@host:5432/feast",
+    )
+    project: str = Field(
+        "shopml",
+        pattern=r"^[A-Za-z0-9][\w-]*$",
+        description="Feast project; suffix of its Redis keys",
+    )
 
 
 class Settings(BaseSettings):
@@ -77,12 +105,29 @@ class Settings(BaseSettings):
     feast: FeastConfig = FeastConfig()
 
     @model_validator(mode="after")
-    def _production_needs_servers(self) -> Settings:
-        if self.profile is Profile.PRODUCTION and not self.mlflow_tracking_uri:
-            raise ValueError(
-                "profile=production needs SHOPML_MLFLOW_TRACKING_URI "
-                "(e.g. postgresql://user@host/mlflow)"
+    def _profile_backends(self) -> Settings:
+        """The profile picks the Feast repository config; its backends must match it."""
+        if self.profile is Profile.EMBEDDED:
+            if self.feast.online_store != "sqlite":
+                raise ValueError(
+                    "the Redis online store belongs to profile=production "
+                    "(set SHOPML_PROFILE=production, or unset SHOPML_FEAST__ONLINE_STORE)"
+                )
+            return self
+        if "online_store" not in self.feast.model_fields_set:
+            self.feast = self.feast.model_copy(update={"online_store": "redis"})
+        missing = []
+        if not self.mlflow_tracking_uri:
+            missing.append("SHOPML_MLFLOW_TRACKING_URI (e.g. postgresql://user@host/mlflow)")
+        if not (self.feast.registry and "://" in self.feast.registry):
+            missing.append(
+                "SHOPML_FEAST__REGISTRY as a SQLAlchemy URL "
+                "(e.g. postgresql+psycopg2://user@host/feast)"
             )
+        if self.feast.online_store != "redis":
+            missing.append("SHOPML_FEAST__ONLINE_STORE=redis (or unset)")
+        if missing:
+            raise ValueError("profile=production needs " + "; ".join(missing))
         return self
 
     @property
@@ -128,6 +173,14 @@ def service_environment(settings: Settings) -> dict[str, str]:
     }
     if settings.mlflow_tracking_uri:
         env["SHOPML_MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    if settings.mlflow_artifact_root:
+        env["SHOPML_MLFLOW_ARTIFACT_ROOT"] = settings.mlflow_artifact_root
+    if settings.profile is Profile.PRODUCTION:
+        # Child `shopml`/`python -m` processes rebuild Settings from these.
+        env["SHOPML_FEAST__ONLINE_STORE"] = settings.feast.online_store
+        env["SHOPML_FEAST__REGISTRY"] = settings.feast_registry
+        env["SHOPML_FEAST__REDIS_CONNECTION"] = settings.feast.redis_connection
+        env["SHOPML_FEAST__PROJECT"] = settings.feast.project
     return env
 
 
@@ -138,8 +191,10 @@ def settings_from_params(params: dict[str, object]) -> Settings:
         update={k: params[k] for k in ("epochs", "workers") if params.get(k) is not None}
     )
     evaluation = base.eval.model_copy(
-        update={"promotion_margin": params["promotion_margin"]}
-        if params.get("promotion_margin") is not None
-        else {}
+        update={
+            k: params[k]
+            for k in ("promotion_margin", "models", "model_configs")
+            if params.get(k) is not None
+        }
     )
     return base.model_copy(update={"train": train, "eval": evaluation})

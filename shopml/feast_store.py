@@ -22,12 +22,14 @@ FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 
 
 def store_yaml(settings: Settings) -> Path:
-    name = (
-        "feature_store.production.yaml"
-        if settings.feast.online_store == "redis"
-        else "feature_store.yaml"
-    )
-    return FEATURE_REPO / name
+    """The profile's Feast config: SQLite + file registry, or Redis + SQL registry.
+
+    Both read their backends from the environment of :func:`feast_environment`; Settings
+    rejects backends that do not belong to the profile.
+    """
+    if settings.profile is Profile.PRODUCTION:
+        return FEATURE_REPO / "feature_store.production.yaml"
+    return FEATURE_REPO / "feature_store.yaml"
 
 
 def feast_environment(settings: Settings, ds: date | None = None) -> dict[str, str]:
@@ -83,6 +85,4 @@ def open_store(settings: Settings) -> FeatureStore:
     from feast import FeatureStore
 
     os.environ.update(feast_environment(settings))
-    if settings.profile is Profile.PRODUCTION:
-        os.environ.setdefault("SHOPML_FEATURES_DIR", str(settings.paths.features))
     return FeatureStore(repo_path=str(FEATURE_REPO), fs_yaml_file=store_yaml(settings))

@@ -31,3 +31,27 @@ def spark():
     session = get_spark(SparkConfig(master="local[2]", shuffle_partitions=2), "shopml-tests")
     yield session
     session.stop()
+
+
+def airflow_cli(env: dict[str, str], *args: str, timeout: int = 1200):
+    """Run the ``airflow`` CLI of this venv with ``env`` (ShopML/Airflow variables) on top of a
+    clean copy of the environment: the DAG runs the same way as under ``make demo``."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SHOPML_", "AIRFLOW"))},
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        **env,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    return subprocess.run(
+        [str(bin_dir / "airflow"), *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )

@@ -31,3 +31,72 @@ def test_nested_env_and_params_override(monkeypatch, tmp_path):
 def test_invalid_values_are_rejected():
     with pytest.raises(ValidationError):
         load_settings(train={"epochs": 0})
+
+
+def _production_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHOPML_HOME", str(tmp_path))
+    monkeypatch.setenv("SHOPML_PROFILE", "production")
+    monkeypatch.setenv("SHOPML_MLFLOW_TRACKING_URI", "postgresql://postgres@db:5432/mlflow")
+    monkeypatch.setenv("SHOPML_MLFLOW_ARTIFACT_ROOT", "file:///srv/mlflow")
+    monkeypatch.setenv("SHOPML_FEAST__REGISTRY", "postgresql+psycopg2://postgres@db:5432/feast")
+    monkeypatch.setenv("SHOPML_FEAST__REDIS_CONNECTION", "redis:6379,db=3")
+
+
+def test_production_profile_selects_redis_and_sql_registry(monkeypatch, tmp_path):
+    from shopml.feast_store import FEATURE_REPO, store_yaml
+
+    _production_env(monkeypatch, tmp_path)
+    s = load_settings()
+    assert s.feast.online_store == "redis"  # the profile's default
+    assert s.tracking_uri == "postgresql://postgres@db:5432/mlflow"
+    assert s.artifact_root == "file:///srv/mlflow"
+    assert store_yaml(s) == FEATURE_REPO / "feature_store.production.yaml"
+    env = service_environment(s)
+    assert env["MLFLOW_TRACKING_URI"] == s.tracking_uri
+    assert env["SHOPML_MLFLOW_ARTIFACT_ROOT"] == "file:///srv/mlflow"
+    assert env["SHOPML_FEAST_REGISTRY"] == "postgresql+psycopg2://postgres@db:5432/feast"
+    assert env["SHOPML_FEAST_REDIS"] == "redis:6379,db=3"
+    # a child process rebuilds the same settings from the environment alone
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert load_settings().feast == s.feast
+
+
+def test_production_feast_config_is_read_by_feast(monkeypatch, tmp_path):
+    from feast.repo_config import load_repo_config
+
+    from shopml.feast_store import feast_environment, store_yaml
+
+    _production_env(monkeypatch, tmp_path)
+    s = load_settings()
+    for key, value in feast_environment(s).items():
+        monkeypatch.setenv(key, value)
+    config = load_repo_config(store_yaml(s).parent, store_yaml(s))
+    assert config.project == "shopml"
+    assert config.registry.registry_type == "sql"
+    assert config.registry.path == "postgresql+psycopg2://postgres@db:5432/feast"
+    assert config.online_store.type == "redis"
+    assert config.online_store.connection_string == "redis:6379,db=3"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SHOPML_FEAST__REGISTRY": ""}, "SHOPML_FEAST__REGISTRY"),
+        ({"SHOPML_FEAST__REGISTRY": "/var/feast/registry.db"}, "SQLAlchemy URL"),
+        ({"SHOPML_FEAST__ONLINE_STORE": "sqlite"}, "SHOPML_FEAST__ONLINE_STORE=redis"),
+    ],
+)
+def test_production_rejects_embedded_backends(monkeypatch, tmp_path, env, message):
+    _production_env(monkeypatch, tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError, match=message):
+        load_settings()
+
+
+def test_embedded_rejects_the_redis_online_store(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHOPML_HOME", str(tmp_path))
+    monkeypatch.setenv("SHOPML_FEAST__ONLINE_STORE", "redis")
+    with pytest.raises(ValidationError, match="profile=production"):
+        load_settings()

@@ -4,10 +4,8 @@ then a corrupted input that must stop at validation and leave the champion alone
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shopml import schema as S
-from tests.conftest import REPO
+from tests.conftest import airflow_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,23 +22,8 @@ CONF = {"max_users": 100, "epochs": 20, "workers": 2}
 
 
 def _airflow(home: Path, *args: str) -> subprocess.CompletedProcess:
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "SHOPML_HOME": str(home),
-        "AIRFLOW_HOME": str(home / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-    }
-    return subprocess.run(
-        [str(bin_dir / "airflow"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=1200,
-    )
+    env = {"SHOPML_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow")}
+    return airflow_cli(env, *args)
 
 
 def _dag_test(home: Path, ds: str, conf: dict) -> subprocess.CompletedProcess:
