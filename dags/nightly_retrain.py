@@ -13,6 +13,7 @@ champion stays. Each task is also `shopml <command> --ds YYYY-MM-DD`.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,6 +70,25 @@ PARAMS = {
         "(tuned ones: `shopml tune`, benchmarks/configs/).",
     ),
 }
+
+
+# Spark stages run in-process (embedded) or through spark-submit on the Airflow connection
+# (production: SHOPML_SPARK__SUBMIT=true); same entry points either way (spark_jobs/jobs.py).
+SPARK_SUBMIT = os.environ.get("SHOPML_SPARK__SUBMIT", "").lower() in {"1", "true", "yes"}
+SPARK_CONN_ID = os.environ.get("SHOPML_SPARK__CONN_ID", "spark_default")
+SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs" / "jobs.py"
+
+
+def _spark_submit(task_id: str, *args: str):
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    return SparkSubmitOperator(
+        task_id=task_id,
+        application=str(SPARK_JOBS),
+        application_args=list(args),
+        conn_id=SPARK_CONN_ID,
+        name=f"shopml-{task_id}",
+    )
 
 
 def _settings(params):
@@ -178,11 +198,25 @@ def nightly_retrain():
 
         print(run(_settings(params), _day(ds)))
 
+    if SPARK_SUBMIT:
+        spark_stages = (
+            _spark_submit(
+                "land",
+                "land",
+                "--source={{ params.source }}",
+                "--max-users={{ params.max_users or '' }}",
+            ),
+            _spark_submit("clean", "clean", "--ds={{ ds }}"),
+            _spark_submit("build_features", "features", "--ds={{ ds }}"),
+        )
+    else:
+        spark_stages = (land(), clean(), build_features())
+
     chain(
-        land(),
+        spark_stages[0],
         validate_raw(),
-        clean(),
-        build_features(),
+        spark_stages[1],
+        spark_stages[2],
         validate_features(),
         feast_sync(),
         training_set(),

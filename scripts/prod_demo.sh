@@ -38,6 +38,9 @@ export SHOPML_FEAST__REGISTRY='postgresql+psycopg2://$PG/${PREFIX}_feast'
 export SHOPML_FEAST__REDIS_CONNECTION='$REDIS_HOST:$REDIS_PORT,db=$REDIS_DB'
 export SHOPML_FEAST__PROJECT='$PREFIX'
 export SHOPML_SPARK__MASTER='${SHOPML_SPARK__MASTER:-local[2]}'
+# Spark stages run as spark-submit (SparkSubmitOperator) on Airflow's spark_default connection
+export SHOPML_SPARK__SUBMIT=true
+export AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "${SHOPML_SPARK__MASTER:-local[2]}"}'
 EOF
 }
 

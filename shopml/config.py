@@ -30,6 +30,12 @@ class SparkConfig(BaseModel):
     master: str = "local[*]"
     driver_memory: str = "2g"
     shuffle_partitions: int = Field(4, ge=1)
+    submit: bool = Field(
+        False,
+        description="DAG runs the Spark stages with SparkSubmitOperator (spark-submit "
+        "spark_jobs/jobs.py) on the Airflow connection conn_id, instead of in-process",
+    )
+    conn_id: str = Field("spark_default", description="Airflow Spark connection (its master)")
 
 
 class TrainConfig(BaseModel):

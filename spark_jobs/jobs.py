@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("job", choices=["land", "clean", "features"])
     parser.add_argument("--ds", type=date.fromisoformat)
     parser.add_argument("--source", default=ingest.INSTACART)
-    parser.add_argument("--max-users", type=int, default=None)
+    parser.add_argument(  # "" (an empty Airflow template) means all users
+        "--max-users", type=lambda v: int(v) if v else None, default=None
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     if args.job == "land":

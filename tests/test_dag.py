@@ -65,3 +65,42 @@ def test_parsing_imports_no_heavy_library_and_opens_no_database(tmp_path):
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
     assert not missing_db.exists()
+
+
+def test_production_spark_stages_are_spark_submit_of_the_same_entry_points(tmp_path):
+    """SHOPML_SPARK__SUBMIT=true: land/clean/build_features become SparkSubmitOperator tasks
+    on the configured connection, running spark_jobs/jobs.py (what a person runs by hand)."""
+    code = (
+        "import json; from airflow.dag_processing.dagbag import DagBag;"
+        f"bag = DagBag(dag_folder={str(REPO / 'dags')!r});"
+        "assert 'nightly_retrain' in bag.dags, bag.import_errors;"
+        "dag = bag.dags['nightly_retrain'];"
+        "out = {t: [type(dag.get_task(t)).__name__, dag.get_task(t).application,"
+        " dag.get_task(t).application_args, dag.get_task(t)._conn_id,"
+        " sorted(dag.get_task(t).downstream_task_ids)]"
+        " for t in ('land', 'clean', 'build_features')};"
+        "print(json.dumps(out))"
+    )
+    env = {
+        **{k: v for k, v in __import__("os").environ.items() if not k.startswith("SHOPML_")},
+        "SHOPML_SPARK__SUBMIT": "true",
+        "SHOPML_SPARK__CONN_ID": "spark_cluster",
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300",  # a loaded CI machine parses slowly
+    }
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tasks = json.loads(proc.stdout.strip().splitlines()[-1])
+    jobs = str(REPO / "spark_jobs" / "jobs.py")
+    assert tasks["land"] == [
+        "SparkSubmitOperator",
+        jobs,
+        ["land", "--source={{ params.source }}", "--max-users={{ params.max_users or '' }}"],
+        "spark_cluster",
+        ["validate_raw"],
+    ]
+    assert tasks["clean"][0:4] == ["SparkSubmitOperator", jobs, ["clean", "--ds={{ ds }}"],
+                                   "spark_cluster"]  # fmt: skip
+    assert tasks["build_features"][2] == ["features", "--ds={{ ds }}"]
+    assert tasks["build_features"][4] == ["validate_features"]

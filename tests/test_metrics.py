@@ -6,7 +6,6 @@ import pytest
 from scipy import sparse
 
 from shopml import schema as S
-from training import baselines
 from training import metrics as M
 from training.interactions import from_events
 from training.metrics import evaluate_rankings, ndcg_at_k, recall_at_k
@@ -60,11 +59,20 @@ def test_popularity_and_personal_top_frequency():
             ("u2", "y", 4),
         ]
     )
+    from training.interactions import from_events
+    from training.recommenders import build
+
+    data = from_events(train)
+
+    def top3(name: str, users: list[int]) -> list[list[str]]:
+        scores = build(name).fit(data).score(np.array(users))
+        return [list(data.item_ids[row]) for row in M.topk(scores, 3)]
+
     # all four items were bought twice: ties break by item id
-    assert baselines.popularity(train, 3) == ["p", "q", "x"]
-    tf = baselines.personal_top_frequency(train, ["u1", "new"], 3)
-    assert tf["u1"] == ["x", "y", "p"]  # own items by frequency, then popularity fill
-    assert tf["new"] == ["p", "q", "x"]
+    assert top3("popularity", [0]) == [["p", "q", "x"]]
+    u1, new = data.user_index["u1"], data.n_users  # an index past the vocabulary: unseen user
+    # own items by frequency, then popularity fill; an unseen user gets popularity
+    assert top3("personal_top_frequency", [u1, new]) == [["x", "y", "p"], ["p", "q", "x"]]
 
 
 # --------------------------------------------------------------------------------------------

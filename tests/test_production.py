@@ -105,6 +105,9 @@ def _profile_env(prefix: str, home: Path) -> dict[str, str]:
         "SHOPML_FEAST__REDIS_CONNECTION": f"{REDIS_HOST}:{REDIS_PORT},db={REDIS_DB}",
         "SHOPML_FEAST__PROJECT": prefix,
         "SHOPML_SPARK__MASTER": "local[2]",
+        # Spark stages go through spark-submit (SparkSubmitOperator) on this connection
+        "SHOPML_SPARK__SUBMIT": "true",
+        "AIRFLOW_CONN_SPARK_DEFAULT": '{"conn_type": "spark", "host": "local[2]"}',
         "AIRFLOW_HOME": str(home / "airflow"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{pg}/{prefix}_airflow",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"postgresql+psycopg://{pg}/{prefix}_airflow",
@@ -196,6 +199,12 @@ def test_airflow_ran_the_dag_on_postgres(production):
     )
     assert {"land", "feast_sync", "train", "promote"} <= set(tasks)
     assert set(tasks.values()) == {"success"}, tasks
+    operators = dict(
+        _query(db, "select task_id, operator from task_instance where dag_id = %s",
+               "nightly_retrain")
+    )  # fmt: skip
+    # the Spark stages were spark-submit jobs of spark_jobs/jobs.py, the rest Python tasks
+    assert {operators[t] for t in ("land", "clean", "build_features")} == {"SparkSubmitOperator"}
     # nothing fell back to Airflow's SQLite default
     assert not (production.home / "airflow" / "airflow.db").exists()
 
