@@ -63,11 +63,21 @@ PARAMS = {
         "user_knn, ease, als, content_tfidf, two_tower, sasrec, hybrid.",
     ),
     "model_configs": Param(
-        {},
+        # tuned on Instacart (repeat-aware): `python -m benchmarks.recsys --dataset instacart
+        # --tune 12` wrote them to benchmarks/configs/instacart.json (rounded here)
+        {
+            "user_knn": {
+                "neighbors": 42,
+                "shrink": 30.4,
+                "own_weight": 0.92,
+                "half_life_days": 33.4,
+            },
+            "item_knn": {"neighbors": 239, "shrink": 87.6, "repeat_weight": 2.8},
+        },  # fmt: skip
         type="object",
         title="Zoo model configs",
-        description='Per model, its config, e.g. {"user_knn": {"neighbors": 200}} '
-        "(tuned ones: `shopml tune`, benchmarks/configs/).",
+        description="Per model, its config (`shopml tune` finds one). Models without an entry "
+        "use their defaults.",
     ),
 }
 
