@@ -107,6 +107,19 @@ def _settings(params):
     return settings_from_params(dict(params))
 
 
+def _validate(suite: str, params, ds: str) -> None:
+    """Run a validation stage; bad data fails the task for good (retrying cannot help)."""
+    from airflow.exceptions import AirflowFailException
+
+    from validation import run
+
+    try:
+        for report in getattr(run, suite)(_settings(params), _day(ds)):
+            print(report.summary())
+    except run.ValidationFailed as exc:
+        raise AirflowFailException(str(exc)) from exc
+
+
 def _day(ds: str):
     from datetime import date
 
@@ -134,16 +147,7 @@ def nightly_retrain():
 
     @task(retries=0)
     def validate_raw(ds=None, params=None):
-        from airflow.exceptions import AirflowFailException
-
-        from validation.run import ValidationFailed
-        from validation.run import validate_raw as run
-
-        try:
-            for report in run(_settings(params), _day(ds)):
-                print(report.summary())
-        except ValidationFailed as exc:  # bad data: retrying cannot help
-            raise AirflowFailException(str(exc)) from exc
+        _validate("validate_raw", params, ds)
 
     @task
     def clean(ds=None, params=None):
@@ -159,16 +163,7 @@ def nightly_retrain():
 
     @task(retries=0)
     def validate_features(ds=None, params=None):
-        from airflow.exceptions import AirflowFailException
-
-        from validation.run import ValidationFailed
-        from validation.run import validate_features as run
-
-        try:
-            for report in run(_settings(params), _day(ds)):
-                print(report.summary())
-        except ValidationFailed as exc:
-            raise AirflowFailException(str(exc)) from exc
+        _validate("validate_features", params, ds)
 
     @task
     def feast_sync(ds=None, params=None):

@@ -124,6 +124,15 @@ def promote(ds: DsOption) -> None:
     _echo(run(load_settings(), _ds(ds)).__dict__)
 
 
+def _protocol(dataset: str):
+    """The named benchmark protocol, or a usage error listing the known ones."""
+    from training.zoo import PROTOCOLS
+
+    if dataset not in PROTOCOLS:
+        raise typer.BadParameter(f"--dataset must be one of {sorted(PROTOCOLS)}")
+    return PROTOCOLS[dataset]
+
+
 @app.command()
 def zoo(
     dataset: Annotated[str, typer.Option(help="movielens-100k or instacart")] = "instacart",
@@ -133,15 +142,12 @@ def zoo(
     configs: Annotated[str, typer.Option(help='JSON: {"user_knn": {"neighbors": 50}}')] = "{}",
 ) -> None:
     """Fit and evaluate zoo models on a dataset's protocol; print the table."""
-    from training.zoo import PROTOCOLS, compare, format_table, protocol_split
-
-    if dataset not in PROTOCOLS:
-        raise typer.BadParameter(f"--dataset must be one of {sorted(PROTOCOLS)}")
-    cfg = json.loads(configs)
-    protocol = PROTOCOLS[dataset]
-    wanted = {m: (m, cfg.get(m, {})) for m in models.split(",")}
     from training.recommenders import build
+    from training.zoo import compare, format_table, protocol_split
 
+    protocol = _protocol(dataset)
+    cfg = json.loads(configs)
+    wanted = {m: (m, cfg.get(m, {})) for m in models.split(",")}
     for name, config in wanted.values():
         build(name, **config)  # fail on a typo before loading any data
     table, _ = compare(wanted, protocol_split(protocol), protocol.k, protocol.exclude_seen)
@@ -161,16 +167,14 @@ def tune(
 
     from training import registry
     from training.tune import tune as run
-    from training.zoo import PROTOCOLS, protocol_split, validation_split
+    from training.zoo import protocol_split, validation_split
 
-    if dataset not in PROTOCOLS:
-        raise typer.BadParameter(f"--dataset must be one of {sorted(PROTOCOLS)}")
+    protocol = _protocol(dataset)
     settings = load_settings()
     registry.use_tracking(settings)
     if mlflow.get_experiment_by_name("shopml-tuning") is None:
         mlflow.create_experiment("shopml-tuning", artifact_location=settings.artifact_root)
     mlflow.set_experiment("shopml-tuning")
-    protocol = PROTOCOLS[dataset]
     val = validation_split(protocol, protocol_split(protocol))
     best, score, _ = run(model, val, trials, protocol.k, protocol.exclude_seen,
                          log_to_mlflow=True)  # fmt: skip

@@ -122,9 +122,11 @@ def evaluate_run(
     train, test, features = run_interactions(run_dir)
     split = Split(train, test, "run", PROTOCOL)
     rows, per_user = [], []
+    protocol = PROTOCOL
     for label, (name, config) in {**BASELINES, **(zoo or {})}.items():
         fitted = fit_and_evaluate(name, config, split, k, exclude_seen=False)
         fitted.name = label
+        protocol = fitted.result.protocol
         if log_zoo and label not in BASELINES:
             log_fitted(fitted)
         rows.append(_row(label, fitted.result) | {"size_mb": fitted.size_bytes / 1e6})
@@ -138,7 +140,7 @@ def evaluate_run(
         )
         per_user.append(per_user_frame(name, result))
     table = pd.DataFrame(rows)
-    table["protocol"] = result.protocol if models else PROTOCOL
+    table["protocol"] = protocol  # the same for every row: one split, one ranking rule
     return table, pd.concat(per_user, ignore_index=True)
 
 
