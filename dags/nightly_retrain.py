@@ -2,9 +2,10 @@
 ### ShopML nightly retrain
 
 Lands the interaction logs and catalog, validates them with Great Expectations, cleans and
-engineers features with Spark, syncs Feast, trains the two-tower recommender with Horovod,
-compresses and evaluates it against the baselines and the current champion, and moves the
-MLflow `champion` alias only when the new model is better.
+engineers features with Spark, syncs Feast, trains the two-tower recommender with Horovod
+and the candidate ranker serving uses, compresses and evaluates it against the baselines
+and the current champion, and moves the MLflow `champion` alias only when the new model is
+better. The registered version carries its faiss index and candidate tables for serving.
 
 Every task reads and writes the partition of the run's logical date (`ds`), so a rerun of a
 date overwrites its outputs. A failed validation stops the run before training: the
@@ -186,6 +187,12 @@ def nightly_retrain():
         print(run(_settings(params), _day(ds)))
 
     @task
+    def train_ranker(ds=None, params=None):
+        from training.ranking import train_ranker as run
+
+        print(run(_settings(params), _day(ds)))
+
+    @task
     def compress(ds=None, params=None):
         from training.pipeline import compress as run
 
@@ -226,6 +233,7 @@ def nightly_retrain():
         feast_sync(),
         training_set(),
         train(),
+        train_ranker(),
         compress(),
         evaluate(),
         promote(),

@@ -1,22 +1,50 @@
-"""FastAPI service: the MLflow champion + the user's Feast online features.
+"""The recommendation service: two-stage retrieval and ranking of the registry's champion.
 
-Start with ``shopml serve`` (uvicorn). The model is loaded once at startup from
-``models:/<name>@champion``; users unknown to the model, or with no online features, get
-the popularity list the champion was trained with.
+Start with ``shopml serve`` (uvicorn). Endpoints:
+
+* ``GET /recommendations/{user_id}?k=10[&category=...]``: one user,
+* ``POST /recommendations`` ``{"user_ids": [...], "k": 10}``: many users, one online read,
+* ``GET /items/{item_id}/similar?k=10``: nearest items in the two-tower's item space,
+* ``GET /metrics`` (Prometheus), ``GET /healthz`` (liveness), ``GET /readyz`` (readiness).
+
+Every answer names the registry version and A/B arm that produced it. Bad parameters are
+422s with a message; an unknown item is a 404; Feast or the index unavailable degrades to the
+popularity fallback (counted in ``shopml_fallbacks_total``), never a 5xx.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
-from fastapi import FastAPI, HTTPException, Path, Query
-from pydantic import BaseModel
+from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
+from serving.engine import Ranked, UnknownItem
+from serving.features import FeaturesUnavailable
+from serving.models import Arm, ModelHolder
+from serving.observability import Metrics
 from shopml.config import Settings, load_settings
 
-MAX_K = 100
+MAX_K = 1000
+MAX_ID_LENGTH = 128
+MAX_BATCH_USERS = 1000
+ID_PATTERN = r"^[^\s/]+$"  # no whitespace, no slashes
+
+log = logging.getLogger("serving.app")
+
+
+def _id_path() -> object:
+    """A validated id path parameter (one instance per parameter: FastAPI binds it by name)."""
+    return Path(..., min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)
+
+
+def _k() -> object:
+    return Query(10, ge=1, le=MAX_K, description=f"number of items, 1..{MAX_K}")
 
 
 class Recommendation(BaseModel):
@@ -27,85 +55,172 @@ class Recommendation(BaseModel):
 class Recommendations(BaseModel):
     user_id: str
     model_version: str
-    fallback: bool  # true when the popularity list answered
+    arm: str = Field(description="the registry alias that served this user (A/B arm)")
+    fallback: bool = Field(description="true when the popularity fallback answered")
+    fallback_reason: str | None = None
     items: list[Recommendation]
 
 
-@dataclass
-class Champion:
-    version: str
-    model: Any  # training.model.TwoTower
-    store: Any  # feast.FeatureStore
+class BatchRequest(BaseModel):
+    user_ids: list[str] = Field(..., min_length=1, max_length=MAX_BATCH_USERS)
+    k: int = Field(10, ge=1, le=MAX_K)
+    category: str | None = Field(None, max_length=MAX_ID_LENGTH)
+
+    def model_post_init(self, _: object) -> None:
+        bad = [u for u in self.user_ids if not (0 < len(u) <= MAX_ID_LENGTH) or "/" in u]
+        if bad:
+            raise ValueError(f"user ids must be 1..{MAX_ID_LENGTH} characters: {bad[:3]}")
 
 
-def load_champion(settings: Settings) -> Champion:
-    from shopml.feast_store import open_store
-    from training import registry
-
-    version = registry.champion_version(settings)
-    if version is None:
-        raise RuntimeError(
-            f"no '{registry.CHAMPION}' alias on model '{settings.model_name}': run the nightly "
-            "pipeline (make demo) first"
-        )
-    return Champion(version, registry.load_version(settings, version), open_store(settings))
+class BatchRecommendations(BaseModel):
+    results: list[Recommendations]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+class SimilarItems(BaseModel):
+    item_id: str
+    model_version: str
+    items: list[Recommendation]
+
+
+def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> FastAPI:
     settings = settings or load_settings()
-    state: dict[str, Champion] = {}
+    metrics = holder.metrics if holder else Metrics()
+    holder = holder or ModelHolder(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        state["champion"] = load_champion(settings)
+        await run_in_threadpool(holder.sync)
+        if holder.arms.get("champion") is None:
+            raise RuntimeError(
+                f"no loadable 'champion' alias on model '{settings.model_name}': run the "
+                "nightly pipeline (make demo) first; the log above says why a version failed"
+            )
+        holder.start()
         yield
-        state.clear()
+        holder.stop()
 
     app = FastAPI(title="ShopML recommendations", lifespan=lifespan)
+    app.state.holder = holder
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with one readable line per problem, counted like every error."""
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        metrics.errors.labels(_endpoint(request), "422").inc()
+        return JSONResponse(status_code=422, content={"detail": problems})
+
+    def answer(arm: Arm, user_id: str, ranked: Ranked) -> Recommendations:
+        return Recommendations(
+            user_id=user_id,
+            model_version=arm.version,
+            arm=arm.alias,
+            fallback=ranked.fallback is not None,
+            fallback_reason=ranked.fallback,
+            items=[Recommendation(item_id=i, score=s) for i, s in ranked.items],
+        )
+
+    def observe(arm: Arm, user_id: str, ranked: Ranked) -> None:
+        for stage, seconds in ranked.stages.items():
+            metrics.stage.labels(stage).observe(seconds)
+        for source, n in ranked.candidates.items():
+            metrics.candidates.labels(source).observe(n)
+        if ranked.fallback:
+            metrics.fallbacks.labels(ranked.fallback, arm.alias).inc()
+
+    def champion() -> Arm:
+        arm = holder.arms.get("champion")
+        if arm is None:
+            raise HTTPException(503, "no model loaded yet")
+        return arm
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str | None]:
+    def healthz() -> dict[str, object]:
         """Liveness: the process answers (a missing model is readiness, not a reason to restart)."""
-        champ = state.get("champion")
-        return {"status": "ok", "model_version": champ.version if champ else None}
+        arm = holder.arms.get("champion")
+        return {"status": "ok", "model_version": arm.version if arm else None}
 
     @app.get("/readyz")
-    def readyz() -> dict[str, str]:
+    def readyz() -> dict[str, object]:
         """Readiness: the champion is loaded, so traffic may be routed here."""
-        champ = state.get("champion")
-        if champ is None:
-            raise HTTPException(503, "model not loaded")
-        return {"status": "ready", "model_version": champ.version}
+        arm = champion()
+        arms = {a.alias: a.version for a in holder.arms.values()}
+        return {"status": "ready", "model_version": arm.version, "arms": arms}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @app.get("/recommendations/{user_id}", response_model=Recommendations)
     def recommend(
-        user_id: str = Path(..., min_length=1, max_length=128),
-        k: int = Query(10, ge=1, le=MAX_K, description=f"number of items, 1..{MAX_K}"),
+        user_id: str = _id_path(),
+        k: int = _k(),
+        category: str | None = Query(None, max_length=MAX_ID_LENGTH),
     ) -> Recommendations:
-        champ = state["champion"]
-        model = champ.model
-        features = _online_features(champ, user_id)
-        if user_id not in model.user_index or features is None:
-            items = [Recommendation(item_id=i, score=0.0) for i in model.popular_items[:k]]
-            return Recommendations(
-                user_id=user_id, model_version=champ.version, fallback=True, items=items
-            )
-        (top,) = model.recommend([user_id], [features], k)
-        return Recommendations(
-            user_id=user_id,
-            model_version=champ.version,
-            fallback=False,
-            items=[Recommendation(item_id=i, score=s) for i, s in top],
+        started = time.perf_counter()
+        arm = holder.for_user(user_id) or champion()
+        ranked = arm.engine.recommend(user_id, k, category)
+        observe(arm, user_id, ranked)
+        elapsed = time.perf_counter() - started
+        metrics.latency.labels("recommendations", arm.alias).observe(elapsed)
+        log.info("recommend", extra={
+            "user_id": user_id, "k": k, "arm": arm.alias, "model_version": arm.version,
+            "fallback": ranked.fallback, "ms": round(elapsed * 1000, 2),
+            "stages_ms": {s: round(v * 1000, 2) for s, v in ranked.stages.items()},
+            "candidates": ranked.candidates})  # fmt: skip
+        return answer(arm, user_id, ranked)
+
+    @app.post("/recommendations", response_model=BatchRecommendations)
+    def recommend_batch(request: BatchRequest = Body(...)) -> BatchRecommendations:
+        started = time.perf_counter()
+        by_arm: dict[str, list[str]] = {}
+        arms: dict[str, Arm] = {}
+        for u in dict.fromkeys(request.user_ids):
+            arm = holder.for_user(u) or champion()
+            arms[arm.alias] = arm
+            by_arm.setdefault(arm.alias, []).append(u)
+        results: dict[str, Recommendations] = {}
+        for alias, users in by_arm.items():
+            arm = arms[alias]
+            for u, ranked in zip(
+                users, arm.engine.recommend_many(users, request.k, request.category), strict=True
+            ):
+                observe(arm, u, ranked)
+                results[u] = answer(arm, u, ranked)
+        metrics.latency.labels("recommendations_batch", "mixed").observe(
+            time.perf_counter() - started
+        )
+        return BatchRecommendations(results=[results[u] for u in request.user_ids])
+
+    @app.get("/items/{item_id}/similar", response_model=SimilarItems)
+    def similar(item_id: str = _id_path(), k: int = _k()) -> SimilarItems:
+        started = time.perf_counter()
+        arm = champion()
+        try:
+            items = arm.engine.similar(item_id, k)
+        except UnknownItem:
+            metrics.errors.labels("similar", "404").inc()
+            raise HTTPException(
+                404, f"item '{item_id}' is not in the catalog of model version {arm.version}"
+            ) from None
+        except FeaturesUnavailable:
+            metrics.fallbacks.labels("index_unavailable", arm.alias).inc()
+            items = arm.engine.popular(k)
+        metrics.latency.labels("similar", arm.alias).observe(time.perf_counter() - started)
+        return SimilarItems(
+            item_id=item_id,
+            model_version=arm.version,
+            items=[Recommendation(item_id=i, score=s) for i, s in items],
         )
 
     return app
 
 
-def _online_features(champ: Champion, user_id: str) -> dict[str, Any] | None:
-    """The user's features from the Feast online store, or None when it has none."""
-    service = champ.store.get_feature_service("recommender_serving")
-    row = champ.store.get_online_features(features=service, entity_rows=[{"user_id": user_id}])
-    values = {k: v[0] for k, v in row.to_dict().items()}
-    if all(values.get(f) is None for f in champ.model.feature_names):
-        return None
-    return values
+def _endpoint(request: Request) -> str:
+    path = request.url.path
+    if path.startswith("/items/"):
+        return "similar"
+    return "recommendations_batch" if request.method == "POST" else "recommendations"

@@ -100,6 +100,14 @@ def train(ds: DsOption) -> None:
     _echo(run(load_settings(), _ds(ds)))
 
 
+@app.command("train-ranker")
+def train_ranker(ds: DsOption) -> None:
+    """The serving ranker on the run's purchases and point-in-time Feast features."""
+    from training.ranking import train_ranker as run
+
+    _echo(run(load_settings(), _ds(ds)))
+
+
 @app.command()
 def compress(ds: DsOption) -> None:
     """int8 dynamic quantization of the run's model."""
@@ -182,13 +190,21 @@ def tune(
 
 
 @app.command()
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the champion over HTTP (GET /recommendations/{user_id}?k=10)."""
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    access_log: Annotated[bool, typer.Option(help="uvicorn's access log (JSON logs stay)")] = False,
+) -> None:
+    """Serve the champion over HTTP: two-stage recommendations, similar items, batch, metrics.
+
+    Each request logs one JSON line (user, arm, version, fallback, per-stage ms)."""
     import uvicorn
 
     from serving.app import create_app
+    from serving.observability import configure_json_logging
 
-    uvicorn.run(create_app(load_settings()), host=host, port=port)
+    configure_json_logging()
+    uvicorn.run(create_app(load_settings()), host=host, port=port, access_log=access_log)
 
 
 if __name__ == "__main__":

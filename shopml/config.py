@@ -73,6 +73,35 @@ class EvalConfig(BaseModel):
     )
 
 
+class ServingConfig(BaseModel):
+    """The online service: candidate sources, ranking, A/B split, reload and feature refresh."""
+
+    ann_candidates: int = Field(120, ge=0, le=2000, description="from the faiss index")
+    history_candidates: int = Field(40, ge=0, le=2000, description="the user's own purchases")
+    knn_candidates: int = Field(30, ge=0, le=2000, description="item-kNN of the user's items")
+    popular_candidates: int = Field(10, ge=0, le=2000, description="global popularity")
+    max_candidates: int = Field(
+        200, ge=1, le=5000, description="the union of the sources is cut to this many, then ranked"
+    )
+    reorder_min_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="an item the user bought is offered again only if its item_reorder_rate "
+        "(Feast) is above this",
+    )
+    challenger_share: float = Field(
+        0.0, ge=0, le=1, description="share of users (hashed id) served by the challenger alias"
+    )
+    reload_interval_s: float = Field(
+        30.0, ge=0, description="how often the registry aliases are checked; 0 = never"
+    )
+    item_feature_refresh_s: float = Field(
+        300.0, ge=0, description="how often item features are re-read from Feast; 0 = never"
+    )
+    ann_ef_search: int = Field(128, ge=1, description="HNSW search breadth (recall vs latency)")
+
+
 class FeastConfig(BaseModel):
     """Feast backends. Embedded: SQLite online store and file registry under SHOPML_HOME
     (feature_repo/feature_store.yaml). Production: Redis online store and SQL registry
@@ -109,6 +138,7 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     feast: FeastConfig = FeastConfig()
+    serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
     def _profile_backends(self) -> Settings:

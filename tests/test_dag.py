@@ -15,6 +15,7 @@ EXPECTED = [
     "feast_sync",
     "training_set",
     "train",
+    "train_ranker",
     "compress",
     "evaluate",
     "promote",

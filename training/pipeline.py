@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
 import pandas as pd
 import torch
 
+from shopml import schema as S
 from shopml.config import Settings
 from training import gate, registry
 from training.compress import quantize_int8
@@ -84,6 +86,22 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     return table
 
 
+def serving_artifacts(settings: Settings, ds: date, model: torch.nn.Module) -> list[Path]:
+    """The faiss index, ranker and candidate tables registered with the model (serving/bundle.py).
+
+    Built from every purchase up to ``ds`` (the held-out baskets included: serving should know
+    a shopper's latest basket) and the run's catalog.
+    """
+    from serving.bundle import write_artifacts
+    from training.data import load_clean
+
+    run_dir = settings.paths.run(ds)
+    events, items = load_clean(settings, ds)
+    purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
+    ranker = torch.load(run_dir / "ranker.pt", weights_only=False)
+    return write_artifacts(run_dir / "serving", model, ranker, purchases, items)
+
+
 @dataclass
 class Decision:
     version: str
@@ -118,7 +136,9 @@ def promote(settings: Settings, ds: date) -> Decision:
 
     run_id = _run_id(settings, ds)
     model = torch.load(run_dir / "model.pt", weights_only=False)
-    uri = registry.log_model(settings, run_id, model, "model")
+    uri = registry.log_model(
+        settings, run_id, model, "model", extra_files=serving_artifacts(settings, ds, model)
+    )
     registry.log_model(
         settings, run_id, torch.load(run_dir / "model_int8.pt", weights_only=False), "model_int8"
     )

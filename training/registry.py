@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shopml.config import Settings
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "shopml-nightly"
 CHAMPION = "champion"
+CHALLENGER = "challenger"  # optional: serving sends a configured share of users to it
 # What a serving image needs to unpickle the model; explicit so MLflow does not infer
 # requirements by importing half of the environment.
 PIP_REQUIREMENTS = ["torch==2.13.0", "shopml"]
@@ -60,15 +62,29 @@ def start_run(settings: Settings, ds: str, params: dict[str, object]) -> str:
     return run.info.run_id
 
 
-def log_model(settings: Settings, run_id: str, model: TwoTower, name: str) -> str:
-    """Log ``model`` as an MLflow PyTorch model in ``run_id``; returns its models:/ URI."""
+def log_model(
+    settings: Settings,
+    run_id: str,
+    model: TwoTower,
+    name: str,
+    extra_files: list[Path] | None = None,
+) -> str:
+    """Log ``model`` as an MLflow PyTorch model in ``run_id``; returns its models:/ URI.
+
+    ``extra_files`` travel inside the model (``extra_files/``), so a registry version carries
+    what serving needs beside the weights (serving/bundle.py).
+    """
     import mlflow
 
     use_tracking(settings)
     with mlflow.start_run(run_id=run_id):
         # pickle, not pt2: the module carries its id vocabularies and `recommend` by raw ids.
         info = mlflow.pytorch.log_model(
-            model, name=name, pip_requirements=PIP_REQUIREMENTS, serialization_format="pickle"
+            model,
+            name=name,
+            pip_requirements=PIP_REQUIREMENTS,
+            serialization_format="pickle",
+            extra_files=[str(f) for f in extra_files] if extra_files else None,
         )
     return info.model_uri
 
@@ -82,16 +98,30 @@ def register(settings: Settings, model_uri: str, run_id: str) -> str:
     return str(version.version)
 
 
-def champion_version(settings: Settings) -> str | None:
+def alias_version(settings: Settings, alias: str) -> str | None:
+    """The version an alias points at, or None when the alias (or the model) does not exist."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     use_tracking(settings)
     try:
-        mv = MlflowClient().get_model_version_by_alias(settings.model_name, CHAMPION)
+        mv = MlflowClient().get_model_version_by_alias(settings.model_name, alias)
     except MlflowException:
         return None
     return str(mv.version)
+
+
+def champion_version(settings: Settings) -> str | None:
+    return alias_version(settings, CHAMPION)
+
+
+def download_version(settings: Settings, version: str, dst: Path) -> Path:
+    """The version's model directory (MLmodel, weights, ``extra_files/``), copied under ``dst``."""
+    import mlflow
+
+    use_tracking(settings)
+    uri = f"models:/{settings.model_name}/{version}"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 
 def load_version(settings: Settings, version: str) -> TwoTower:
@@ -102,7 +132,11 @@ def load_version(settings: Settings, version: str) -> TwoTower:
 
 
 def set_champion(settings: Settings, version: str) -> None:
+    set_alias(settings, CHAMPION, version)
+
+
+def set_alias(settings: Settings, alias: str, version: str) -> None:
     from mlflow import MlflowClient
 
     use_tracking(settings)
-    MlflowClient().set_registered_model_alias(settings.model_name, CHAMPION, version)
+    MlflowClient().set_registered_model_alias(settings.model_name, alias, version)

@@ -1,0 +1,230 @@
+"""What a registered model version serves with, built at promotion time and logged with it.
+
+Beside the two-tower (the MLflow PyTorch model) every version carries, as the model's
+``extra_files``:
+
+* ``index.faiss``: an inner-product faiss index over the item tower's vectors, augmented with
+  the item bias (query ``[u, 1]`` . item ``[v, b]`` = the model's exact score), HNSW for large
+  catalogs and exact (flat) for small ones;
+* ``ranker.pt``: the candidate ranker (``training.ranking.Ranker``);
+* ``tables.npz``: the cheap candidate sources and filters: popularity, recent popularity (per
+  category too), item-kNN neighbours, each user's purchase counts, the catalog mask.
+
+So a champion is self-contained: serving downloads one registry version and needs nothing
+from the training run's directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+
+from shopml import schema as S
+from training.model import TwoTower
+
+INDEX_FILE = "index.faiss"
+RANKER_FILE = "ranker.pt"
+TABLES_FILE = "tables.npz"
+MANIFEST_FILE = "serving_manifest.json"
+ARTIFACT_FILES = (INDEX_FILE, RANKER_FILE, TABLES_FILE, MANIFEST_FILE)
+FLAT_INDEX_MAX_ITEMS = 20_000  # exact search is fast enough below this
+KNN_NEIGHBORS = 20
+RECENT_DAYS = 30
+POPULAR_KEEP = 1000
+
+
+def item_matrix(model: TwoTower) -> np.ndarray:
+    """Item vectors with the bias appended: ``[v, b]`` per item, float32, C-contiguous."""
+    with torch.no_grad():
+        vec, bias = model.item_vectors()
+    return np.ascontiguousarray(
+        np.concatenate([vec.numpy(), bias.numpy()[:, None]], axis=1), dtype=np.float32
+    )
+
+
+def build_index(vectors: np.ndarray, hnsw_m: int = 32, ef_construction: int = 80):
+    """Inner-product index: exact below ``FLAT_INDEX_MAX_ITEMS`` items, HNSW above."""
+    import faiss
+
+    dim = vectors.shape[1]
+    if len(vectors) <= FLAT_INDEX_MAX_ITEMS:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+    index.add(vectors)
+    return index
+
+
+@dataclass
+class Tables:
+    """The non-neural candidate sources and filters, in the model's item index space."""
+
+    popular: np.ndarray  # item indices, most purchased first
+    recent_popular: np.ndarray  # most purchased in the last RECENT_DAYS
+    category_popular: dict[str, np.ndarray]  # recent popularity within each category
+    knn_idx: np.ndarray  # (n_items, KNN_NEIGHBORS) neighbour indices, -1 = none
+    knn_sim: np.ndarray  # (n_items, KNN_NEIGHBORS) cosine similarity
+    history: sparse.csr_matrix  # (n_model_users + 1, n_items) purchase counts; row 0 = unknown
+    in_catalog: np.ndarray  # bool per item: still in the catalog the model was promoted with
+
+    def save(self, path: Path) -> None:
+        cats = sorted(self.category_popular)
+        np.savez_compressed(
+            path,
+            popular=self.popular,
+            recent_popular=self.recent_popular,
+            knn_idx=self.knn_idx,
+            knn_sim=self.knn_sim,
+            history_data=self.history.data,
+            history_indices=self.history.indices,
+            history_indptr=self.history.indptr,
+            history_shape=np.array(self.history.shape),
+            in_catalog=self.in_catalog,
+            categories=np.array(cats, dtype=object),
+            **{f"category_{i}": self.category_popular[c] for i, c in enumerate(cats)},
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Tables:
+        z = np.load(path, allow_pickle=True)
+        history = sparse.csr_matrix(
+            (z["history_data"], z["history_indices"], z["history_indptr"]),
+            shape=tuple(z["history_shape"]),
+        )
+        cats = [str(c) for c in z["categories"]]
+        return cls(
+            popular=z["popular"],
+            recent_popular=z["recent_popular"],
+            category_popular={c: z[f"category_{i}"] for i, c in enumerate(cats)},
+            knn_idx=z["knn_idx"],
+            knn_sim=z["knn_sim"],
+            history=history,
+            in_catalog=z["in_catalog"],
+        )
+
+
+def _top_neighbours(sim: sparse.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense (items, n) neighbour table from a sparse top-n similarity matrix."""
+    idx = np.full((sim.shape[0], n), -1, dtype=np.int32)
+    val = np.zeros((sim.shape[0], n), dtype=np.float32)
+    for r in range(sim.shape[0]):
+        lo, hi = sim.indptr[r], sim.indptr[r + 1]
+        order = np.argsort(-sim.data[lo:hi])[:n]
+        idx[r, : len(order)] = sim.indices[lo:hi][order]
+        val[r, : len(order)] = sim.data[lo:hi][order]
+    return idx, val
+
+
+def build_tables(model: TwoTower, purchases: pd.DataFrame, catalog: pd.DataFrame) -> Tables:
+    """Candidate tables from the run's training purchases and its catalog.
+
+    ``purchases`` has user_id, item_id, timestamp; ``catalog`` item_id and, when the retailer
+    has it, category. Both are mapped onto the model's vocabularies (unknown ids dropped).
+    """
+    from training.recommenders.classic import _cosine
+
+    n_items = len(model.item_ids)
+    item_pos = pd.Series(np.arange(n_items), index=pd.Index(model.item_ids))
+    items = item_pos.reindex(purchases[S.ITEM_ID].astype(str)).to_numpy()
+    users = np.array([model.user_index.get(u, 0) for u in purchases[S.USER_ID].astype(str)])
+    ok = ~np.isnan(items)
+    items, users = items[ok].astype(np.int64), users[ok]
+    ts = pd.to_datetime(purchases[S.TIMESTAMP], utc=True).to_numpy()[ok]
+
+    counts = np.bincount(items, minlength=n_items)
+    popular = np.argsort(-counts, kind="stable")[:POPULAR_KEEP]
+    recent = ts >= ts.max() - np.timedelta64(RECENT_DAYS, "D") if len(ts) else ok[:0]
+    recent_counts = np.bincount(items[recent], minlength=n_items)
+    recent_popular = np.argsort(-recent_counts, kind="stable")[:POPULAR_KEEP]
+
+    category_popular: dict[str, np.ndarray] = {}
+    if S.CATEGORY in catalog and catalog[S.CATEGORY].notna().any():
+        cat = catalog.dropna(subset=[S.CATEGORY])
+        cat_pos = item_pos.reindex(cat[S.ITEM_ID].astype(str))
+        for name, members in (
+            cat.assign(_pos=cat_pos.to_numpy()).dropna(subset=["_pos"]).groupby(S.CATEGORY)["_pos"]
+        ):
+            m = members.to_numpy(np.int64)
+            category_popular[str(name)] = m[np.argsort(-recent_counts[m], kind="stable")][
+                :POPULAR_KEEP
+            ]
+
+    history = sparse.csr_matrix(
+        (np.ones(len(items), np.float32), (users, items)),
+        shape=(len(model.user_index) + 1, n_items),
+    )
+    history.sum_duplicates()
+    binary = history.copy()
+    binary.data[:] = 1.0
+    knn_idx, knn_sim = _top_neighbours(_cosine(binary, 10.0, KNN_NEIGHBORS), KNN_NEIGHBORS)
+    in_catalog = np.zeros(n_items, dtype=bool)
+    pos = item_pos.reindex(catalog[S.ITEM_ID].astype(str)).dropna().to_numpy(np.int64)
+    in_catalog[pos] = True
+    return Tables(popular, recent_popular, category_popular, knn_idx, knn_sim, history, in_catalog)
+
+
+def write_artifacts(
+    out_dir: Path,
+    model: TwoTower,
+    ranker: torch.nn.Module,
+    purchases: pd.DataFrame,
+    catalog: pd.DataFrame,
+) -> list[Path]:
+    """Build the index and tables of ``model``; returns the files to log with it."""
+    import faiss
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vectors = item_matrix(model)
+    index = build_index(vectors)
+    faiss.write_index(index, str(out_dir / INDEX_FILE))
+    torch.save(ranker, out_dir / RANKER_FILE)
+    tables = build_tables(model, purchases, catalog)
+    tables.save(out_dir / TABLES_FILE)
+    manifest = {
+        "items": len(model.item_ids),
+        "users": len(model.user_index),
+        "index": type(index).__name__,
+        "index_dim": int(vectors.shape[1]),
+        "categories": len(tables.category_popular),
+        "in_catalog": int(tables.in_catalog.sum()),
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return [out_dir / f for f in ARTIFACT_FILES]
+
+
+@dataclass
+class Bundle:
+    """One registry version, loaded: the model and what serves beside it."""
+
+    version: str
+    model: TwoTower
+    ranker: torch.nn.Module
+    index: object | None  # faiss index; None when it could not be loaded
+    tables: Tables
+    item_vectors: np.ndarray  # (n_items, dim + 1), the rows the index holds
+
+
+def load_bundle(version: str, model: TwoTower, files: Path) -> Bundle:
+    """Load the artifacts in ``files`` (a version's ``extra_files``) beside ``model``.
+
+    A missing or unreadable index leaves ``index=None``: serving then degrades to its
+    fallback and counts it, rather than refusing the whole version.
+    """
+    import faiss
+
+    index = None
+    try:
+        index = faiss.read_index(str(files / INDEX_FILE))
+    except (RuntimeError, OSError):
+        index = None
+    ranker = torch.load(files / RANKER_FILE, weights_only=False).eval()
+    model.eval()
+    tables = Tables.load(files / TABLES_FILE)
+    return Bundle(version, model, ranker, index, tables, item_matrix(model))

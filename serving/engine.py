@@ -1,0 +1,222 @@
+"""Two-stage recommendation for one loaded model version: retrieve, filter, rank.
+
+Stage 1 (retrieval) takes the union, in this order of priority, of
+
+* ``ann``: the faiss index over the two-tower's item vectors, queried with the user vector,
+* ``history``: the user's own purchases (most bought first),
+* ``item_knn``: co-purchase neighbours of the user's most bought items,
+* ``popular``: global popularity,
+
+drops items out of the catalog and items the user bought that are not reorderable
+(``item_reorder_rate`` from Feast at most ``serving.reorder_min_rate``), and keeps at most
+``serving.max_candidates``. Stage 2 scores those candidates with the version's ranker on the
+user's and the items' online features. Every answer that is not the two-stage one is a
+*fallback* with a reason (unknown user, no online features, Feast or the index unavailable),
+served from recent popularity, optionally within a category.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from serving.bundle import Bundle
+from serving.features import FeaturesUnavailable, OnlineFeatures
+from shopml import schema as S
+from shopml.config import ServingConfig
+from training.ranking import ranker_inputs
+
+SOURCES = ("ann", "history", "item_knn", "popular")
+KNN_SEEDS = 10  # the user's most bought items whose neighbours are candidates
+_REORDER = S.ITEM_FEATURES.index(S.ITEM_REORDER_RATE)
+
+
+class UnknownItem(KeyError):
+    """An item id the served version does not know."""
+
+
+@dataclass
+class Ranked:
+    """One user's answer, with how it was made (for the response, metrics and logs)."""
+
+    items: list[tuple[str, float]]
+    fallback: str | None = None  # reason; None when the two stages answered
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    candidates: dict[str, int] = field(default_factory=dict)  # per source, and "ranked"
+
+
+@contextmanager
+def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
+
+
+class TwoStage:
+    """Retrieval + ranking of one version; safe to share between request threads."""
+
+    def __init__(self, bundle: Bundle, features: OnlineFeatures, cfg: ServingConfig) -> None:
+        self.bundle = bundle
+        self.version = bundle.version
+        self.model = bundle.model
+        self.features = features
+        self.cfg = cfg
+        self.item_ids = np.asarray(self.model.item_ids, dtype=object)
+        self.item_pos = {it: i for i, it in enumerate(self.model.item_ids)}
+        if bundle.index is not None and hasattr(bundle.index, "hnsw"):
+            bundle.index.hnsw.efSearch = max(cfg.ann_ef_search, cfg.ann_candidates)
+        self.item_features: np.ndarray | None = None  # set by refresh_item_features
+        self.reorderable = np.ones(len(self.item_ids), dtype=bool)
+        self._lock = threading.Lock()
+
+    # --- item features: bulk, refreshed in the background ------------------------------------
+    def refresh_item_features(self) -> None:
+        """Re-read every item's online features; on failure keep the previous arrays."""
+        values = self.features.items(list(self.model.item_ids))
+        reorderable = np.nan_to_num(values[:, _REORDER], nan=0.0) > self.cfg.reorder_min_rate
+        with self._lock:  # the two arrays change together
+            self.item_features, self.reorderable = np.nan_to_num(values), reorderable
+
+    # --- answers ------------------------------------------------------------------------------
+    def popular(self, k: int, category: str | None = None) -> list[tuple[str, float]]:
+        """Recent popularity (within ``category`` when it is known), in catalog only."""
+        t = self.bundle.tables
+        order = t.category_popular.get(category, t.recent_popular) if category else None
+        if order is None:
+            order = t.recent_popular
+        order = order[t.in_catalog[order]][:k]
+        n = max(len(order), 1)
+        return [(self.item_ids[i], float(n - r) / n) for r, i in enumerate(order)]
+
+    def recommend(self, user_id: str, k: int, category: str | None = None) -> Ranked:
+        """One user: the online read, then :meth:`rank`."""
+        return self.recommend_many([user_id], k, category)[0]
+
+    def recommend_many(
+        self, user_ids: list[str], k: int, category: str | None = None
+    ) -> list[Ranked]:
+        """Many users with one online read for all of them."""
+        stages: dict[str, float] = {}
+        known = [u for u in user_ids if u in self.model.user_index]
+        rows: dict[str, np.ndarray] = {}
+        error = None
+        if known:
+            with _timed(stages, "features"):
+                try:
+                    values = self.features.users(known)
+                    rows = {u: v for u, v in zip(known, values, strict=True)}
+                except FeaturesUnavailable as exc:
+                    error = exc
+        share = {s: v / len(user_ids) for s, v in stages.items()}
+        out = []
+        for u in user_ids:
+            if u not in self.model.user_index:
+                reason = "unknown_user"
+            elif error is not None:
+                reason = "feast_unavailable"
+            elif np.isnan(rows[u]).all():
+                reason = "no_online_features"
+            elif self.bundle.index is None:
+                reason = "index_unavailable"
+            elif self.item_features is None:
+                reason = "item_features_unavailable"
+            else:
+                reason = None
+            if reason is None:
+                ranked = self.rank(u, np.nan_to_num(rows[u]), k)
+            else:
+                ranked = Ranked(self.popular(k, category), fallback=reason)
+            ranked.stages = {**share, **ranked.stages}
+            out.append(ranked)
+        return out
+
+    def rank(self, user_id: str, user_features: np.ndarray, k: int) -> Ranked:
+        """Retrieve, filter and rank for a known user with online features."""
+        stages: dict[str, float] = {}
+        tables, uidx = self.bundle.tables, self.model.user_index[user_id]
+        with self._lock:
+            item_features, reorderable = self.item_features, self.reorderable
+        with _timed(stages, "retrieval"):
+            with torch.no_grad():
+                user = self.model.user_vector(
+                    torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
+                )[0].numpy()
+            query = np.append(user, np.float32(1.0))[None].astype(np.float32)
+            sources, counts = self._sources(query, uidx)
+        with _timed(stages, "filter"):
+            cand = np.concatenate([s for s in sources.values()])
+            _, first = np.unique(cand, return_index=True)
+            cand = cand[np.sort(first)]  # union, in the sources' order of priority
+            hist_items, hist_counts = self._history(uidx)
+            prior = np.zeros(len(cand), dtype=np.float32)
+            at = np.searchsorted(hist_items, cand)
+            hit = (at < len(hist_items)) & (hist_items[np.minimum(at, len(hist_items) - 1)] == cand)
+            prior[hit] = hist_counts[at[hit]]
+            keep = tables.in_catalog[cand] & ((prior == 0) | reorderable[cand])
+            top = self.cfg.max_candidates
+            cand, prior = cand[keep][:top], prior[keep][:top]
+        counts["ranked"] = len(cand)
+        if len(cand) == 0:
+            return Ranked(self.popular(k), "no_candidates", stages, counts)
+        with _timed(stages, "ranking"):
+            tt = self.bundle.item_vectors[cand] @ query[0]
+            x = ranker_inputs(user_features, item_features[cand], tt, prior)
+            with torch.no_grad():
+                scores = torch.sigmoid(self.bundle.ranker(torch.from_numpy(x))).numpy()
+            top = np.argsort(-scores, kind="stable")[:k]
+        items = [(self.item_ids[cand[i]], float(scores[i])) for i in top]
+        return Ranked(items, None, stages, counts)
+
+    def _history(self, uidx: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's purchased item indices (sorted) and how often each was bought."""
+        h = self.bundle.tables.history
+        lo, hi = h.indptr[uidx], h.indptr[uidx + 1]
+        order = np.argsort(h.indices[lo:hi])
+        return h.indices[lo:hi][order], h.data[lo:hi][order]
+
+    def _sources(
+        self, query: np.ndarray, uidx: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        cfg, tables = self.cfg, self.bundle.tables
+        sources: dict[str, np.ndarray] = {}
+        if cfg.ann_candidates:
+            _, ids = self.bundle.index.search(query, cfg.ann_candidates)
+            sources["ann"] = ids[0][ids[0] >= 0].astype(np.int64)
+        h = tables.history
+        lo, hi = h.indptr[uidx], h.indptr[uidx + 1]
+        items, counts = h.indices[lo:hi].astype(np.int64), h.data[lo:hi]
+        by_count = items[np.argsort(-counts, kind="stable")]
+        sources["history"] = by_count[: cfg.history_candidates]
+        if cfg.knn_candidates and len(by_count):
+            seeds = by_count[:KNN_SEEDS]
+            nbr, sim = tables.knn_idx[seeds].ravel(), tables.knn_sim[seeds].ravel()
+            ok = nbr >= 0
+            uniq, inv = np.unique(nbr[ok], return_inverse=True)
+            weight = np.bincount(inv, weights=sim[ok])
+            sources["item_knn"] = uniq[np.argsort(-weight, kind="stable")][: cfg.knn_candidates]
+        sources["popular"] = tables.popular[: cfg.popular_candidates].astype(np.int64)
+        return sources, {s: len(v) for s, v in sources.items()}
+
+    def similar(self, item_id: str, k: int) -> list[tuple[str, float]]:
+        """Nearest items in the two-tower's item space (inner product of item vectors)."""
+        if item_id not in self.item_pos:
+            raise UnknownItem(item_id)
+        if self.bundle.index is None:
+            raise FeaturesUnavailable("the ANN index of this version is not loaded")
+        pos = self.item_pos[item_id]
+        query = self.bundle.item_vectors[pos : pos + 1].copy()
+        query[0, -1] = 0.0  # item . item, without the bias term
+        scores, ids = self.bundle.index.search(query, min(k + 1 + 20, len(self.item_ids)))
+        out = []
+        for s, i in zip(scores[0], ids[0], strict=True):
+            if i >= 0 and i != pos and self.bundle.tables.in_catalog[i]:
+                out.append((self.item_ids[i], float(s)))
+        return out[:k]

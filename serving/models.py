@@ -1,0 +1,164 @@
+"""Which registry versions serve, the A/B split between them, and hot reload.
+
+The registry's aliases decide: ``champion`` serves everyone, ``challenger`` (when it exists and
+``serving.challenger_share`` > 0) serves that share of users, chosen by a stable hash of the
+user id so a shopper always sees the same arm. A background thread checks the aliases every
+``serving.reload_interval_s``; when one moved it loads the new version completely (download,
+index, item features, a warm-up answer) and then swaps one reference. A request holds the arm
+it started with, so requests in flight finish on the old version and none fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+from serving.engine import TwoStage
+from serving.observability import Metrics
+from shopml.config import Settings
+from training import registry
+
+log = logging.getLogger("serving.models")
+ALIASES = (registry.CHAMPION, registry.CHALLENGER)
+
+
+@dataclass(frozen=True)
+class Arm:
+    alias: str
+    version: str
+    engine: TwoStage
+
+
+def arm_of(user_id: str, challenger_share: float) -> str:
+    """The alias that serves ``user_id``: a stable hash in [0, 1) against the share."""
+    if challenger_share <= 0:
+        return registry.CHAMPION
+    digest = hashlib.sha256(user_id.encode()).digest()
+    bucket = int.from_bytes(digest[:8], "big") / 2**64
+    return registry.CHALLENGER if bucket < challenger_share else registry.CHAMPION
+
+
+def load_arm(settings: Settings, alias: str, version: str) -> Arm:
+    """Download ``version``, load the model and its serving artifacts, read item features."""
+    import mlflow
+
+    from serving.bundle import load_bundle
+    from serving.features import OnlineFeatures
+    from shopml.feast_store import open_store
+
+    cache = settings.paths.home / "serving_cache" / f"v{version}"
+    shutil.rmtree(cache, ignore_errors=True)
+    local = registry.download_version(settings, version, cache)
+    files = local / "extra_files"
+    if not (files / "index.faiss").exists() and not (files / "tables.npz").exists():
+        raise RuntimeError(
+            f"version {version} of '{settings.model_name}' has no serving artifacts "
+            "(index, ranker, tables): it was registered before two-stage serving; rerun the "
+            "nightly pipeline to register a servable version"
+        )
+    model = mlflow.pytorch.load_model(str(local))
+    engine = TwoStage(
+        load_bundle(version, model, files), OnlineFeatures(open_store(settings)), settings.serving
+    )
+    engine.refresh_item_features()
+    engine.recommend(next(iter(model.user_index), ""), 10)  # warm-up: first request is not slow
+    return Arm(alias, version, engine)
+
+
+class ModelHolder:
+    """The arms being served; replaced as a whole, never mutated in place."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._arms: dict[str, Arm] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sync_lock = threading.Lock()
+
+    @property
+    def arms(self) -> dict[str, Arm]:
+        return self._arms
+
+    def for_user(self, user_id: str) -> Arm | None:
+        """The arm that serves ``user_id`` (the champion when there is no challenger)."""
+        arms = self._arms
+        arm = arms.get(arm_of(user_id, self.settings.serving.challenger_share))
+        return arm or arms.get(registry.CHAMPION)
+
+    def sync(self) -> list[str]:
+        """Load every alias whose version changed; returns what changed. Failures keep the
+        version already served (and are logged and counted)."""
+        changed = []
+        with self._sync_lock:
+            wanted = ALIASES if self.settings.serving.challenger_share > 0 else ALIASES[:1]
+            arms = dict(self._arms)
+            for alias in wanted:
+                version = registry.alias_version(self.settings, alias)
+                current = arms.get(alias)
+                if version is None:
+                    if alias != registry.CHAMPION and current is not None:
+                        arms.pop(alias)  # challenger alias removed: its users go to champion
+                        changed.append(f"{alias}: removed")
+                    continue
+                if current is not None and current.version == version:
+                    continue
+                started = time.perf_counter()
+                try:
+                    arms[alias] = load_arm(self.settings, alias, version)
+                except Exception:
+                    self.metrics.reloads.labels(alias, "failed").inc()
+                    log.exception("loading %s version %s failed", alias, version,
+                                  extra={"alias": alias, "version": version})  # fmt: skip
+                    continue
+                self.metrics.reloads.labels(alias, "loaded").inc()
+                self.metrics.model_version.labels(alias).set(float(version))
+                log.info("serving %s version %s", alias, version, extra={
+                    "alias": alias, "version": version,
+                    "load_seconds": round(time.perf_counter() - started, 2)})  # fmt: skip
+                changed.append(f"{alias}: {current.version if current else None} -> {version}")
+            self._arms = arms  # the atomic switch
+        return changed
+
+    def refresh_item_features(self) -> None:
+        for arm in self._arms.values():
+            try:
+                arm.engine.refresh_item_features()
+                self.metrics.feature_refreshes.labels("ok").inc()
+            except Exception:
+                self.metrics.feature_refreshes.labels("failed").inc()
+                log.exception("item feature refresh failed; keeping the previous values")
+
+    # --- background -----------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.settings.serving
+        if not (cfg.reload_interval_s or cfg.item_feature_refresh_s):
+            return
+        self._thread = threading.Thread(target=self._loop, name="model-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        cfg = self.settings.serving
+        next_reload = next_refresh = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if cfg.reload_interval_s and now >= next_reload + cfg.reload_interval_s:
+                next_reload = now
+                try:
+                    self.sync()
+                except Exception:  # the registry itself unreachable: keep serving
+                    log.exception("alias check failed")
+            if cfg.item_feature_refresh_s and now >= next_refresh + cfg.item_feature_refresh_s:
+                next_refresh = now
+                self.refresh_item_features()
+            self._stop.wait(min(x for x in (cfg.reload_interval_s, cfg.item_feature_refresh_s,
+                                             1.0) if x))  # fmt: skip
