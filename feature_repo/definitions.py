@@ -9,11 +9,12 @@ import os
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-from feast.types import Float32, Int64
+from feast.types import Array, Float32, Int64, String
 
 # Column names are fixed by shopml.schema; literals here keep this file importable by feast
 # alone, and tests/test_feast.py asserts both agree.
 _FEATURES_DIR = os.environ.get("SHOPML_FEATURES_DIR", "data/features")
+_RECOMMENDATIONS_DIR = os.environ.get("SHOPML_RECOMMENDATIONS_DIR", "data/recommendations")
 
 # --- entities ---------------------------------------------------------------------------------
 user = Entity(
@@ -41,6 +42,13 @@ item_source = FileSource(
     path=f"{_FEATURES_DIR}/item",
     timestamp_field="feature_timestamp",
     description="Cumulative item features per active day, valid from the next midnight",
+)
+
+recommendations_source = FileSource(
+    name="user_top_k",
+    path=f"{_RECOMMENDATIONS_DIR}/latest",
+    timestamp_field="scored_at",
+    description="Precomputed top-k per user from `shopml batch-score` (latest run)",
 )
 
 # --- feature views ----------------------------------------------------------------------------
@@ -74,6 +82,22 @@ item_features = FeatureView(
         Field(name="item_purchases_30d", dtype=Int64),
     ],
     source=item_source,
+    online=True,
+    tags={"team": "shopml"},
+)
+
+# Written by `shopml batch-score --to-online` (write_to_online_store), never materialized:
+# retailers who precompute read a user's list with one online lookup.
+user_recommendations = FeatureView(
+    name="user_recommendations",
+    entities=[user],
+    ttl=timedelta(days=2),
+    schema=[
+        Field(name="recommended_items", dtype=Array(String)),
+        Field(name="recommended_scores", dtype=Array(Float32)),
+        Field(name="model_version", dtype=String),
+    ],
+    source=recommendations_source,
     online=True,
     tags={"team": "shopml"},
 )

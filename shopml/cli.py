@@ -189,6 +189,20 @@ def tune(
     _echo({"model": model, "val_ndcg": score, "config": best})
 
 
+@app.command("batch-score")
+def batch_score(
+    ds: DsOption,
+    k: Annotated[int, typer.Option(min=1, max=1000, help="items per user")] = 100,
+    to_online: Annotated[
+        bool, typer.Option(help="also write the lists to Feast (view user_recommendations)")
+    ] = False,
+) -> None:
+    """Top-k of the champion for every user to lake/recommendations/ds=... (Parquet)."""
+    from serving.batch import batch_score as run
+
+    _echo(run(load_settings(), _ds(ds), k, to_online))
+
+
 @app.command()
 def serve(
     host: str = "127.0.0.1",

@@ -202,6 +202,7 @@ def service_environment(settings: Settings) -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
         "SHOPML_FEATURES_DIR": str(settings.paths.features),
+        "SHOPML_RECOMMENDATIONS_DIR": str(settings.paths.recommendations),
         "SHOPML_FEAST_REGISTRY": settings.feast_registry,
         "SHOPML_FEAST_ONLINE_PATH": str(settings.paths.feast / "online.db"),
         "SHOPML_FEAST_REDIS": settings.feast.redis_connection,

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
+# Views loaded from the Spark snapshots by materialize; user_recommendations is written
+# directly by the batch scoring job (serving/batch.py).
+SNAPSHOT_VIEWS = ("user_features", "item_features")
 
 
 def store_yaml(settings: Settings) -> Path:
@@ -73,11 +76,12 @@ def materialize(settings: Settings, ds: date) -> str:
     from spark_jobs.jobs import end_of_day
 
     end = end_of_day(ds)
-    views = open_store(settings).list_feature_views()
+    views = [v for v in open_store(settings).list_feature_views() if v.name in SNAPSHOT_VIEWS]
+    only = [arg for v in SNAPSHOT_VIEWS for arg in ("--views", v)]
     if all(v.materialization_intervals for v in views):
-        return _feast_cli(settings, ds, "materialize-incremental", end.isoformat())
+        return _feast_cli(settings, ds, "materialize-incremental", end.isoformat(), *only)
     start = end - max(v.ttl for v in views)
-    return _feast_cli(settings, ds, "materialize", start.isoformat(), end.isoformat())
+    return _feast_cli(settings, ds, "materialize", start.isoformat(), end.isoformat(), *only)
 
 
 def open_store(settings: Settings) -> FeatureStore:

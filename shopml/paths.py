@@ -52,6 +52,11 @@ class Paths:
         return self.features / "item"
 
     @property
+    def recommendations(self) -> Path:
+        """Precomputed top-k per user (``shopml batch-score``), by ``ds``, and ``latest``."""
+        return self.lake / "recommendations"
+
+    @property
     def quarantine(self) -> Path:
         return self.lake / "quarantine"
 

@@ -68,6 +68,11 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     assert table.loc["two_tower", "ndcg_at_10"] > table.loc["popularity", "ndcg_at_10"]
     assert table.loc["two_tower_int8", "size_mb"] < table.loc["two_tower", "size_mb"]
     assert registry.champion_version(pipeline_settings) == "1"
+    # the registered version carries what serving needs: index, ranker, candidate tables
+    manifest = json.loads((run / "serving" / "serving_manifest.json").read_text())
+    assert manifest["items"] == len(json.loads((run / "vocab.json").read_text())["items"])
+    # one positive per two negatives: a constant guess has log-loss H(1/3) = 0.637
+    assert json.loads((run / "ranker_loss.json").read_text())[-1] < 0.6
     # every stage left its partition of the logical date
     for path in (
         "lake/clean/events/ds=2025-12-31",
@@ -90,9 +95,15 @@ def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings):
         assert client.get("/readyz").json() == {"status": "ready", "model_version": "1"}
         known = client.get(f"/recommendations/{train_users.iloc[0]}", params={"k": 5}).json()
         assert known["fallback"] is False and len(known["items"]) == 5
-        assert known["model_version"] == "1"
+        assert known["model_version"] == "1" and known["arm"] == "champion"
         unknown = client.get("/recommendations/not-a-user").json()
         assert unknown["fallback"] is True and len(unknown["items"]) == 10
+        assert unknown["fallback_reason"] == "unknown_user"
+        batch = client.post("/recommendations", json={"user_ids": train_users.iloc[:3].tolist()})
+        assert [r["fallback"] for r in batch.json()["results"]] == [False] * 3
+        item = known["items"][0]["item_id"]
+        assert len(client.get(f"/items/{item}/similar", params={"k": 5}).json()["items"]) == 5
+        assert client.get("/items/not-an-item/similar").status_code == 404
         bad = client.get(f"/recommendations/{train_users.iloc[0]}", params={"k": 0})
         assert bad.status_code == 422 and "k" in bad.text
 

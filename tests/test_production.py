@@ -268,7 +268,7 @@ def test_feast_online_features_in_redis_and_registry_in_postgres(production, pro
         "select feature_view_name from feature_views where project_id = %s",
         project,
     )
-    assert {v for (v,) in views} == {"user_features", "item_features"}
+    assert {v for (v,) in views} == {"user_features", "item_features", "user_recommendations"}
     assert not (production.home / "feast" / "online.db").exists()
     assert not (production.home / "feast" / "registry.db").exists()
 
@@ -287,6 +287,32 @@ def test_serving_reads_the_champion_and_redis_features(production, prod_settings
         assert known["fallback"] is False and len(known["items"]) == 5
         assert known["model_version"] == champion
         # without its Redis hash the same user falls back: the features came from Redis
+        similar = client.get(f"/items/{known['items'][0]['item_id']}/similar").json()
+        assert similar["model_version"] == champion and len(similar["items"]) == 10
         assert _redis().delete(_redis_key(production.prefix, user)) == 1
         gone = client.get(f"/recommendations/{user}", params={"k": 5}).json()
         assert gone["fallback"] is True and len(gone["items"]) == 5
+        assert gone["fallback_reason"] == "no_online_features"
+
+
+def test_batch_scoring_writes_the_top_k_into_redis(production, prod_settings):
+    from datetime import date
+
+    from serving.batch import batch_score
+    from shopml.feast_store import open_store
+
+    summary = batch_score(prod_settings, date.fromisoformat(DS), k=5, to_online=True)
+    assert summary["online_rows"] == summary["users"] > 0
+    user = _known_user(prod_settings)
+    stored = _redis().hgetall(_redis_key(production.prefix, user))
+    assert b"_ts:user_recommendations" in stored, sorted(stored)
+    row = (
+        open_store(prod_settings)
+        .get_online_features(
+            features=["user_recommendations:recommended_items"], entity_rows=[{"user_id": user}]
+        )
+        .to_dict()
+    )
+    top = pd.read_parquet(prod_settings.paths.recommendations / f"ds={DS}")
+    expected = top[top[S.USER_ID] == user].sort_values("rank")[S.ITEM_ID].tolist()
+    assert row["recommended_items"][0] == expected and len(expected) == 5

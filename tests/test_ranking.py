@@ -1,0 +1,135 @@
+"""The served ranker's inputs and training, and the faiss index serving retrieves with."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from shopml import schema as S
+from training.ranking import EVENT_TS, ranker_inputs
+
+
+def _ts(day: int, second: int = 0) -> pd.Timestamp:
+    return pd.Timestamp("2025-03-01", tz="UTC") + pd.Timedelta(days=day, seconds=second)
+
+
+def test_prior_purchases_counts_only_strictly_earlier_purchases():
+    from training.ranking import prior_purchases
+
+    history = pd.DataFrame(
+        {
+            S.USER_ID: ["u", "u", "u", "v"],
+            S.ITEM_ID: ["milk", "milk", "eggs", "milk"],
+            EVENT_TS: [_ts(0), _ts(7), _ts(7, 5), _ts(1)],
+        }
+    )
+    queries = pd.DataFrame(
+        {
+            S.USER_ID: ["u", "u", "u", "u", "v", "w"],
+            S.ITEM_ID: ["milk", "milk", "milk", "eggs", "milk", "milk"],
+            EVENT_TS: [_ts(0), _ts(3), _ts(8), _ts(7, 5), _ts(9), _ts(9)],
+        }
+    )
+    # at its own timestamp a purchase is not yet "prior"; other users never count
+    assert prior_purchases(history, queries).tolist() == [0, 1, 2, 0, 1, 0]
+
+
+def test_ranker_inputs_broadcast_one_user_row_and_zero_missing_values():
+    user = np.arange(len(S.USER_FEATURES), dtype=np.float32)
+    items = np.full((3, len(S.ITEM_FEATURES)), np.nan, dtype=np.float32)
+    x = ranker_inputs(user, items, np.array([0.5, 0.1, -1.0]), np.array([2.0, 0.0, 1.0]))
+    assert x.shape == (3, len(S.USER_FEATURES) + len(S.ITEM_FEATURES) + 2)
+    assert (x[:, : len(S.USER_FEATURES)] == user).all()
+    assert (x[:, len(S.USER_FEATURES) : -2] == 0).all()
+    assert x[:, -2].tolist() == [0.5, pytest.approx(0.1), -1.0] and x[:, -1].tolist() == [2, 0, 1]
+
+
+def test_ranker_learns_the_reorder_signal():
+    """Bought-before items are the positives: the fitted ranker must rank them first."""
+    from training.ranking import fit_ranker
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    prior = rng.integers(0, 4, n).astype(np.float32)
+    label = (prior > 0).astype(np.float32)
+    flip = rng.random(n) < 0.1
+    label[flip] = 1 - label[flip]
+    x = ranker_inputs(
+        rng.random((n, len(S.USER_FEATURES)), dtype=np.float32),
+        rng.random((n, len(S.ITEM_FEATURES)), dtype=np.float32),
+        rng.normal(size=n).astype(np.float32),
+        prior,
+    )
+    ranker, curve = fit_ranker(x, label, epochs=5, seed=0, batch_size=128)
+    assert curve[-1] < curve[0]
+    with torch.no_grad():
+        scores = ranker(torch.from_numpy(x)).numpy()
+    pos, neg = scores[label == 1], scores[label == 0]
+    auc = (pos[:, None] > neg[None, :]).mean()
+    assert auc > 0.85
+
+
+@pytest.fixture
+def model():
+    from training.model import TwoTower
+
+    torch.manual_seed(0)
+    users = [f"u{i}" for i in range(30)]
+    items = [f"i{j}" for j in range(300)]
+    return TwoTower(users, items, items[:10], dim=16).eval()
+
+
+def test_flat_index_returns_the_models_exact_top_items(model):
+    from serving.bundle import build_index, item_matrix
+
+    index = build_index(item_matrix(model))
+    assert type(index).__name__ == "IndexFlatIP"
+    feats = torch.rand(1, len(S.USER_FEATURES))
+    user = torch.tensor([3])
+    with torch.no_grad():
+        exact = model(user, feats)[0].numpy()
+        query = np.append(model.user_vector(user, feats)[0].numpy(), 1.0)[None].astype("float32")
+    scores, ids = index.search(query, 10)
+    assert ids[0].tolist() == np.argsort(-exact)[:10].tolist()
+    assert np.allclose(scores[0], np.sort(exact)[::-1][:10], atol=1e-5)
+
+
+def test_hnsw_index_for_large_catalogs_keeps_recall(model, monkeypatch):
+    import serving.bundle as bundle
+
+    monkeypatch.setattr(bundle, "FLAT_INDEX_MAX_ITEMS", 100)
+    vectors = bundle.item_matrix(model)
+    index = bundle.build_index(vectors)
+    assert type(index).__name__ == "IndexHNSWFlat"
+    index.hnsw.efSearch = 64
+    queries = np.random.default_rng(1).normal(size=(50, vectors.shape[1])).astype("float32")
+    _, ann = index.search(queries, 10)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ann, exact, strict=True)])
+    assert recall >= 0.9
+
+
+def test_tables_round_trip_and_map_purchases_to_the_model(model, tmp_path):
+    from serving.bundle import Tables, build_tables
+
+    purchases = pd.DataFrame(
+        {
+            S.USER_ID: ["u1", "u1", "u2", "u2", "ghost"],
+            S.ITEM_ID: ["i5", "i5", "i5", "i7", "i9"],
+            S.TIMESTAMP: [_ts(0), _ts(40), _ts(41), _ts(41), _ts(41)],
+        }
+    )
+    catalog = pd.DataFrame(
+        {S.ITEM_ID: ["i5", "i7", "i9", "not-in-model"], S.CATEGORY: ["a", "b", "a", "a"]}
+    )
+    tables = build_tables(model, purchases, catalog)
+    tables.save(tmp_path / "t.npz")
+    loaded = Tables.load(tmp_path / "t.npz")
+    assert loaded.popular[:3].tolist() == [5, 7, 9]  # i5 bought 3 times, then i7, i9
+    u1 = model.user_index["u1"]
+    assert loaded.history[u1, 5] == 2 and loaded.history[0, 9] == 1  # row 0: unknown users
+    assert loaded.in_catalog.sum() == 3 and loaded.in_catalog[[5, 7, 9]].all()
+    assert loaded.category_popular["a"][:2].tolist() == [5, 9]
+    assert set(loaded.knn_idx[5][loaded.knn_idx[5] >= 0]) == {7}  # co-bought by u2

@@ -1,0 +1,377 @@
+"""The recommendation service on a small synthetic deployment: real Feast (SQLite online
+store), real MLflow registry, real faiss index; the same code as ``shopml serve``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shopml import schema as S
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """(settings, synthetic deployment); the environment is restored afterwards as a whole
+    (open_store and MLflow export variables later tests must not inherit)."""
+    from serving.synthetic import deploy
+    from shopml.config import load_settings
+
+    saved = dict(os.environ)
+    os.environ["SHOPML_HOME"] = str(tmp_path_factory.mktemp("serving"))
+    os.environ["SHOPML_SERVING__RELOAD_INTERVAL_S"] = "0"
+    os.environ["SHOPML_SERVING__ITEM_FEATURE_REFRESH_S"] = "0"
+    try:
+        settings = load_settings()
+        yield settings, deploy(settings, n_users=120, n_items=400, n_categories=4, per_user=16)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def client(deployment):
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    with TestClient(create_app(deployment[0])) as c:
+        yield c
+
+
+def _with(settings, **serving):
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update=serving)})
+
+
+def _engine(client, **serving):
+    """A second engine over the served version with other serving settings."""
+    from serving.engine import TwoStage
+
+    served = client.app.state.holder.arms["champion"].engine
+    engine = TwoStage(served.bundle, served.features, served.cfg.model_copy(update=serving))
+    engine.refresh_item_features()
+    return engine
+
+
+def _metric(client, line_start: str) -> float:
+    """Sum of the exposed samples whose line starts with ``line_start``.
+
+    Tests compare before/after: when Feast's metrics module was imported first,
+    prometheus_client keeps values per process (multiprocess mode), shared by every app
+    built in this test process.
+    """
+    lines = client.get("/metrics").text.splitlines()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(line_start))
+
+
+def test_known_user_gets_a_ranked_two_stage_answer(client, deployment):
+    _, dep = deployment
+    stages = ("features", "retrieval", "filter", "ranking")
+    before = [_metric(client, f'shopml_stage_seconds_count{{stage="{s}"}}') for s in stages]
+    r = client.get(f"/recommendations/{dep.user_ids[0]}", params={"k": 7})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["fallback"] is False and body["fallback_reason"] is None
+    assert body["model_version"] == dep.version and body["arm"] == "champion"
+    items = [i["item_id"] for i in body["items"]]
+    assert len(items) == len(set(items)) == 7
+    assert set(items) <= set(dep.item_ids)
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    after = [_metric(client, f'shopml_stage_seconds_count{{stage="{s}"}}') for s in stages]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
+
+
+def test_candidates_come_from_every_source_and_are_capped(client, deployment):
+    from serving.engine import SOURCES
+
+    user = deployment[1].user_ids[1]
+    ranked = _engine(client).recommend(user, 10)
+    assert set(SOURCES) <= set(ranked.candidates)
+    assert 0 < ranked.candidates["ranked"] <= 200
+    assert ranked.candidates["ann"] == 120  # the faiss index returned its quota
+    few = _engine(client, max_candidates=5).recommend(user, 10)
+    assert few.candidates["ranked"] == 5 and len(few.items) == 5
+
+
+def test_bought_items_come_back_only_when_reorderable(client, deployment):
+    _, dep = deployment
+    user = dep.user_ids[2]
+    bought = set(dep.purchases.loc[dep.purchases[S.USER_ID] == user, S.ITEM_ID])
+    everything = {i for i, _ in _engine(client).recommend(user, 1000).items}
+    assert everything & bought, "reorderable purchases are candidates (history source)"
+    strict = {i for i, _ in _engine(client, reorder_min_rate=1.0).recommend(user, 1000).items}
+    assert strict and not strict & bought
+
+
+def test_items_out_of_the_catalog_are_never_served(client, deployment):
+    from serving.engine import TwoStage
+
+    user = deployment[1].user_ids[3]
+    engine = _engine(client)
+    first = [i for i, _ in engine.recommend(user, 20).items]
+    tables = engine.bundle.tables
+    in_catalog = tables.in_catalog.copy()
+    removed = first[:5] + [engine.item_ids[i] for i in tables.recent_popular[:3]]
+    in_catalog[[engine.item_pos[i] for i in removed]] = False
+    bundle = replace(engine.bundle, tables=replace(tables, in_catalog=in_catalog))
+    delisted = TwoStage(bundle, engine.features, engine.cfg)
+    delisted.refresh_item_features()
+    assert not {i for i, _ in delisted.recommend(user, 20).items} & set(removed)
+    assert not {i for i, _ in delisted.popular(20)} & set(removed)
+
+
+def test_unknown_user_gets_recent_popularity_optionally_by_category(client, deployment):
+    _, dep = deployment
+    p = dep.purchases
+    recent = p[p[S.TIMESTAMP] >= p[S.TIMESTAMP].max() - pd.Timedelta(days=30)]
+    counts = recent[S.ITEM_ID].value_counts()
+    body = client.get("/recommendations/somebody-new", params={"k": 5}).json()
+    assert body["fallback"] is True and body["fallback_reason"] == "unknown_user"
+    served = [i["item_id"] for i in body["items"]]
+    assert sorted(counts.reindex(served).fillna(0), reverse=True) == counts.iloc[:5].tolist()
+
+    in_cat = set(dep.catalog.loc[dep.catalog[S.CATEGORY] == "cat-1", S.ITEM_ID])
+    body = client.get("/recommendations/somebody-new", params={"k": 5, "category": "cat-1"})
+    served = [i["item_id"] for i in body.json()["items"]]
+    assert len(served) == 5 and set(served) <= in_cat
+    cat_counts = counts[counts.index.isin(in_cat)]
+    assert (
+        sorted(cat_counts.reindex(served).fillna(0), reverse=True) == cat_counts.iloc[:5].tolist()
+    )
+    unknown_cat = client.get("/recommendations/somebody-new", params={"category": "nope"})
+    assert unknown_cat.status_code == 200 and len(unknown_cat.json()["items"]) == 10
+
+
+def test_similar_items_and_a_404_for_an_unknown_item(client, deployment):
+    _, dep = deployment
+    body = client.get("/items/item-0/similar", params={"k": 6}).json()
+    similar = [i["item_id"] for i in body["items"]]
+    assert body["model_version"] == dep.version
+    assert len(similar) == 6 and "item-0" not in similar and set(similar) <= set(dep.item_ids)
+    missing = client.get("/items/no-such-item/similar")
+    assert missing.status_code == 404
+    assert "no-such-item" in missing.json()["detail"] and "not in the catalog" in missing.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "field"),
+    [
+        ("get", "/recommendations/u1", {"k": 0}, "k"),
+        ("get", "/recommendations/u1", {"k": 1001}, "k"),
+        ("get", "/recommendations/" + "x" * 129, {}, "user_id"),
+        ("get", "/recommendations/a%20b", {}, "user_id"),
+        ("get", "/items/item-0/similar", {"k": 5000}, "k"),
+        ("post", "/recommendations", {"user_ids": []}, "user_ids"),
+        ("post", "/recommendations", {"user_ids": [f"u{i}" for i in range(1001)]}, "user_ids"),
+        ("post", "/recommendations", {"user_ids": ["u1"], "k": 0}, "k"),
+        ("post", "/recommendations", {"user_ids": ["x" * 200]}, "user ids"),
+    ],
+)
+def test_bad_parameters_are_422_with_a_clear_message(client, method, path, params, field):
+    before = _metric(client, "shopml_errors_total{")
+    r = client.get(path, params=params) if method == "get" else client.post(path, json=params)
+    assert r.status_code == 422, r.text
+    assert any(field in line for line in r.json()["detail"]), r.json()
+    assert _metric(client, "shopml_errors_total{") == before + 1
+
+
+def test_batch_answers_match_single_answers(client, deployment):
+    users = [*deployment[1].user_ids[:3], "somebody-new"]
+    body = client.post("/recommendations", json={"user_ids": users, "k": 4}).json()
+    assert [r["user_id"] for r in body["results"]] == users
+    for result in body["results"]:
+        single = client.get(f"/recommendations/{result['user_id']}", params={"k": 4}).json()
+        assert result["items"] == single["items"]
+        assert result["model_version"] == single["model_version"]
+    assert body["results"][-1]["fallback_reason"] == "unknown_user"
+
+
+def test_metrics_expose_latency_stages_candidates_and_version(client, deployment):
+    unknown = 'shopml_fallbacks_total{arm="champion",reason="unknown_user"}'
+    before = _metric(client, unknown)
+    client.get(f"/recommendations/{deployment[1].user_ids[0]}")
+    client.get("/recommendations/somebody-new")
+    text = client.get("/metrics").text
+    assert 'shopml_request_seconds_bucket{arm="champion",endpoint="recommendations"' in text
+    assert 'shopml_candidates_count{source="ann"}' in text
+    assert 'shopml_candidates_count{source="ranked"}' in text
+    version = _metric(client, 'shopml_model_version{alias="champion"}')
+    assert version == float(deployment[1].version)
+    assert _metric(client, unknown) == before + 1
+
+
+def test_request_logs_are_json_lines(client, deployment, caplog):
+    from serving.observability import JsonFormatter
+
+    with caplog.at_level(logging.INFO, logger="serving.app"):
+        client.get(f"/recommendations/{deployment[1].user_ids[0]}", params={"k": 3})
+    record = next(r for r in caplog.records if r.getMessage() == "recommend")
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "recommend" and line["user_id"] == deployment[1].user_ids[0]
+    assert line["arm"] == "champion" and line["fallback"] is None
+    assert set(line["stages_ms"]) == {"features", "retrieval", "filter", "ranking"}
+
+
+def test_feast_or_index_unavailable_degrades_to_popularity_and_is_counted(deployment):
+    from fastapi.testclient import TestClient
+    from feast import FeatureStore
+
+    from serving.app import create_app
+    from serving.features import OnlineFeatures
+    from shopml.feast_store import FEATURE_REPO, store_yaml
+
+    settings, dep = deployment
+    user = dep.user_ids[0]
+    with TestClient(create_app(settings)) as client:
+        engine = client.app.state.holder.arms["champion"].engine
+        served = engine.features
+        os.environ["SHOPML_FEAST_ONLINE_PATH"] = str(settings.paths.home)  # a directory
+        engine.features = OnlineFeatures(
+            FeatureStore(repo_path=str(FEATURE_REPO), fs_yaml_file=store_yaml(settings))
+        )
+        reason = 'shopml_fallbacks_total{arm="champion",reason="feast_unavailable"}'
+        before = _metric(client, reason)
+        r = client.get(f"/recommendations/{user}", params={"k": 5})
+        assert r.status_code == 200
+        assert r.json()["fallback_reason"] == "feast_unavailable" and len(r.json()["items"]) == 5
+        batch = client.post("/recommendations", json={"user_ids": [user, dep.user_ids[1]]})
+        assert {x["fallback_reason"] for x in batch.json()["results"]} == {"feast_unavailable"}
+        assert _metric(client, reason) == before + 3
+
+        engine.features = served
+        engine.bundle = replace(engine.bundle, index=None)
+        r = client.get(f"/recommendations/{user}")
+        assert r.status_code == 200 and r.json()["fallback_reason"] == "index_unavailable"
+        similar = client.get("/items/item-0/similar")
+        assert similar.status_code == 200 and len(similar.json()["items"]) == 10
+
+
+def test_arm_of_is_stable_and_follows_the_share():
+    from serving.models import arm_of
+
+    users = [f"shopper-{i}" for i in range(4000)]
+    assert {arm_of(u, 0.0) for u in users} == {"champion"}
+    assert {arm_of(u, 1.0) for u in users} == {"challenger"}
+    share = np.mean([arm_of(u, 0.3) == "challenger" for u in users])
+    assert 0.27 < share < 0.33
+    assert [arm_of(u, 0.3) for u in users] == [arm_of(u, 0.3) for u in users]
+
+
+def test_ab_split_serves_the_challenger_to_its_share(deployment):
+    from fastapi.testclient import TestClient
+    from mlflow import MlflowClient
+
+    from serving.app import create_app
+    from serving.models import arm_of
+    from serving.synthetic import register_version
+
+    settings, dep = deployment
+    challenger = register_version(settings, dep.catalog, dep.purchases, 32, 1, "challenger")
+    try:
+        with TestClient(create_app(_with(settings, challenger_share=0.5))) as client:
+            assert client.get("/readyz").json()["arms"] == {
+                "champion": dep.version,
+                "challenger": challenger,
+            }
+            arms = {}
+            for user in dep.user_ids[:60]:
+                body = client.get(f"/recommendations/{user}").json()
+                expected = arm_of(user, 0.5)
+                assert body["arm"] == expected
+                assert body["model_version"] == (
+                    challenger if expected == "challenger" else dep.version
+                )
+                arms[user] = body["arm"]
+            assert 10 < sum(a == "challenger" for a in arms.values()) < 50
+            again = client.post("/recommendations", json={"user_ids": list(arms)}).json()
+            assert {r["user_id"]: r["arm"] for r in again["results"]} == arms
+            text = client.get("/metrics").text
+            assert (
+                'shopml_request_seconds_count{arm="challenger",endpoint="recommendations"}' in text
+            )
+    finally:
+        MlflowClient().delete_registered_model_alias(settings.model_name, "challenger")
+
+
+def test_hot_reload_switches_versions_without_failing_requests(deployment):
+    """Move the champion alias while requests are running: the background check loads the new
+    version and swaps it in; no request fails and each answer names one of the two versions."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.synthetic import register_version
+    from training import registry
+
+    settings, dep = deployment
+    new = register_version(settings, dep.catalog, dep.purchases, 32, 2, alias=None)
+    fast = _with(settings, reload_interval_s=0.2, item_feature_refresh_s=0.5)
+    loaded = 'shopml_model_reloads_total{alias="champion",outcome="loaded"}'
+    refreshed = 'shopml_item_feature_refreshes_total{outcome="ok"}'
+    try:
+        with TestClient(create_app(fast)) as client:
+            loads, refreshes = _metric(client, loaded), _metric(client, refreshed)
+
+            def ask(i: int) -> tuple[int, str]:
+                r = client.get(f"/recommendations/{dep.user_ids[i % 50]}")
+                return r.status_code, r.json().get("model_version")
+
+            with ThreadPoolExecutor(4) as pool:
+                early = pool.map(ask, range(40))
+                registry.set_champion(settings, new)
+                deadline, during = time.time() + 60, []
+                while client.get("/readyz").json()["model_version"] != new:
+                    assert time.time() < deadline, "the new champion was never loaded"
+                    during += pool.map(ask, range(8))
+                late = list(pool.map(ask, range(40)))
+            answers = [*early, *during, *late]
+            assert {status for status, _ in answers} == {200}
+            assert {version for _, version in answers} <= {dep.version, new}
+            assert {version for _, version in late} == {new}
+            assert _metric(client, loaded) == loads + 1  # the switch, and nothing else
+            while _metric(client, refreshed) == refreshes:  # the background item-feature read
+                assert time.time() < deadline, "item features were never refreshed"
+                time.sleep(0.1)
+    finally:
+        registry.set_champion(settings, dep.version)
+
+
+def test_batch_scoring_writes_parquet_and_the_online_store(deployment):
+    from serving.batch import batch_score
+    from serving.synthetic import DS
+    from shopml.feast_store import open_store
+
+    settings, dep = deployment
+    first = batch_score(settings, DS, k=5, to_online=True)
+    again = batch_score(settings, DS, k=5, to_online=True)  # a rerun replaces the partition
+    assert first == again
+    out = settings.paths.recommendations / f"ds={DS.isoformat()}"
+    assert [p.name for p in out.iterdir()] == ["part-0.parquet"]
+    top = pd.read_parquet(out)
+    assert len(top) == 5 * len(dep.user_ids) == first["rows"]
+    assert set(top.groupby(S.USER_ID)["rank"].apply(tuple)) == {(1, 2, 3, 4, 5)}
+    assert set(top["model_version"]) == {dep.version}
+    user = dep.user_ids[4]
+    row = (
+        open_store(settings)
+        .get_online_features(
+            features=[
+                "user_recommendations:recommended_items",
+                "user_recommendations:model_version",
+            ],
+            entity_rows=[{"user_id": user}],
+        )
+        .to_dict()
+    )
+    expected = top[top[S.USER_ID] == user].sort_values("rank")[S.ITEM_ID].tolist()
+    assert row["recommended_items"][0] == expected
+    assert row["model_version"][0] == dep.version
