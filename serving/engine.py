@@ -141,39 +141,65 @@ class TwoStage:
     def rank(self, user_id: str, user_features: np.ndarray, k: int) -> Ranked:
         """Retrieve, filter and rank for a known user with online features."""
         stages: dict[str, float] = {}
-        tables, uidx = self.bundle.tables, self.model.user_index[user_id]
         with self._lock:
             item_features, reorderable = self.item_features, self.reorderable
         with _timed(stages, "retrieval"):
-            with torch.no_grad():
-                user = self.model.user_vector(
-                    torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
-                )[0].numpy()
-            query = np.append(user, np.float32(1.0))[None].astype(np.float32)
-            sources, counts = self._sources(query, uidx)
+            query, cand, prior, counts = self.retrieve(
+                self.model.user_index[user_id], user_features
+            )
         with _timed(stages, "filter"):
-            cand = np.concatenate([s for s in sources.values()])
-            _, first = np.unique(cand, return_index=True)
-            cand = cand[np.sort(first)]  # union, in the sources' order of priority
-            hist_items, hist_counts = self._history(uidx)
-            prior = np.zeros(len(cand), dtype=np.float32)
-            at = np.searchsorted(hist_items, cand)
-            hit = (at < len(hist_items)) & (hist_items[np.minimum(at, len(hist_items) - 1)] == cand)
-            prior[hit] = hist_counts[at[hit]]
-            keep = tables.in_catalog[cand] & ((prior == 0) | reorderable[cand])
-            top = self.cfg.max_candidates
-            cand, prior = cand[keep][:top], prior[keep][:top]
+            keep = self.servable(cand, prior, reorderable[cand])
+            cand, prior = (
+                cand[keep][: self.cfg.max_candidates],
+                prior[keep][: self.cfg.max_candidates],
+            )
         counts["ranked"] = len(cand)
         if len(cand) == 0:
             return Ranked(self.popular(k), "no_candidates", stages, counts)
         with _timed(stages, "ranking"):
-            tt = self.bundle.item_vectors[cand] @ query[0]
-            x = ranker_inputs(user_features, item_features[cand], tt, prior)
-            with torch.no_grad():
-                scores = torch.sigmoid(self.bundle.ranker(torch.from_numpy(x))).numpy()
+            scores = self.score(query, cand, prior, user_features, item_features[cand])
             top = np.argsort(-scores, kind="stable")[:k]
         items = [(self.item_ids[cand[i]], float(scores[i])) for i in top]
         return Ranked(items, None, stages, counts)
+
+    def retrieve(
+        self, uidx: int, user_features: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+        """Stage 1: (query vector, candidates in priority order, the user's prior purchases of
+        each, candidates per source). Nothing is filtered yet."""
+        with torch.no_grad():
+            user = self.model.user_vector(
+                torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
+            )[0].numpy()
+        query = np.append(user, np.float32(1.0))[None].astype(np.float32)
+        sources, counts = self._sources(query, uidx)
+        cand = np.concatenate(list(sources.values()))
+        _, first = np.unique(cand, return_index=True)
+        cand = cand[np.sort(first)]  # union, in the sources' order of priority
+        hist_items, hist_counts = self._history(uidx)
+        prior = np.zeros(len(cand), dtype=np.float32)
+        at = np.searchsorted(hist_items, cand)
+        hit = (at < len(hist_items)) & (hist_items[np.minimum(at, len(hist_items) - 1)] == cand)
+        prior[hit] = hist_counts[at[hit]]
+        return query, cand, prior, counts
+
+    def servable(self, cand: np.ndarray, prior: np.ndarray, reorderable: np.ndarray) -> np.ndarray:
+        """The filters: in the catalog, and not bought before unless reorderable."""
+        return self.bundle.tables.in_catalog[cand] & ((prior == 0) | reorderable)
+
+    def score(
+        self,
+        query: np.ndarray,
+        cand: np.ndarray,
+        prior: np.ndarray,
+        user_features: np.ndarray,
+        item_features: np.ndarray,
+    ) -> np.ndarray:
+        """Stage 2: the ranker's probability for each candidate."""
+        tt = self.bundle.item_vectors[cand] @ query[0]
+        x = ranker_inputs(user_features, item_features, tt, prior)
+        with torch.no_grad():
+            return torch.sigmoid(self.bundle.ranker(torch.from_numpy(x))).numpy()
 
     def _history(self, uidx: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's purchased item indices (sorted) and how often each was bought."""

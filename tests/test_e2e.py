@@ -92,7 +92,11 @@ def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings):
     ]
     with TestClient(create_app(pipeline_settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok", "model_version": "1"}
-        assert client.get("/readyz").json() == {"status": "ready", "model_version": "1"}
+        assert client.get("/readyz").json() == {
+            "status": "ready",
+            "model_version": "1",
+            "arms": {"champion": "1"},
+        }
         known = client.get(f"/recommendations/{train_users.iloc[0]}", params={"k": 5}).json()
         assert known["fallback"] is False and len(known["items"]) == 5
         assert known["model_version"] == "1" and known["arm"] == "champion"

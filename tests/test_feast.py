@@ -91,3 +91,48 @@ def test_historical_features_pick_the_latest_snapshot_not_after_each_row(setting
     # Known: Feast 0.67's file store drops some entity rows earlier than any snapshot of that
     # entity (here a@2025-01-01); tracked in the closing note of issue 2.
     assert len(got) >= 5
+
+
+@pytest.mark.integration
+def test_rows_sharing_a_user_and_an_instant_all_get_their_features(settings):
+    """A user's candidates at one moment: every (user, item) row comes back, in order, with
+    its own item's point-in-time features (Feast's file store alone would keep one)."""
+    from training.data import point_in_time_features
+
+    ds = date(2025, 1, 31)
+    root = settings.paths.features / f"ds={ds.isoformat()}"
+    users = pd.DataFrame(
+        {
+            S.USER_ID: ["a", "b"],
+            S.FEATURE_TIMESTAMP: pd.to_datetime(["2025-01-02", "2025-01-03"], utc=True),
+            **{f: [4, 5] for f in S.USER_FEATURES},
+        }
+    )
+    purchases = {"x": 10, "y": 20, "z": 30}
+    items = pd.DataFrame(
+        {
+            S.ITEM_ID: list(purchases),
+            S.FEATURE_TIMESTAMP: pd.to_datetime(["2025-01-01"] * 3, utc=True),
+            **{f: list(purchases.values()) for f in S.ITEM_FEATURES},
+        }
+    )
+    for frame in (users, items):
+        for f in (S.USER_REORDER_RATE, S.USER_AVG_BASKET_SIZE, S.USER_DAYS_SINCE_PRIOR,
+                  S.ITEM_REORDER_RATE):  # fmt: skip
+            if f in frame:
+                frame[f] = frame[f].astype("float32")
+    (root / "user").mkdir(parents=True)
+    (root / "item").mkdir(parents=True)
+    users.to_parquet(root / "user" / "part-0.parquet", index=False)
+    items.to_parquet(root / "item" / "part-0.parquet", index=False)
+    feast_store.apply(settings, ds)
+
+    at = pd.Timestamp("2025-01-12 08:00", tz="UTC")
+    entity = pd.DataFrame(
+        {S.USER_ID: ["a", "a", "a", "b"], S.ITEM_ID: ["x", "y", "z", "x"], "event_timestamp": at}
+    )
+    got = point_in_time_features(settings, entity)
+    assert got[[S.USER_ID, S.ITEM_ID]].values.tolist() == entity.iloc[:, :2].values.tolist()
+    assert (got["event_timestamp"] == at).all()
+    assert got[S.ITEM_N_PURCHASES].tolist() == [10, 20, 30, 10]
+    assert got[S.USER_N_EVENTS].tolist() == [4, 4, 4, 5]

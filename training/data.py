@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from shopml import schema as S
@@ -65,13 +66,27 @@ def point_in_time_features(settings: Settings, entity_df: pd.DataFrame) -> pd.Da
     """Feast ``get_historical_features`` with the training feature service.
 
     ``entity_df`` needs ``user_id``, ``item_id`` and ``event_timestamp``; each row gets the
-    latest feature snapshot valid at its timestamp (never a later one).
+    latest feature snapshot valid at its timestamp (never a later one). Rows come back in
+    ``entity_df``'s order, with its timestamps.
+
+    Feast 0.67's file offline store keeps one row per (user_id, event_timestamp) when it joins
+    the user view (it de-duplicates on the join keys seen so far), so rows that share a user
+    and an instant (a user's candidates at one moment, negatives beside their positive) would
+    collapse into one. Such rows are nudged apart by microseconds for the join, far below the
+    daily snapshot grain, and get their own timestamps back.
     """
     from shopml.feast_store import open_store
 
+    ts = "event_timestamp"
+    entity = entity_df.reset_index(drop=True).assign(_row=np.arange(len(entity_df)))
+    nudge = entity.groupby([S.USER_ID, ts]).cumcount().to_numpy()
+    entity[ts] = pd.to_datetime(entity[ts], utc=True) + pd.to_timedelta(nudge, unit="us")
     store = open_store(settings)
     service = store.get_feature_service("recommender_training")
-    out = store.get_historical_features(entity_df=entity_df, features=service).to_df()
+    out = store.get_historical_features(entity_df=entity, features=service).to_df()
+    out = out.sort_values("_row").reset_index(drop=True)
+    out[ts] = entity_df[ts].reset_index(drop=True).iloc[out["_row"]].reset_index(drop=True)
+    out = out.drop(columns="_row")
     for f in (*S.USER_FEATURES, *S.ITEM_FEATURES):
         out[f] = out[f].astype("float32").fillna(0.0)  # no snapshot yet: a brand-new entity
     return out

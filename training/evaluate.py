@@ -25,6 +25,7 @@ from training.interactions import Interactions, from_events, index_like
 from training.metrics import EvaluationResult, evaluate
 from training.model import TwoTower
 
+ScorerFactory = Callable[[Interactions, pd.DataFrame], Callable[[np.ndarray], np.ndarray]]
 SEGMENTS = ("all", "cold", "heavy", "long_tail", "mostly_long_tail")
 
 BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -110,11 +111,14 @@ def evaluate_run(
     models: dict[str, TwoTower],
     zoo: dict[str, tuple[str, dict[str, Any]]] | None = None,
     log_zoo: bool = False,
+    scorers: dict[str, ScorerFactory] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, per-user frame): baselines, the run's models and the zoo on the same holdout.
 
     Zoo models are fitted here on the run's training events (they need no Horovod launch or
     Feast features); ``log_zoo`` logs each as a nested MLflow run of the active run.
+    ``scorers`` are other scoring paths (e.g. the served two-stage one), each built from the
+    run's (train, test users' point-in-time features).
     """
     from training.splits import Split
     from training.zoo import fit_and_evaluate, log_fitted
@@ -138,6 +142,11 @@ def evaluate_run(
             _row(name, result)
             | {"size_mb": model_size_bytes(model) / 1e6, "latency_ms": cpu_latency_ms(score)}
         )
+        per_user.append(per_user_frame(name, result))
+    for name, factory in (scorers or {}).items():
+        result = evaluate(factory(train, features), train, test, k, exclude_seen=False,
+                          split=PROTOCOL)  # fmt: skip
+        rows.append(_row(name, result))
         per_user.append(per_user_frame(name, result))
     table = pd.DataFrame(rows)
     table["protocol"] = protocol  # the same for every row: one split, one ranking rule

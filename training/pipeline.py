@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -58,6 +59,7 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     """Model, int8 copy, champion, baselines and the Params' zoo models on the same holdout."""
     import mlflow
 
+    from serving.offline import two_stage_scorer
     from training.recommenders import build
 
     run_dir = settings.paths.run(ds)
@@ -72,8 +74,13 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     if champ is not None:
         models[f"champion_v{champ}"] = registry.load_version(settings, champ)
     k = settings.eval.k
+    ranker = torch.load(run_dir / "ranker.pt", weights_only=False)
+    # the path `shopml serve` answers with: retrieval + ranker, point-in-time features
+    scorers = {
+        "two_stage": partial(two_stage_scorer, settings, run_dir, models["two_tower"], ranker)
+    }
     with mlflow.start_run(run_id=_run_id(settings, ds)):
-        table, per_user = evaluate_run(run_dir, k, models, zoo, log_zoo=True)
+        table, per_user = evaluate_run(run_dir, k, models, zoo, log_zoo=True, scorers=scorers)
         write_results(table, per_user, run_dir)
         for row in table.to_dict("records"):
             for metric in (f"recall_at_{k}", f"ndcg_at_{k}", "size_mb", "latency_ms"):

@@ -10,9 +10,9 @@ exactly what the online path can read at request time:
 * how often the user bought the item before (the reorder signal that dominates groceries).
 
 Training examples: every training purchase is a positive; each gets two negatives at the same
-timestamp, one drawn by popularity and one from the user's own history (items the user buys
-but did not buy then), so the ranker learns both "what is popular" and "which of my usual
-items now". Labels never come from the held-out baskets.
+timestamp, one drawn uniformly from the catalog's purchased items and one from the user's own
+history (items the user buys but did not buy then), so the ranker learns both "what sells"
+and "which of my usual items now". Labels never come from the held-out baskets.
 """
 
 from __future__ import annotations
@@ -117,12 +117,15 @@ def prior_purchases(history: pd.DataFrame, queries: pd.DataFrame) -> np.ndarray:
 
 
 def sample_negatives(positives: pd.DataFrame, purchases: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Two negatives per positive at its timestamp: one by popularity, one from own history."""
+    """Two negatives per positive at its timestamp: one uniform over the purchased items, one
+    from the user's own history.
+
+    Uniform, not popularity-proportional: serving ranks candidates that retrieval already
+    picked (popular ones among them), so the ranker must learn that popular items *are* more
+    likely; negatives drawn by popularity would teach it the opposite.
+    """
     rng = np.random.default_rng(seed)
-    counts = purchases[S.ITEM_ID].value_counts()
-    popular = rng.choice(
-        counts.index.to_numpy(), size=len(positives), p=(counts / counts.sum()).to_numpy()
-    )
+    popular = rng.choice(purchases[S.ITEM_ID].unique(), size=len(positives))
     own = purchases.groupby(S.USER_ID)[S.ITEM_ID].unique()
     user_items = own.reindex(positives[S.USER_ID]).to_numpy()
     draws = rng.random(len(positives))
