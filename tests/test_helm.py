@@ -414,6 +414,37 @@ def test_serving_deployment_probes_service_hpa_and_pdb():
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
+def test_serving_config_reaches_the_services_settings_and_pods_are_scraped(monkeypatch, tmp_path):
+    values = tmp_path / "ab.yaml"  # a file: `--set` would pass 0.2 as a string
+    values.write_text("serving:\n  config:\n    challengerShare: 0.2\n    maxCandidates: 300\n")
+    docs = render(values)
+    env = {
+        k: e["value"]
+        for k, e in env_of(container(docs, "Deployment", "shopml-serving")).items()
+        if k.startswith("SHOPML_SERVING__")
+    }
+    assert env == {
+        "SHOPML_SERVING__MAX_CANDIDATES": "300",
+        "SHOPML_SERVING__CHALLENGER_SHARE": "0.2",
+        "SHOPML_SERVING__RELOAD_INTERVAL_S": "30",
+        "SHOPML_SERVING__ITEM_FEATURE_REFRESH_S": "300",
+    }
+    from shopml.config import load_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    serving = load_settings().serving  # the names and values the service parses
+    assert (serving.max_candidates, serving.challenger_share) == (300, 0.2)
+    assert (serving.reload_interval_s, serving.item_feature_refresh_s) == (30, 300)
+    meta = find(docs, "Deployment", "shopml-serving")["spec"]["template"]["metadata"]
+    assert meta["annotations"]["prometheus.io/scrape"] == "true"
+    assert meta["annotations"]["prometheus.io/path"] == "/metrics"
+    assert meta["annotations"]["prometheus.io/port"] == "8000"
+    off = render(None, ("serving.metrics.scrapeAnnotations=false",))
+    meta = find(off, "Deployment", "shopml-serving")["spec"]["template"]["metadata"]
+    assert "prometheus.io/scrape" not in meta.get("annotations", {})
+
+
 def test_serving_without_autoscaling_sets_replicas():
     docs = render(None, ("serving.autoscaling.enabled=false", "serving.replicaCount=3"))
     assert find(docs, "Deployment", "shopml-serving")["spec"]["replicas"] == 3
@@ -591,6 +622,8 @@ def test_spark_outside_kubernetes_needs_no_rbac():
         "serving.resources.requests.cpu=lots",
         "postgres.sslmode=sometimes",
         "training.ds=31/12/2025",
+        "serving.config.challengerShare=1.5",
+        "serving.config.maxCandidates=0",
     ],
 )
 def test_schema_rejects_unknown_keys_and_wrong_types(override):
