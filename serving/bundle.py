@@ -73,6 +73,8 @@ class Tables:
     knn_sim: np.ndarray  # (n_items, KNN_NEIGHBORS) cosine similarity
     history: sparse.csr_matrix  # (n_model_users + 1, n_items) purchase counts; row 0 = unknown
     in_catalog: np.ndarray  # bool per item: still in the catalog the model was promoted with
+    history_last: sparse.csr_matrix  # as ``history``: day (since 1970) of the last purchase
+    user_last: np.ndarray  # per history row: day of the user's latest purchase
 
     def save(self, path: Path) -> None:
         cats = sorted(self.category_popular)
@@ -86,6 +88,8 @@ class Tables:
             history_indices=self.history.indices,
             history_indptr=self.history.indptr,
             history_shape=np.array(self.history.shape),
+            history_last=self.history_last.data,
+            user_last=self.user_last,
             in_catalog=self.in_catalog,
             categories=np.array(cats, dtype=object),
             **{f"category_{i}": self.category_popular[c] for i, c in enumerate(cats)},
@@ -98,6 +102,9 @@ class Tables:
             (z["history_data"], z["history_indices"], z["history_indptr"]),
             shape=tuple(z["history_shape"]),
         )
+        history_last = sparse.csr_matrix(
+            (z["history_last"], z["history_indices"], z["history_indptr"]), shape=history.shape
+        )
         cats = [str(c) for c in z["categories"]]
         return cls(
             popular=z["popular"],
@@ -107,6 +114,8 @@ class Tables:
             knn_sim=z["knn_sim"],
             history=history,
             in_catalog=z["in_catalog"],
+            history_last=history_last,
+            user_last=z["user_last"],
         )
 
 
@@ -136,7 +145,7 @@ def build_tables(model: TwoTower, purchases: pd.DataFrame, catalog: pd.DataFrame
     users = np.array([model.user_index.get(u, 0) for u in purchases[S.USER_ID].astype(str)])
     ok = ~np.isnan(items)
     items, users = items[ok].astype(np.int64), users[ok]
-    ts = pd.to_datetime(purchases[S.TIMESTAMP], utc=True).to_numpy()[ok]
+    ts = pd.to_datetime(purchases[S.TIMESTAMP], utc=True).dt.tz_convert(None).to_numpy()[ok]
 
     counts = np.bincount(items, minlength=n_items)
     popular = np.argsort(-counts, kind="stable")[:POPULAR_KEEP]
@@ -156,18 +165,30 @@ def build_tables(model: TwoTower, purchases: pd.DataFrame, catalog: pd.DataFrame
                 :POPULAR_KEEP
             ]
 
-    history = sparse.csr_matrix(
-        (np.ones(len(items), np.float32), (users, items)),
-        shape=(len(model.user_index) + 1, n_items),
+    # counts and last purchase day per (user, item): two matrices with one sparsity pattern
+    day = (ts - np.datetime64("1970-01-01", "ns")) / np.timedelta64(1, "D")
+    pairs = (
+        pd.DataFrame({"u": users, "i": items, "day": day})
+        .groupby(["u", "i"], sort=True)["day"]
+        .agg(["size", "max"])
+        .reset_index()
     )
-    history.sum_duplicates()
+    shape = (len(model.user_index) + 1, n_items)
+    coords = (pairs["u"].to_numpy(), pairs["i"].to_numpy())
+    history = sparse.csr_matrix((pairs["size"].to_numpy(np.float32), coords), shape=shape)
+    history_last = sparse.csr_matrix((pairs["max"].to_numpy(np.float32), coords), shape=shape)
+    user_last = np.zeros(shape[0], dtype=np.float32)
+    np.maximum.at(user_last, pairs["u"].to_numpy(), pairs["max"].to_numpy(np.float32))
     binary = history.copy()
     binary.data[:] = 1.0
     knn_idx, knn_sim = _top_neighbours(_cosine(binary, 10.0, KNN_NEIGHBORS), KNN_NEIGHBORS)
     in_catalog = np.zeros(n_items, dtype=bool)
     pos = item_pos.reindex(catalog[S.ITEM_ID].astype(str)).dropna().to_numpy(np.int64)
     in_catalog[pos] = True
-    return Tables(popular, recent_popular, category_popular, knn_idx, knn_sim, history, in_catalog)
+    return Tables(
+        popular, recent_popular, category_popular, knn_idx, knn_sim, history, in_catalog,
+        history_last, user_last,
+    )  # fmt: skip
 
 
 def write_artifacts(

@@ -30,7 +30,7 @@ from serving.bundle import Bundle
 from serving.features import FeaturesUnavailable, OnlineFeatures
 from shopml import schema as S
 from shopml.config import ServingConfig
-from training.ranking import ranker_inputs
+from training.ranking import HISTORY_FEATURES, NEVER_DAYS, ranker_inputs
 
 SOURCES = ("ann", "history", "item_knn", "popular")
 KNN_SEEDS = 10  # the user's most bought items whose neighbours are candidates
@@ -144,20 +144,20 @@ class TwoStage:
         with self._lock:
             item_features, reorderable = self.item_features, self.reorderable
         with _timed(stages, "retrieval"):
-            query, cand, prior, counts = self.retrieve(
+            query, cand, history, counts = self.retrieve(
                 self.model.user_index[user_id], user_features
             )
         with _timed(stages, "filter"):
-            keep = self.servable(cand, prior, reorderable[cand])
-            cand, prior = (
+            keep = self.servable(cand, history, reorderable[cand])
+            cand, history = (
                 cand[keep][: self.cfg.max_candidates],
-                prior[keep][: self.cfg.max_candidates],
+                history[keep][: self.cfg.max_candidates],
             )
         counts["ranked"] = len(cand)
         if len(cand) == 0:
             return Ranked(self.popular(k), "no_candidates", stages, counts)
         with _timed(stages, "ranking"):
-            scores = self.score(query, cand, prior, user_features, item_features[cand])
+            scores = self.score(cand, history, user_features, item_features[cand])
             top = np.argsort(-scores, kind="stable")[:k]
         items = [(self.item_ids[cand[i]], float(scores[i])) for i in top]
         return Ranked(items, None, stages, counts)
@@ -165,8 +165,8 @@ class TwoStage:
     def retrieve(
         self, uidx: int, user_features: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-        """Stage 1: (query vector, candidates in priority order, the user's prior purchases of
-        each, candidates per source). Nothing is filtered yet."""
+        """Stage 1: (query vector, candidates in priority order, the user's history with each
+        (``HISTORY_FEATURES``), candidates per source). Nothing is filtered yet."""
         with torch.no_grad():
             user = self.model.user_vector(
                 torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
@@ -176,37 +176,40 @@ class TwoStage:
         cand = np.concatenate(list(sources.values()))
         _, first = np.unique(cand, return_index=True)
         cand = cand[np.sort(first)]  # union, in the sources' order of priority
-        hist_items, hist_counts = self._history(uidx)
-        prior = np.zeros(len(cand), dtype=np.float32)
+        hist_items, hist_counts, hist_last = self._history(uidx)
+        history = np.zeros((len(cand), len(HISTORY_FEATURES)), dtype=np.float32)
+        history[:, 1] = NEVER_DAYS
         at = np.searchsorted(hist_items, cand)
         hit = (at < len(hist_items)) & (hist_items[np.minimum(at, len(hist_items) - 1)] == cand)
-        prior[hit] = hist_counts[at[hit]]
-        return query, cand, prior, counts
+        history[hit, 0] = hist_counts[at[hit]]
+        history[hit, 1] = self.bundle.tables.user_last[uidx] - hist_last[at[hit]]
+        return query, cand, history, counts
 
-    def servable(self, cand: np.ndarray, prior: np.ndarray, reorderable: np.ndarray) -> np.ndarray:
+    def servable(
+        self, cand: np.ndarray, history: np.ndarray, reorderable: np.ndarray
+    ) -> np.ndarray:
         """The filters: in the catalog, and not bought before unless reorderable."""
-        return self.bundle.tables.in_catalog[cand] & ((prior == 0) | reorderable)
+        return self.bundle.tables.in_catalog[cand] & ((history[:, 0] == 0) | reorderable)
 
     def score(
-        self,
-        query: np.ndarray,
-        cand: np.ndarray,
-        prior: np.ndarray,
-        user_features: np.ndarray,
-        item_features: np.ndarray,
+        self, cand: np.ndarray, history: np.ndarray, user_features: np.ndarray, items: np.ndarray
     ) -> np.ndarray:
         """Stage 2: the ranker's probability for each candidate."""
-        tt = self.bundle.item_vectors[cand] @ query[0]
-        x = ranker_inputs(user_features, item_features, tt, prior)
+        x = ranker_inputs(user_features, items, history)
         with torch.no_grad():
             return torch.sigmoid(self.bundle.ranker(torch.from_numpy(x))).numpy()
 
-    def _history(self, uidx: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's purchased item indices (sorted) and how often each was bought."""
-        h = self.bundle.tables.history
-        lo, hi = h.indptr[uidx], h.indptr[uidx + 1]
-        order = np.argsort(h.indices[lo:hi])
-        return h.indices[lo:hi][order], h.data[lo:hi][order]
+    def _history(self, uidx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The user's purchased item indices (sorted), how often and on which day each was
+        last bought."""
+        t = self.bundle.tables
+        lo, hi = t.history.indptr[uidx], t.history.indptr[uidx + 1]
+        order = np.argsort(t.history.indices[lo:hi])
+        return (
+            t.history.indices[lo:hi][order],
+            t.history.data[lo:hi][order],
+            t.history_last.data[lo:hi][order],
+        )
 
     def _sources(
         self, query: np.ndarray, uidx: int

@@ -48,6 +48,9 @@ class TrainConfig(BaseModel):
     dim: int = Field(64, ge=4)
     negatives: int = Field(1024, ge=1, description="shared sampled negatives per batch")
     weight_decay: float = Field(1e-6, ge=0)
+    ranker_epochs: int = Field(
+        8, ge=1, description="serving ranker: most epochs (the best on validation is kept)"
+    )
     seed: int = 42
 
 

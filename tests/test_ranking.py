@@ -8,42 +8,22 @@ import pytest
 import torch
 
 from shopml import schema as S
-from training.ranking import EVENT_TS, ranker_inputs
+from training.ranking import ranker_inputs
 
 
 def _ts(day: int, second: int = 0) -> pd.Timestamp:
     return pd.Timestamp("2025-03-01", tz="UTC") + pd.Timedelta(days=day, seconds=second)
 
 
-def test_prior_purchases_counts_only_strictly_earlier_purchases():
-    from training.ranking import prior_purchases
-
-    history = pd.DataFrame(
-        {
-            S.USER_ID: ["u", "u", "u", "v"],
-            S.ITEM_ID: ["milk", "milk", "eggs", "milk"],
-            EVENT_TS: [_ts(0), _ts(7), _ts(7, 5), _ts(1)],
-        }
-    )
-    queries = pd.DataFrame(
-        {
-            S.USER_ID: ["u", "u", "u", "u", "v", "w"],
-            S.ITEM_ID: ["milk", "milk", "milk", "eggs", "milk", "milk"],
-            EVENT_TS: [_ts(0), _ts(3), _ts(8), _ts(7, 5), _ts(9), _ts(9)],
-        }
-    )
-    # at its own timestamp a purchase is not yet "prior"; other users never count
-    assert prior_purchases(history, queries).tolist() == [0, 1, 2, 0, 1, 0]
-
-
 def test_ranker_inputs_broadcast_one_user_row_and_zero_missing_values():
     user = np.arange(len(S.USER_FEATURES), dtype=np.float32)
     items = np.full((3, len(S.ITEM_FEATURES)), np.nan, dtype=np.float32)
-    x = ranker_inputs(user, items, np.array([0.5, 0.1, -1.0]), np.array([2.0, 0.0, 1.0]))
+    history = np.array([[2.0, 3.0], [0.0, 365.0], [1.0, 0.0]])
+    x = ranker_inputs(user, items, history)
     assert x.shape == (3, len(S.USER_FEATURES) + len(S.ITEM_FEATURES) + 2)
     assert (x[:, : len(S.USER_FEATURES)] == user).all()
     assert (x[:, len(S.USER_FEATURES) : -2] == 0).all()
-    assert x[:, -2].tolist() == [0.5, pytest.approx(0.1), -1.0] and x[:, -1].tolist() == [2, 0, 1]
+    assert x[:, -2:].tolist() == history.tolist()
 
 
 def test_ranker_learns_the_reorder_signal():
@@ -59,11 +39,18 @@ def test_ranker_learns_the_reorder_signal():
     x = ranker_inputs(
         rng.random((n, len(S.USER_FEATURES)), dtype=np.float32),
         rng.random((n, len(S.ITEM_FEATURES)), dtype=np.float32),
-        rng.normal(size=n).astype(np.float32),
-        prior,
+        np.stack([prior, rng.random(n, dtype=np.float32) * 30], axis=1),
     )
-    ranker, curve = fit_ranker(x, label, epochs=5, seed=0, batch_size=128)
-    assert curve[-1] < curve[0]
+    val = (x[-500:], label[-500:])
+    ranker, curve = fit_ranker(x[:-500], label[:-500], epochs=5, seed=0, validation=val,
+                               batch_size=128)  # fmt: skip
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    # the kept weights are those of the best validation epoch
+    with torch.no_grad():
+        kept = torch.nn.functional.binary_cross_entropy_with_logits(
+            ranker(torch.from_numpy(val[0])), torch.from_numpy(val[1])
+        ).item()
+    assert kept == pytest.approx(min(p["val_loss"] for p in curve), rel=1e-5)
     with torch.no_grad():
         scores = ranker(torch.from_numpy(x)).numpy()
     pos, neg = scores[label == 1], scores[label == 0]
@@ -133,3 +120,6 @@ def test_tables_round_trip_and_map_purchases_to_the_model(model, tmp_path):
     assert loaded.in_catalog.sum() == 3 and loaded.in_catalog[[5, 7, 9]].all()
     assert loaded.category_popular["a"][:2].tolist() == [5, 9]
     assert set(loaded.knn_idx[5][loaded.knn_idx[5] >= 0]) == {7}  # co-bought by u2
+    day = (_ts(40) - pd.Timestamp("1970-01-01", tz="UTC")) / pd.Timedelta(days=1)
+    assert loaded.history_last[u1, 5] == pytest.approx(day)  # the later of u1's two purchases
+    assert loaded.user_last[u1] == pytest.approx(day)

@@ -22,6 +22,8 @@ from training.compress import quantize_int8
 from training.evaluate import evaluate_run, segments_of, write_results
 from training.launch import train_distributed
 
+SERVED = "two_stage"  # the evaluation row of the path `shopml serve` answers with
+
 
 class PromotionRefused(Exception):
     """Raised only when asked to fail on a losing model (not the default)."""
@@ -70,15 +72,20 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
         "two_tower": torch.load(run_dir / "model.pt", weights_only=False),
         "two_tower_int8": torch.load(run_dir / "model_int8.pt", weights_only=False),
     }
+    ranker = torch.load(run_dir / "ranker.pt", weights_only=False)
+    events = pd.read_parquet(run_dir / "train_events.parquet")
+    purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]  # the tables know no held-out basket
+    # the path `shopml serve` answers with: retrieval + ranker, point-in-time features
+    scorers = {SERVED: partial(two_stage_scorer, settings, purchases, models["two_tower"], ranker)}
     champ = registry.champion_version(settings)
     if champ is not None:
-        models[f"champion_v{champ}"] = registry.load_version(settings, champ)
+        model, champion_ranker = registry.load_servable(settings, champ, run_dir / "champion")
+        models[f"champion_v{champ}"] = model
+        if champion_ranker is not None:  # versions registered before two-stage serving have none
+            scorers[f"champion_v{champ}_{SERVED}"] = partial(
+                two_stage_scorer, settings, purchases, model, champion_ranker
+            )
     k = settings.eval.k
-    ranker = torch.load(run_dir / "ranker.pt", weights_only=False)
-    # the path `shopml serve` answers with: retrieval + ranker, point-in-time features
-    scorers = {
-        "two_stage": partial(two_stage_scorer, settings, run_dir, models["two_tower"], ranker)
-    }
     with mlflow.start_run(run_id=_run_id(settings, ds)):
         table, per_user = evaluate_run(run_dir, k, models, zoo, log_zoo=True, scorers=scorers)
         write_results(table, per_user, run_dir)
@@ -129,17 +136,20 @@ def promote(settings: Settings, ds: date) -> Decision:
     k = settings.eval.k
     table = pd.DataFrame(json.loads((run_dir / "evaluation.json").read_text())).set_index("model")
     per_user = pd.read_parquet(run_dir / "per_user.parquet")
-    champions = [m for m in table.index if m.startswith("champion_v")]
+    # the candidate is what serving would answer with; the champion likewise when it can
+    candidate = SERVED if SERVED in table.index else "two_tower"
+    champions = sorted(m for m in table.index if m.startswith("champion_v"))
+    champion = next((m for m in champions if m.endswith(SERVED)), next(iter(champions), None))
     verdict = gate.decide(
-        segments_of(per_user, "two_tower"),
-        champion=segments_of(per_user, champions[0]) if champions else None,
+        segments_of(per_user, candidate),
+        champion=segments_of(per_user, champion) if champion else None,
         baseline=segments_of(per_user, "popularity"),
         metric="ndcg",
         margin=settings.eval.promotion_margin,
         tolerance=settings.eval.segment_tolerance,
     )
     metric = f"ndcg_at_{k}"
-    ndcg = float(table.loc["two_tower", metric])
+    ndcg = float(table.loc[candidate, metric])
 
     run_id = _run_id(settings, ds)
     model = torch.load(run_dir / "model.pt", weights_only=False)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from shopml.config import Settings
 
 if TYPE_CHECKING:
+    import torch
+
     from training.model import TwoTower
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,19 @@ def download_version(settings: Settings, version: str, dst: Path) -> Path:
     use_tracking(settings)
     uri = f"models:/{settings.model_name}/{version}"
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+def load_servable(
+    settings: Settings, version: str, dst: Path
+) -> tuple[TwoTower, torch.nn.Module | None]:
+    """A version's two-tower and the ranker registered with it (None when it has none)."""
+    import mlflow
+    import torch
+
+    local = download_version(settings, version, dst)
+    ranker_file = local / "extra_files" / "ranker.pt"
+    ranker = torch.load(ranker_file, weights_only=False) if ranker_file.exists() else None
+    return mlflow.pytorch.load_model(str(local)), ranker
 
 
 def load_version(settings: Settings, version: str) -> TwoTower:
