@@ -1,5 +1,5 @@
 # ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
-.PHONY: install demo test test-fast lint format lock serve airflow-ui mlflow-ui clean tools image prod-demo prod-clean
+.PHONY: install demo test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
 
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
@@ -24,6 +24,9 @@ lock:  ## Re-resolve requirements.in into requirements.lock (torch/horovod exclu
 
 serve:  ## Serve the champion on http://127.0.0.1:8000
 	. scripts/env.sh && shopml serve
+
+bench-serving:  ## Load benchmark of `shopml serve` (100k-item synthetic catalog, locust)
+	. scripts/env.sh && python -m benchmarks.serving
 
 airflow-ui:  ## Airflow UI on http://127.0.0.1:8080 over the demo's state
 	. scripts/env.sh && airflow standalone

@@ -37,6 +37,17 @@ KNN_SEEDS = 10  # the user's most bought items whose neighbours are candidates
 _REORDER = S.ITEM_FEATURES.index(S.ITEM_REORDER_RATE)
 
 
+def _lookup(sorted_items: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found mask, position in ``sorted_items``) of each of ``items``."""
+    at = np.searchsorted(sorted_items, items)
+    if len(sorted_items) == 0:  # e.g. a user whose items have no co-purchase neighbours
+        return np.zeros(len(items), dtype=bool), at
+    found = (at < len(sorted_items)) & (
+        sorted_items[np.minimum(at, len(sorted_items) - 1)] == items
+    )
+    return found, at
+
+
 class UnknownItem(KeyError):
     """An item id the served version does not know."""
 
@@ -172,17 +183,20 @@ class TwoStage:
                 torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
             )[0].numpy()
         query = np.append(user, np.float32(1.0))[None].astype(np.float32)
-        sources, counts = self._sources(query, uidx)
+        hist_items, hist_counts, hist_last = self._history(uidx)
+        by_count = hist_items[np.argsort(-hist_counts, kind="stable")]
+        near, affinity = self._affinity(by_count[:KNN_SEEDS])
+        sources, counts = self._sources(query, by_count, near, affinity)
         cand = np.concatenate(list(sources.values()))
         _, first = np.unique(cand, return_index=True)
         cand = cand[np.sort(first)]  # union, in the sources' order of priority
-        hist_items, hist_counts, hist_last = self._history(uidx)
         history = np.zeros((len(cand), len(HISTORY_FEATURES)), dtype=np.float32)
         history[:, 1] = NEVER_DAYS
-        at = np.searchsorted(hist_items, cand)
-        hit = (at < len(hist_items)) & (hist_items[np.minimum(at, len(hist_items) - 1)] == cand)
+        hit, at = _lookup(hist_items, cand)
         history[hit, 0] = hist_counts[at[hit]]
         history[hit, 1] = self.bundle.tables.user_last[uidx] - hist_last[at[hit]]
+        hit, at = _lookup(near, cand)
+        history[hit, 2] = affinity[at[hit]]
         return query, cand, history, counts
 
     def servable(
@@ -211,26 +225,28 @@ class TwoStage:
             t.history_last.data[lo:hi][order],
         )
 
+    def _affinity(self, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Item-kNN affinity to ``seeds`` (the user's most bought items): each neighbour item
+        (sorted) with the sum of its cosine similarities to them."""
+        tables = self.bundle.tables
+        nbr, sim = tables.knn_idx[seeds].ravel(), tables.knn_sim[seeds].ravel()
+        ok = nbr >= 0
+        near, inv = np.unique(nbr[ok].astype(np.int64), return_inverse=True)
+        return near, np.bincount(inv, weights=sim[ok], minlength=len(near)).astype(np.float32)
+
     def _sources(
-        self, query: np.ndarray, uidx: int
+        self, query: np.ndarray, by_count: np.ndarray, near: np.ndarray, affinity: np.ndarray
     ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """Each source's candidates, best first (``by_count``: the user's items, most bought
+        first; ``near``/``affinity``: their item-kNN neighbourhood)."""
         cfg, tables = self.cfg, self.bundle.tables
         sources: dict[str, np.ndarray] = {}
         if cfg.ann_candidates:
             _, ids = self.bundle.index.search(query, cfg.ann_candidates)
             sources["ann"] = ids[0][ids[0] >= 0].astype(np.int64)
-        h = tables.history
-        lo, hi = h.indptr[uidx], h.indptr[uidx + 1]
-        items, counts = h.indices[lo:hi].astype(np.int64), h.data[lo:hi]
-        by_count = items[np.argsort(-counts, kind="stable")]
-        sources["history"] = by_count[: cfg.history_candidates]
-        if cfg.knn_candidates and len(by_count):
-            seeds = by_count[:KNN_SEEDS]
-            nbr, sim = tables.knn_idx[seeds].ravel(), tables.knn_sim[seeds].ravel()
-            ok = nbr >= 0
-            uniq, inv = np.unique(nbr[ok], return_inverse=True)
-            weight = np.bincount(inv, weights=sim[ok])
-            sources["item_knn"] = uniq[np.argsort(-weight, kind="stable")][: cfg.knn_candidates]
+        sources["history"] = by_count[: cfg.history_candidates].astype(np.int64)
+        if cfg.knn_candidates:
+            sources["item_knn"] = near[np.argsort(-affinity, kind="stable")][: cfg.knn_candidates]
         sources["popular"] = tables.popular[: cfg.popular_candidates].astype(np.int64)
         return sources, {s: len(v) for s, v in sources.items()}
 

@@ -51,6 +51,9 @@ class TrainConfig(BaseModel):
     ranker_epochs: int = Field(
         8, ge=1, description="serving ranker: most epochs (the best on validation is kept)"
     )
+    ranker_rounds: int = Field(
+        3, ge=1, description="serving ranker: past baskets per user replayed as examples"
+    )
     seed: int = 42
 
 

@@ -59,6 +59,7 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
         "personal_top_frequency",
         "two_tower",
         "two_tower_int8",
+        "two_stage",  # the served path: retrieval + ranker
         "user_knn",  # the zoo models of the `models` Param's default
         "item_knn",
     } <= set(table.index)
@@ -66,6 +67,7 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     assert decision["promoted"] and decision["gate"]["reference"] == "baseline"
     assert decision["gate"]["numbers"]["diff_vs_baseline_ci_low"] > 0
     assert table.loc["two_tower", "ndcg_at_10"] > table.loc["popularity", "ndcg_at_10"]
+    assert table.loc["two_stage", "ndcg_at_10"] > table.loc["two_tower", "ndcg_at_10"]
     assert table.loc["two_tower_int8", "size_mb"] < table.loc["two_tower", "size_mb"]
     assert registry.champion_version(pipeline_settings) == "1"
     # the registered version carries what serving needs: index, ranker, candidate tables

@@ -18,12 +18,12 @@ def _ts(day: int, second: int = 0) -> pd.Timestamp:
 def test_ranker_inputs_broadcast_one_user_row_and_zero_missing_values():
     user = np.arange(len(S.USER_FEATURES), dtype=np.float32)
     items = np.full((3, len(S.ITEM_FEATURES)), np.nan, dtype=np.float32)
-    history = np.array([[2.0, 3.0], [0.0, 365.0], [1.0, 0.0]])
+    history = np.array([[2.0, 3.0, 0.5], [0.0, 365.0, 0.0], [1.0, 0.0, 1.5]])
     x = ranker_inputs(user, items, history)
-    assert x.shape == (3, len(S.USER_FEATURES) + len(S.ITEM_FEATURES) + 2)
+    assert x.shape == (3, len(S.USER_FEATURES) + len(S.ITEM_FEATURES) + 3)
     assert (x[:, : len(S.USER_FEATURES)] == user).all()
-    assert (x[:, len(S.USER_FEATURES) : -2] == 0).all()
-    assert x[:, -2:].tolist() == history.tolist()
+    assert (x[:, len(S.USER_FEATURES) : -3] == 0).all()
+    assert x[:, -3:].tolist() == history.tolist()
 
 
 def test_ranker_learns_the_reorder_signal():
@@ -39,7 +39,7 @@ def test_ranker_learns_the_reorder_signal():
     x = ranker_inputs(
         rng.random((n, len(S.USER_FEATURES)), dtype=np.float32),
         rng.random((n, len(S.ITEM_FEATURES)), dtype=np.float32),
-        np.stack([prior, rng.random(n, dtype=np.float32) * 30], axis=1),
+        np.stack([prior, rng.random(n, dtype=np.float32) * 30, rng.random(n, dtype=np.float32)], 1),
     )
     val = (x[-500:], label[-500:])
     ranker, curve = fit_ranker(x[:-500], label[:-500], epochs=5, seed=0, validation=val,
@@ -123,3 +123,12 @@ def test_tables_round_trip_and_map_purchases_to_the_model(model, tmp_path):
     day = (_ts(40) - pd.Timestamp("1970-01-01", tz="UTC")) / pd.Timedelta(days=1)
     assert loaded.history_last[u1, 5] == pytest.approx(day)  # the later of u1's two purchases
     assert loaded.user_last[u1] == pytest.approx(day)
+
+
+def test_lookup_finds_positions_and_survives_an_empty_table():
+    from serving.engine import _lookup
+
+    found, at = _lookup(np.array([2, 5, 9]), np.array([5, 1, 9, 12]))
+    assert found.tolist() == [True, False, True, False] and at[found].tolist() == [1, 2]
+    found, _ = _lookup(np.array([], dtype=np.int64), np.array([3, 4]))
+    assert found.tolist() == [False, False]

@@ -92,7 +92,7 @@ def test_known_user_gets_a_ranked_two_stage_answer(client, deployment):
 
 
 def test_candidates_come_from_every_source_and_are_capped(client, deployment):
-    from serving.engine import SOURCES
+    from serving.engine import SOURCES, TwoStage
 
     user = deployment[1].user_ids[1]
     ranked = _engine(client).recommend(user, 10)
@@ -101,6 +101,15 @@ def test_candidates_come_from_every_source_and_are_capped(client, deployment):
     assert ranked.candidates["ann"] == 120  # the faiss index returned its quota
     few = _engine(client, max_candidates=5).recommend(user, 10)
     assert few.candidates["ranked"] == 5 and len(few.items) == 5
+    # a user whose items have no co-purchase neighbours is still ranked
+    engine = _engine(client)
+    tables = replace(engine.bundle.tables, knn_idx=np.full_like(engine.bundle.tables.knn_idx, -1))
+    lonely = TwoStage(replace(engine.bundle, tables=tables), engine.features, engine.cfg)
+    lonely.refresh_item_features()
+    ranked = lonely.recommend(user, 10)
+    assert (
+        ranked.fallback is None and ranked.candidates["item_knn"] == 0 and len(ranked.items) == 10
+    )
 
 
 def test_bought_items_come_back_only_when_reorderable(client, deployment):

@@ -8,11 +8,13 @@ exactly what the online path can read at request time:
   point-in-time from ``get_historical_features`` at training, so no row sees its future),
 * how often the user bought the item before, and how many days before their latest purchase
   they last bought it (the reorder signals that dominate groceries; measured from the user's
-  own latest purchase, not the clock, so serving a day after training reads them the same).
+  own latest purchase, not the clock, so serving a day after training reads them the same),
+* the item's co-purchase (item-kNN) affinity to the user's most bought items.
 
 How it learns (``training_rows``): inside the run's training part each user's last basket is
 held out again, the served path's candidate lists just before it are replayed
-(``serving.offline``), and the items of that basket label them. So the ranker learns on the
+(``serving.offline``), and the items of that basket label them (then the basket before, for
+``train.ranker_rounds`` rounds). So the ranker learns on the
 lists it will rank. Two earlier designs scored worse offline on a 100-user Instacart slice
 (NDCG@10 of the served path): sampled negatives (popular or uniform items, plus own history)
 made the ranker learn a different question, and feeding it the two-tower's score taught it
@@ -37,7 +39,8 @@ from training.recommenders.ranker import DCNv2
 
 PRIOR_PURCHASES = "user_item_prior_purchases"
 DAYS_BEFORE_LATEST = "user_item_days_before_latest"
-HISTORY_FEATURES: tuple[str, ...] = (PRIOR_PURCHASES, DAYS_BEFORE_LATEST)
+KNN_AFFINITY = "user_item_knn_affinity"  # summed co-purchase cosine to the user's top items
+HISTORY_FEATURES: tuple[str, ...] = (PRIOR_PURCHASES, DAYS_BEFORE_LATEST, KNN_AFFINITY)
 NEVER_DAYS = 365.0  # DAYS_BEFORE_LATEST of an item the user never bought
 RANKER_FEATURES: tuple[str, ...] = (
     *S.USER_FEATURES,
@@ -131,30 +134,38 @@ def fit_ranker(
     return ranker.eval(), curve
 
 
-def training_rows(settings: Settings, run_dir: Path) -> pd.DataFrame:
+def training_rows(settings: Settings, run_dir: Path, rounds: int) -> pd.DataFrame:
     """The ranker's examples: each user's last training basket held out again, the lists the
-    served path retrieves just before it (``serving.offline``), labelled by that basket."""
+    served path retrieves just before it (``serving.offline``), labelled by that basket;
+    then the basket before that, ``rounds`` times (each round's tables know only earlier
+    purchases)."""
     from serving.offline import candidate_rows, offline_engine
     from training.data import point_in_time_features, split_last_basket
 
     model = torch.load(run_dir / "model.pt", weights_only=False)
-    inner = split_last_basket(pd.read_parquet(run_dir / "train_events.parquet"))
-    if inner.test.empty:
+    events = pd.read_parquet(run_dir / "train_events.parquet")
+    frames = []
+    for _ in range(rounds):
+        inner = split_last_basket(events)
+        if inner.test.empty:
+            break
+        purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
+        engine = offline_engine(purchases, model, None, settings)
+        at = inner.test_time
+        users = point_in_time_features(
+            settings, pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", EVENT_TS: at.to_numpy()})
+        ).set_index(S.USER_ID)
+        rows = candidate_rows(settings, engine, at, users)
+        bought = pd.MultiIndex.from_frame(inner.test[[S.USER_ID, S.ITEM_ID]])
+        label = pd.MultiIndex.from_frame(rows[[S.USER_ID, S.ITEM_ID]]).isin(bought)
+        frames.append(rows.assign(**{LABEL: label.astype(np.float32)}))
+        events = inner.train
+    if not frames:
         raise ValueError(
             "no user has two training baskets: the ranker has nothing to learn from; "
             "check the source or widen max_users"
         )
-    purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
-    engine = offline_engine(purchases, model, None, settings)
-    at = inner.test_time
-    users = point_in_time_features(
-        settings, pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", EVENT_TS: at.to_numpy()})
-    ).set_index(S.USER_ID)
-    rows = candidate_rows(settings, engine, at, users)
-    bought = pd.MultiIndex.from_frame(inner.test[[S.USER_ID, S.ITEM_ID]])
-    rows[LABEL] = pd.MultiIndex.from_frame(rows[[S.USER_ID, S.ITEM_ID]]).isin(bought)
-    rows[LABEL] = rows[LABEL].astype(np.float32)
-    return rows.reset_index(drop=True)
+    return pd.concat(frames, ignore_index=True)
 
 
 def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
@@ -163,7 +174,7 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
     A tenth of the users (seeded) is the validation set; the epoch with the lowest
     validation loss is kept."""
     run_dir = settings.paths.run(ds)
-    rows = training_rows(settings, run_dir)
+    rows = training_rows(settings, run_dir, settings.train.ranker_rounds)
     x = ranker_inputs(
         rows[list(S.USER_FEATURES)].to_numpy(np.float32),
         rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
