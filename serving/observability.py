@@ -16,8 +16,22 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
 CANDIDATE_BUCKETS = (0, 10, 25, 50, 100, 150, 200, 300, 500, 1000)
 
 
+def _in_process_values() -> None:
+    """Keep this service's metric values in process memory.
+
+    Importing Feast's metrics module sets ``PROMETHEUS_MULTIPROC_DIR`` (for its own Gunicorn
+    feature server); prometheus_client then backs every metric created afterwards by files
+    keyed by name, so two apps in one process (tests) start from each other's counts. The
+    service runs one process per pod and scales by replicas, so in-memory values are exact.
+    """
+    from prometheus_client import values
+
+    values.ValueClass = values.MutexValue
+
+
 class Metrics:
     def __init__(self) -> None:
+        _in_process_values()
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = Histogram(

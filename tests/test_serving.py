@@ -63,12 +63,7 @@ def _engine(client, **serving):
 
 
 def _metric(client, line_start: str) -> float:
-    """Sum of the exposed samples whose line starts with ``line_start``.
-
-    Tests compare before/after: when Feast's metrics module was imported first,
-    prometheus_client keeps values per process (multiprocess mode), shared by every app
-    built in this test process.
-    """
+    """Sum of the exposed samples whose line starts with ``line_start``."""
     lines = client.get("/metrics").text.splitlines()
     return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(line_start))
 
@@ -384,3 +379,23 @@ def test_batch_scoring_writes_parquet_and_the_online_store(deployment):
     expected = top[top[S.USER_ID] == user].sort_values("rank")[S.ITEM_ID].tolist()
     assert row["recommended_items"][0] == expected
     assert row["model_version"][0] == dep.version
+
+
+def test_each_apps_metrics_start_at_zero_even_in_prometheus_multiprocess_mode(
+    tmp_path, monkeypatch
+):
+    """Feast's metrics module switches prometheus_client to file-backed values shared by name;
+    the service's own metrics stay per app (one process per pod)."""
+    from prometheus_client import values
+
+    from serving.observability import Metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    first = Metrics()
+    first.fallbacks.labels("unknown_user", "champion").inc(3)
+    second = Metrics()
+    second.fallbacks.labels("unknown_user", "champion").inc()
+    line = 'shopml_fallbacks_total{arm="champion",reason="unknown_user"} '
+    assert line + "1.0" in second.exposition().decode()
+    assert line + "3.0" in first.exposition().decode()
