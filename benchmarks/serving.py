@@ -64,8 +64,12 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shopml.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = ROOT / "var" / "bench-serving"  # the deployment's SHOPML_HOME
@@ -96,6 +100,7 @@ TARGET_RATE, TARGET_P99_MS = 300, 30.0
 WARMUP_S = 2.0  # each rate runs this long before the measured --duration (connections open)
 MAX_CONNECTIONS = 512  # the generator's connection pool: more waiting requests queue for one
 REQUEST_TIMEOUT_S = 10.0  # a request without an answer by then counts as an error
+IDLE_REUSE_S = 3.0  # an idle connection older than this is closed, not reused (uvicorn: 5 s)
 # Thread counts of torch/MKL/faiss (OpenMP); the server inherits them, so they are reported.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 READY_TIMEOUT_S = 900  # the server reads every item's features from Feast before it is ready
@@ -127,12 +132,13 @@ def ensure_deployment(params: dict[str, object], rebuild: bool) -> dict[str, obj
     The marker is written last, so an interrupted build is never reused.
     """
     os.environ["SHOPML_HOME"] = str(HOME)  # before any Settings is built
-    if not rebuild and MARKER.exists() and USERS_FILE.exists():
+    from serving.synthetic import deploy
+    from shopml.config import load_settings
+
+    if not rebuild and MARKER.exists() and USERS_FILE.exists() and intact(load_settings()):
         marker = json.loads(MARKER.read_text())
         if marker.get("params") == params:
             return {**marker, "reused": True}
-    from serving.synthetic import deploy
-    from shopml.config import load_settings
 
     shutil.rmtree(HOME, ignore_errors=True)
     HOME.mkdir(parents=True)
@@ -151,6 +157,13 @@ def ensure_deployment(params: dict[str, object], rebuild: bool) -> dict[str, obj
     }
     MARKER.write_text(json.dumps(marker, indent=2) + "\n")
     return {**marker, "reused": False}
+
+
+def intact(settings: Settings) -> bool:
+    """The stores a deployment consists of are still there (``make clean`` removes ``var/``)."""
+    paths = settings.paths
+    stores = (paths.feast / "online.db", paths.mlflow / "mlflow.db")
+    return paths.features.is_dir() and all(p.is_file() and p.stat().st_size > 0 for p in stores)
 
 
 # --- Feast alone ---------------------------------------------------------------------------------
@@ -405,19 +418,31 @@ def run_step(
 
 
 # --- the load generator (its own process) -------------------------------------------------------
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
 class Connections:
-    """Keep-alive connections to the server, at most ``limit`` at once (the rest wait)."""
+    """Keep-alive connections to the server, at most ``limit`` at once (the rest wait).
+
+    A connection idle for ``IDLE_REUSE_S`` or more is not reused: uvicorn closes idle ones
+    after 5 s, and a request sent on a connection the server is closing gets no answer (that
+    would be the generator's error, not the service's).
+    """
 
     def __init__(self, host: str, port: int, limit: int) -> None:
         self.host, self.port = host, port
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[Conn, float]] = []  # (connection, when it was last used)
         self.slots = asyncio.Semaphore(limit)
         self.opened = 0
 
-    async def get(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def get(self) -> Conn:
         await self.slots.acquire()
-        if self.idle:
-            return self.idle.pop()
+        now = asyncio.get_running_loop().time()
+        while self.idle:
+            conn, used = self.idle.pop()
+            if now - used < IDLE_REUSE_S and not conn[0].at_eof():
+                return conn
+            conn[1].close()
         try:
             conn = await asyncio.open_connection(self.host, self.port)
         except BaseException:
@@ -426,9 +451,9 @@ class Connections:
         self.opened += 1
         return conn
 
-    def put(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], reuse: bool) -> None:
+    def put(self, conn: Conn, reuse: bool) -> None:
         if reuse:
-            self.idle.append(conn)
+            self.idle.append((conn, asyncio.get_running_loop().time()))
         else:
             conn[1].close()
         self.slots.release()
