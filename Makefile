@@ -25,7 +25,7 @@ lock:  ## Re-resolve requirements.in into requirements.lock (torch/horovod exclu
 serve:  ## Serve the champion on http://127.0.0.1:8000
 	. scripts/env.sh && shopml serve
 
-bench-serving:  ## Load benchmark of `shopml serve` (100k-item synthetic catalog, locust)
+bench-serving:  ## Load benchmark of `shopml serve`: 100k-item catalog, open-loop load at 100/300/500 rps
 	. scripts/env.sh && python -m benchmarks.serving
 
 airflow-ui:  ## Airflow UI on http://127.0.0.1:8080 over the demo's state

@@ -214,10 +214,11 @@ def serve(
     Each request logs one JSON line (user, arm, version, fallback, per-stage ms)."""
     import uvicorn
 
-    from serving.app import create_app
+    from serving.app import create_app, single_threaded_kernels
     from serving.observability import configure_json_logging
 
     configure_json_logging()
+    single_threaded_kernels()
     uvicorn.run(create_app(load_settings()), host=host, port=port, access_log=access_log)
 
 

@@ -106,6 +106,13 @@ class ServingConfig(BaseModel):
         300.0, ge=0, description="how often item features are re-read from Feast; 0 = never"
     )
     ann_ef_search: int = Field(128, ge=1, description="HNSW search breadth (recall vs latency)")
+    threads: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="requests computed at once in one process; the rest queue (CPU-bound work: "
+        "more threads than cores only contend); scale with processes or replicas",
+    )
 
 
 class FeastConfig(BaseModel):

@@ -69,12 +69,16 @@ def _metric(client, line_start: str) -> float:
 
 
 def test_known_user_gets_a_ranked_two_stage_answer(client, deployment):
+    from serving.app import Recommendations
+
     _, dep = deployment
     stages = ("features", "retrieval", "filter", "ranking")
     before = [_metric(client, f'shopml_stage_seconds_count{{stage="{s}"}}') for s in stages]
     r = client.get(f"/recommendations/{dep.user_ids[0]}", params={"k": 7})
     assert r.status_code == 200
     body = r.json()
+    Recommendations.model_validate(body, strict=True)  # the documented response model
+    assert "Recommendations" in client.get("/openapi.json").json()["components"]["schemas"]
     assert body["fallback"] is False and body["fallback_reason"] is None
     assert body["model_version"] == dep.version and body["arm"] == "champion"
     items = [i["item_id"] for i in body["items"]]
@@ -190,8 +194,11 @@ def test_bad_parameters_are_422_with_a_clear_message(client, method, path, param
 
 
 def test_batch_answers_match_single_answers(client, deployment):
+    from serving.app import BatchRecommendations
+
     users = [*deployment[1].user_ids[:3], "somebody-new"]
     body = client.post("/recommendations", json={"user_ids": users, "k": 4}).json()
+    BatchRecommendations.model_validate(body, strict=True)
     assert [r["user_id"] for r in body["results"]] == users
     for result in body["results"]:
         single = client.get(f"/recommendations/{result['user_id']}", params={"k": 4}).json()
