@@ -12,6 +12,6 @@ airflow db migrate >/dev/null
 # A rerun of the same date replaces the earlier Airflow run; outputs are overwritten per ds.
 airflow dags delete -y nightly_retrain >/dev/null 2>&1 || true
 airflow dags test nightly_retrain "$DS" -c "$CONF" | tee "$SHOPML_HOME/demo-$DS.log" \
-  | grep -E "^\s*(model|popularity|personal_top|two_tower|two_stage|champion|[a-z_]+_knn|ease|als|sasrec|hybrid|content_tfidf|recent_popularity) |model version|DagRun Finished" || true
+  | grep -E "^\s*(model|popularity|personal_top_frequency|two_tower|two_tower_int8|two_stage|champion_v[0-9a-z_]+|[a-z_]+_knn|ease|als|sasrec|hybrid|content_tfidf|recent_popularity) |model version|DagRun Finished" || true
 grep -q "state=success" "$SHOPML_HOME/demo-$DS.log" || { echo "demo: DAG run failed, see $SHOPML_HOME/demo-$DS.log"; exit 1; }
 echo "demo: done. Evaluation: $SHOPML_HOME/runs/ds=$DS/evaluation.json; serve with 'make serve'"

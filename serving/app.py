@@ -147,24 +147,27 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     def champion() -> Arm:
         arm = holder.arms.get("champion")
         if arm is None:
+            metrics.errors.labels("any", "503").inc()
             raise HTTPException(503, "no model loaded yet")
         return arm
 
+    # Probes and metrics run on the event loop, not in the capped compute pool: an
+    # overloaded pod must still answer its kubelet and its Prometheus.
     @app.get("/healthz")
-    def healthz() -> dict[str, object]:
+    async def healthz() -> dict[str, object]:
         """Liveness: the process answers (a missing model is readiness, not a reason to restart)."""
         arm = holder.arms.get("champion")
         return {"status": "ok", "model_version": arm.version if arm else None}
 
     @app.get("/readyz")
-    def readyz() -> dict[str, object]:
+    async def readyz() -> dict[str, object]:
         """Readiness: the champion is loaded, so traffic may be routed here."""
         arm = champion()
         arms = {a.alias: a.version for a in holder.arms.values()}
         return {"status": "ready", "model_version": arm.version, "arms": arms}
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @app.get("/recommendations/{user_id}", response_model=Recommendations)
@@ -203,9 +206,12 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             ):
                 observe(arm, u, ranked)
                 results[u] = answer(arm, u, ranked)
-        metrics.latency.labels("recommendations_batch", "mixed").observe(
-            time.perf_counter() - started
-        )
+        elapsed = time.perf_counter() - started
+        metrics.latency.labels("recommendations_batch", "mixed").observe(elapsed)
+        fallbacks = sum(r["fallback"] for r in results.values())
+        log.info("recommend_batch", extra={
+            "users": len(results), "k": request.k, "arms": {a: len(u) for a, u in by_arm.items()},
+            "fallbacks": fallbacks, "ms": round(elapsed * 1000, 2)})  # fmt: skip
         return JSONResponse({"results": [results[u] for u in request.user_ids]})
 
     @app.get("/items/{item_id}/similar", response_model=SimilarItems)
@@ -222,7 +228,10 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         except FeaturesUnavailable:
             metrics.fallbacks.labels("index_unavailable", arm.alias).inc()
             items = arm.engine.popular(k)
-        metrics.latency.labels("similar", arm.alias).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.latency.labels("similar", arm.alias).observe(elapsed)
+        log.info("similar", extra={"item_id": item_id, "k": k, "model_version": arm.version,
+                                   "ms": round(elapsed * 1000, 2)})  # fmt: skip
         return SimilarItems(
             item_id=item_id,
             model_version=arm.version,

@@ -86,7 +86,10 @@ def batch_score(settings: Settings, ds: date, k: int = 100, to_online: bool = Fa
     if to_online:
         from shopml.feast_store import open_store
 
-        wide = to_wide(top, pd.Timestamp(ds, tz="UTC") + pd.Timedelta(days=1))
+        # The online store keeps a row only if it is newer than the one it holds (Redis),
+        # so the lists are stamped with the time they were scored: a rerun of the date (a new
+        # champion, say) replaces what is online.
+        wide = to_wide(top, pd.Timestamp.now(tz="UTC"))
         latest = settings.paths.recommendations / "latest"
         shutil.rmtree(latest, ignore_errors=True)
         latest.mkdir(parents=True)

@@ -97,7 +97,11 @@ class Tables:
 
     @classmethod
     def load(cls, path: Path) -> Tables:
-        z = np.load(path, allow_pickle=True)
+        with np.load(path, allow_pickle=True) as z:
+            return cls._from_npz(z)
+
+    @classmethod
+    def _from_npz(cls, z: np.lib.npyio.NpzFile) -> Tables:
         history = sparse.csr_matrix(
             (z["history_data"], z["history_indices"], z["history_indptr"]),
             shape=tuple(z["history_shape"]),

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from serving.engine import TwoStage
+from serving.features import FeaturesUnavailable, OnlineFeatures
 from serving.observability import Metrics
 from shopml.config import Settings
 from training import registry
@@ -42,31 +44,45 @@ def arm_of(user_id: str, challenger_share: float) -> str:
     return registry.CHALLENGER if bucket < challenger_share else registry.CHAMPION
 
 
-def load_arm(settings: Settings, alias: str, version: str) -> Arm:
-    """Download ``version``, load the model and its serving artifacts, read item features."""
+def load_arm(
+    settings: Settings, alias: str, version: str, features: OnlineFeatures | None = None
+) -> Arm:
+    """Download ``version``, load the model and its serving artifacts, read item features.
+
+    Feast unreachable at this moment does not refuse the version: it serves the popularity
+    fallback (reason ``item_features_unavailable``) until a background refresh succeeds.
+    """
     import mlflow
 
-    from serving.bundle import load_bundle
-    from serving.features import OnlineFeatures
-    from shopml.feast_store import open_store
+    from serving.bundle import RANKER_FILE, TABLES_FILE, load_bundle
 
-    cache = settings.paths.home / "serving_cache" / f"v{version}"
-    shutil.rmtree(cache, ignore_errors=True)
-    local = registry.download_version(settings, version, cache)
-    files = local / "extra_files"
-    if not (files / "index.faiss").exists() and not (files / "tables.npz").exists():
-        raise RuntimeError(
-            f"version {version} of '{settings.model_name}' has no serving artifacts "
-            "(index, ranker, tables): it was registered before two-stage serving; rerun the "
-            "nightly pipeline to register a servable version"
-        )
-    model = mlflow.pytorch.load_model(str(local))
-    engine = TwoStage(
-        load_bundle(version, model, files), OnlineFeatures(open_store(settings)), settings.serving
-    )
-    engine.refresh_item_features()
+    # Everything is read into memory, so the download lives only as long as the load.
+    settings.paths.home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.paths.home, prefix=f"serving-v{version}-") as tmp:
+        local = registry.download_version(settings, version, Path(tmp))
+        files = local / "extra_files"
+        missing = [f for f in (RANKER_FILE, TABLES_FILE) if not (files / f).exists()]
+        if missing:
+            raise RuntimeError(
+                f"version {version} of '{settings.model_name}' lacks its serving artifacts "
+                f"({', '.join(missing)}): it was registered before two-stage serving; rerun "
+                "the nightly pipeline to register a servable version"
+            )
+        model = mlflow.pytorch.load_model(str(local))
+        bundle = load_bundle(version, model, files)
+    engine = TwoStage(bundle, features or online_features(settings), settings.serving)
+    try:
+        engine.refresh_item_features()
+    except FeaturesUnavailable:
+        log.exception("item features unavailable while loading version %s", version)
     engine.recommend(next(iter(model.user_index), ""), 10)  # warm-up: first request is not slow
     return Arm(alias, version, engine)
+
+
+def online_features(settings: Settings) -> OnlineFeatures:
+    from shopml.feast_store import open_store
+
+    return OnlineFeatures(open_store(settings))
 
 
 class ModelHolder:
@@ -79,6 +95,8 @@ class ModelHolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sync_lock = threading.Lock()
+        self._features: OnlineFeatures | None = None  # one Feast client for every arm
+        self._failed: dict[str, str] = {}  # alias -> version that failed to load
 
     @property
     def arms(self) -> dict[str, Arm]:
@@ -103,14 +121,20 @@ class ModelHolder:
                 if version is None:
                     if alias != registry.CHAMPION and current is not None:
                         arms.pop(alias)  # challenger alias removed: its users go to champion
+                        self.metrics.model_version.remove(alias)
                         changed.append(f"{alias}: removed")
                     continue
                 if current is not None and current.version == version:
                     continue
+                if self._failed.get(alias) == version:
+                    continue  # tried and failed: wait for the alias to move
                 started = time.perf_counter()
                 try:
-                    arms[alias] = load_arm(self.settings, alias, version)
+                    if self._features is None:
+                        self._features = online_features(self.settings)
+                    arms[alias] = load_arm(self.settings, alias, version, self._features)
                 except Exception:
+                    self._failed[alias] = version
                     self.metrics.reloads.labels(alias, "failed").inc()
                     log.exception("loading %s version %s failed", alias, version,
                                   extra={"alias": alias, "version": version})  # fmt: skip

@@ -320,3 +320,13 @@ def test_batch_scoring_writes_the_top_k_into_redis(production, prod_settings):
     top = pd.read_parquet(prod_settings.paths.recommendations / f"ds={DS}")
     expected = top[top[S.USER_ID] == user].sort_values("rank")[S.ITEM_ID].tolist()
     assert row["recommended_items"][0] == expected and len(expected) == 5
+    # a rerun of the date replaces the lists in Redis (Feast keeps only newer rows there)
+    batch_score(prod_settings, date.fromisoformat(DS), k=3, to_online=True)
+    row = (
+        open_store(prod_settings)
+        .get_online_features(
+            features=["user_recommendations:recommended_items"], entity_rows=[{"user_id": user}]
+        )
+        .to_dict()
+    )
+    assert row["recommended_items"][0] == expected[:3]

@@ -17,6 +17,7 @@ import pytest
 from shopml import schema as S
 
 pytestmark = pytest.mark.integration
+_REORDER_COLUMN = S.ITEM_FEATURES.index(S.ITEM_REORDER_RATE)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_candidates_come_from_every_source_and_are_capped(client, deployment):
 
     user = deployment[1].user_ids[1]
     ranked = _engine(client).recommend(user, 10)
-    assert set(SOURCES) <= set(ranked.candidates)
+    assert all(ranked.candidates[s] > 0 for s in SOURCES), ranked.candidates
     assert 0 < ranked.candidates["ranked"] <= 200
     assert ranked.candidates["ann"] == 120  # the faiss index returned its quota
     few = _engine(client, max_candidates=5).recommend(user, 10)
@@ -112,13 +113,23 @@ def test_candidates_come_from_every_source_and_are_capped(client, deployment):
 
 
 def test_bought_items_come_back_only_when_reorderable(client, deployment):
+    """Of the items a user bought, only those whose item_reorder_rate (Feast) is above the
+    threshold are offered again; items never bought are not affected."""
     _, dep = deployment
     user = dep.user_ids[2]
+    engine = _engine(client)
+    rate = dict(zip(engine.item_ids, engine.item_features[:, _REORDER_COLUMN], strict=True))
     bought = set(dep.purchases.loc[dep.purchases[S.USER_ID] == user, S.ITEM_ID])
-    everything = {i for i, _ in _engine(client).recommend(user, 1000).items}
-    assert everything & bought, "reorderable purchases are candidates (history source)"
-    strict = {i for i, _ in _engine(client, reorder_min_rate=1.0).recommend(user, 1000).items}
-    assert strict and not strict & bought
+    threshold = float(np.median([rate[i] for i in bought]))
+    low = {i for i in bought if rate[i] <= threshold}
+    high = bought - low
+    assert low and high, "the threshold splits the user's items"
+    everything = {i for i, _ in engine.recommend(user, 1000).items}
+    assert low & everything and high & everything  # all reorderable at the default, 0
+    strict = _engine(client, reorder_min_rate=threshold).recommend(user, 1000).items
+    served = {i for i, _ in strict}
+    assert not served & low and high & served
+    assert (everything - bought) <= served  # never-bought candidates stay
 
 
 def test_items_out_of_the_catalog_are_never_served(client, deployment):
@@ -348,6 +359,7 @@ def test_hot_reload_switches_versions_without_failing_requests(deployment):
             assert {status for status, _ in answers} == {200}
             assert {version for _, version in answers} <= {dep.version, new}
             assert {version for _, version in late} == {new}
+            assert not list(settings.paths.home.glob("serving-v*"))  # downloads are not kept
             assert _metric(client, loaded) == loads + 1  # the switch, and nothing else
             while _metric(client, refreshed) == refreshes:  # the background item-feature read
                 assert time.time() < deadline, "item features were never refreshed"
@@ -406,3 +418,62 @@ def test_each_apps_metrics_start_at_zero_even_in_prometheus_multiprocess_mode(
     line = 'shopml_fallbacks_total{arm="champion",reason="unknown_user"} '
     assert line + "1.0" in second.exposition().decode()
     assert line + "3.0" in first.exposition().decode()
+
+
+def test_a_version_without_serving_artifacts_is_refused_and_the_old_one_kept(deployment):
+    """A champion registered before two-stage serving (weights only) cannot serve: a running
+    service keeps its version and counts the failure; a starting one says why it cannot."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.models import load_arm
+    from training import registry
+    from training.model import TwoTower
+
+    settings, dep = deployment
+    bare = TwoTower(dep.user_ids, dep.item_ids, dep.item_ids[:10], dim=8)
+    run_id = registry.start_run(settings, "2025-12-31", {"bare": True})
+    version = registry.register(settings, registry.log_model(settings, run_id, bare, "m"), run_id)
+    with pytest.raises(RuntimeError, match=f"version {version} .* lacks its serving artifacts"):
+        load_arm(settings, "champion", version)
+    try:
+        with TestClient(create_app(settings)) as client:
+            holder = client.app.state.holder
+            failed = 'shopml_model_reloads_total{alias="champion",outcome="failed"}'
+            before = _metric(client, failed)
+            registry.set_champion(settings, version)
+            assert holder.sync() == []
+            assert _metric(client, failed) == before + 1
+            assert client.get("/readyz").json()["model_version"] == dep.version
+        with (
+            pytest.raises(RuntimeError, match="no loadable 'champion'"),
+            TestClient(create_app(settings)),
+        ):
+            pass
+    finally:
+        registry.set_champion(settings, dep.version)
+
+
+def test_feast_down_while_a_version_loads_serves_fallbacks_until_a_refresh(deployment, monkeypatch):
+    """Item features unreadable at load: the version still starts (popularity fallback,
+    reason item_features_unavailable), and the next successful refresh restores ranking."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.features import FeaturesUnavailable, OnlineFeatures
+
+    settings, dep = deployment
+    read_items = OnlineFeatures.items
+
+    def down(self, item_ids):
+        raise FeaturesUnavailable("ConnectionError: the online store is down")
+
+    monkeypatch.setattr(OnlineFeatures, "items", down)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+        body = client.get(f"/recommendations/{dep.user_ids[0]}").json()
+        assert body["fallback_reason"] == "item_features_unavailable" and len(body["items"]) == 10
+        monkeypatch.setattr(OnlineFeatures, "items", read_items)
+        client.app.state.holder.refresh_item_features()
+        body = client.get(f"/recommendations/{dep.user_ids[0]}").json()
+        assert body["fallback"] is False

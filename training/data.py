@@ -66,8 +66,9 @@ def point_in_time_features(settings: Settings, entity_df: pd.DataFrame) -> pd.Da
     """Feast ``get_historical_features`` with the training feature service.
 
     ``entity_df`` needs ``user_id``, ``item_id`` and ``event_timestamp``; each row gets the
-    latest feature snapshot valid at its timestamp (never a later one). Rows come back in
-    ``entity_df``'s order, with its timestamps.
+    latest feature snapshot valid at its timestamp (never a later one). The rows Feast returns
+    come back in ``entity_df``'s order, with its timestamps (its file store can still drop an
+    entity row older than any snapshot of its entity: see tests/test_feast.py).
 
     Feast 0.67's file offline store keeps one row per (user_id, event_timestamp) when it joins
     the user view (it de-duplicates on the join keys seen so far), so rows that share a user

@@ -136,10 +136,12 @@ def promote(settings: Settings, ds: date) -> Decision:
     k = settings.eval.k
     table = pd.DataFrame(json.loads((run_dir / "evaluation.json").read_text())).set_index("model")
     per_user = pd.read_parquet(run_dir / "per_user.parquet")
-    # the candidate is what serving would answer with; the champion likewise when it can
+    # The candidate is what serving would answer with, and so is the reference: a champion
+    # registered before two-stage serving has no such row (it cannot be served either), so
+    # the gate then judges against the baseline, as on a first run.
     candidate = SERVED if SERVED in table.index else "two_tower"
-    champions = sorted(m for m in table.index if m.startswith("champion_v"))
-    champion = next((m for m in champions if m.endswith(SERVED)), next(iter(champions), None))
+    champion = next((m for m in table.index if m.startswith("champion_v") and
+                     m.endswith(SERVED)), None)  # fmt: skip
     verdict = gate.decide(
         segments_of(per_user, candidate),
         champion=segments_of(per_user, champion) if champion else None,
