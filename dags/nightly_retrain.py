@@ -5,7 +5,8 @@ Lands the interaction logs and catalog, validates them with Great Expectations, 
 engineers features with Spark, syncs Feast, trains the two-tower recommender with Horovod
 and the candidate ranker serving uses, compresses and evaluates it against the baselines
 and the current champion, and moves the MLflow `champion` alias only when the new model is
-better. The registered version carries its faiss index and candidate tables for serving.
+better. The registered version carries its faiss index and candidate tables for serving;
+with `precompute_k` set, the champion's top-k for every user is also written out.
 
 Every task reads and writes the partition of the run's logical date (`ds`), so a rerun of a
 date overwrites its outputs. A failed validation stops the run before training: the
@@ -62,6 +63,16 @@ PARAMS = {
         description="Models of the zoo also fitted and evaluated on the run's holdout (each a "
         "nested MLflow run): popularity, recent_popularity, personal_top_frequency, item_knn, "
         "user_knn, ease, als, content_tfidf, two_tower, sasrec, hybrid.",
+    ),
+    "precompute_k": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=1000,
+        title="Precompute top-k",
+        description="After promotion, write the champion's top-k for every user to "
+        "lake/recommendations/ds=... and Feast's online store (view user_recommendations), "
+        "for retailers who precompute. Empty: skip (the service answers online).",
     ),
     "model_configs": Param(
         # tuned on Instacart (repeat-aware): `python -m benchmarks.recsys --dataset instacart
@@ -210,6 +221,16 @@ def nightly_retrain():
 
         print(run(_settings(params), _day(ds)))
 
+    @task
+    def batch_score(ds=None, params=None):
+        from airflow.exceptions import AirflowSkipException
+
+        if not params.get("precompute_k"):
+            raise AirflowSkipException("precompute_k is empty: nothing to precompute")
+        from serving.batch import batch_score as run
+
+        print(run(_settings(params), _day(ds), params["precompute_k"], to_online=True))
+
     if SPARK_SUBMIT:
         spark_stages = (
             _spark_submit(
@@ -237,6 +258,7 @@ def nightly_retrain():
         compress(),
         evaluate(),
         promote(),
+        batch_score(),
     )
 
 

@@ -19,6 +19,7 @@ EXPECTED = [
     "compress",
     "evaluate",
     "promote",
+    "batch_score",
 ]
 
 
@@ -31,13 +32,14 @@ def test_dagbag_imports_without_errors_and_graph_is_a_chain():
     assert dag is not None
     for upstream, downstream in zip(EXPECTED, EXPECTED[1:], strict=False):
         assert dag.get_task(upstream).downstream_task_ids == {downstream}
-    assert dag.get_task("promote").downstream_task_ids == set()
+    assert dag.get_task("batch_score").downstream_task_ids == set()
     assert set(dag.params.keys()) == {
         "source",
         "max_users",
         "epochs",
         "workers",
         "promotion_margin",
+        "precompute_k",
         "models",
         "model_configs",
     }

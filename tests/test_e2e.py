@@ -19,7 +19,7 @@ from tests.conftest import airflow_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CONF = {"max_users": 100, "epochs": 20, "workers": 2}
+CONF = {"max_users": 100, "epochs": 20, "workers": 2, "precompute_k": 5}
 
 
 def _airflow(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -78,6 +78,10 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     ranker = json.loads((run / "ranker_loss.json").read_text())
     p = ranker["positive_rate"]
     assert min(e["val_loss"] for e in ranker["curve"]) < -(p * np.log(p) + (1 - p) * np.log(1 - p))
+    # with precompute_k, the champion's top-k of every user was written (and put online)
+    top = pd.read_parquet(home / "lake" / "recommendations" / "ds=2025-12-31")
+    assert set(top["rank"]) == set(range(1, 6)) and set(top["model_version"]) == {"1"}
+    assert top[S.USER_ID].nunique() == len(json.loads((run / "vocab.json").read_text())["users"])
     # every stage left its partition of the logical date
     for path in (
         "lake/clean/events/ds=2025-12-31",
