@@ -217,7 +217,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, max_candidates: int, log: Path) -> subprocess.Popen:
+def start_server(port: int, max_candidates: int, workers: int, log: Path) -> subprocess.Popen:
     """``shopml serve`` in its own process group (so it can be stopped as a whole), logging to
     ``log`` (one JSON line per request: kept off the console)."""
     env = {
@@ -227,7 +227,8 @@ def start_server(port: int, max_candidates: int, log: Path) -> subprocess.Popen:
         "SHOPML_SERVING__MAX_CANDIDATES": str(max_candidates),
     }
     shopml = Path(sys.executable).with_name("shopml")
-    cmd = [str(shopml), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [str(shopml), "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(workers)]  # fmt: skip
     with log.open("wb") as sink:
         return subprocess.Popen(
             cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
@@ -303,9 +304,15 @@ class CpuMark:
 
     @classmethod
     def now(cls, server_pid: int) -> CpuMark:
+        import psutil
+
         tick = os.sysconf("SC_CLK_TCK")
-        fields = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-        server = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        root = psutil.Process(server_pid)  # with --workers: the supervisor and its workers
+        server = 0.0
+        for proc in (root, *root.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                server += times.user + times.system
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         busy = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
@@ -637,6 +644,13 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--k", type=int, default=10, help="items per answer")
     p.add_argument("--max-candidates", type=int, default=200, help="candidates ranked per user")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="`shopml serve --workers`: server processes (one per core; the load generator "
+        "shares the cores)",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the deployment")
     args = p.parse_args()
     args.rate_list = [int(r) for r in args.rates.split(",") if r.strip()]
@@ -681,7 +695,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), OUT / "serving-server.log"
     base = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.max_candidates, log)
+    server = start_server(port, args.max_candidates, args.workers, log)
     steps: list[dict] = []
     try:
         ready_s = wait_ready(server, base, log, READY_TIMEOUT_S)
@@ -697,6 +711,7 @@ def main() -> None:
     print(
         f"\n## Serving load test: GET /recommendations/{{user}}?k={args.k}, "
         f"{dep['items']} items, {dep['users']} users, max_candidates {args.max_candidates}, "
+        f"{args.workers} server process(es), "
         f"{100 * args.unknown_share:g}% unknown users, {args.duration}s per rate, "
         f"{cores} cores\n"
     )
@@ -719,6 +734,7 @@ def main() -> None:
         "server_env": server_env,
         "k": args.k,
         "max_candidates": args.max_candidates,
+        "workers": args.workers,
         "unknown_share": args.unknown_share,
         "duration_s": args.duration,
         "load_generator": {

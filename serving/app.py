@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from serving.engine import Ranked, UnknownItem
 from serving.features import FeaturesUnavailable
 from serving.models import Arm, ModelHolder
-from serving.observability import Metrics
+from serving.observability import Metrics, configure_json_logging
 from shopml.config import Settings, load_settings
 
 MAX_K = 1000
@@ -239,6 +239,14 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         )
 
     return app
+
+
+def serving_app() -> FastAPI:
+    """The app as ``shopml serve`` runs it, also the factory each ``--workers`` process calls:
+    JSON logs, single-threaded kernels, settings from the environment."""
+    configure_json_logging()
+    single_threaded_kernels()
+    return create_app(load_settings())
 
 
 def single_threaded_kernels() -> None:

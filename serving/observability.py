@@ -1,19 +1,31 @@
 """Prometheus metrics and structured (JSON) logs of the service.
 
 One :class:`Metrics` per app, on its own registry, so several apps in one process (tests)
-never collide. Names follow Prometheus conventions (``_seconds``, ``_total``).
+never collide. With ``shopml serve --workers N`` the processes share a multiprocess directory
+and ``/metrics`` adds up every worker's values. Names follow Prometheus conventions
+(``_seconds``, ``_total``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 CANDIDATE_BUCKETS = (0, 10, 25, 50, 100, 150, 200, 300, 500, 1000)
+
+
+MULTIPROCESS_ENV = "SHOPML_METRICS_MULTIPROCESS"
+
+
+def use_multiprocess_metrics(directory: str) -> None:
+    """Before the workers start: their metric values go to files in ``directory``."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.environ[MULTIPROCESS_ENV] = "1"
 
 
 def _in_process_values() -> None:
@@ -31,7 +43,9 @@ def _in_process_values() -> None:
 
 class Metrics:
     def __init__(self) -> None:
-        _in_process_values()
+        self.multiprocess = os.environ.get(MULTIPROCESS_ENV) == "1"
+        if not self.multiprocess:
+            _in_process_values()
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = Histogram(
@@ -56,7 +70,7 @@ class Metrics:
         )  # fmt: skip
         self.model_version = Gauge(
             "shopml_model_version", "Registry version served under each alias",
-            ["alias"], registry=r,
+            ["alias"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.reloads = Counter(
             "shopml_model_reloads_total", "Model loads by alias and outcome",
@@ -68,6 +82,12 @@ class Metrics:
         )  # fmt: skip
 
     def exposition(self) -> bytes:
+        if self.multiprocess:  # every worker's values, added up
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
 

@@ -207,19 +207,31 @@ def batch_score(
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="processes (one per core; Prometheus aggregated)")
+    ] = 1,
     access_log: Annotated[bool, typer.Option(help="uvicorn's access log (JSON logs stay)")] = False,
 ) -> None:
     """Serve the champion over HTTP: two-stage recommendations, similar items, batch, metrics.
 
-    Each request logs one JSON line (user, arm, version, fallback, per-stage ms)."""
+    Each request logs one JSON line (user, arm, version, fallback, per-stage ms). The work is
+    CPU-bound and one process uses about one core: ``--workers`` uses more (on Kubernetes,
+    keep 1 and scale replicas)."""
     import uvicorn
 
-    from serving.app import create_app, single_threaded_kernels
-    from serving.observability import configure_json_logging
+    from serving.app import serving_app
 
-    configure_json_logging()
-    single_threaded_kernels()
-    uvicorn.run(create_app(load_settings()), host=host, port=port, access_log=access_log)
+    if workers == 1:
+        uvicorn.run(serving_app(), host=host, port=port, access_log=access_log)
+        return
+    import tempfile
+
+    from serving.observability import use_multiprocess_metrics
+
+    with tempfile.TemporaryDirectory(prefix="shopml-metrics-") as metrics_dir:
+        use_multiprocess_metrics(metrics_dir)  # inherited by every worker
+        uvicorn.run("serving.app:serving_app", factory=True, workers=workers, host=host,
+                    port=port, access_log=access_log)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -477,3 +477,54 @@ def test_feast_down_while_a_version_loads_serves_fallbacks_until_a_refresh(deplo
         client.app.state.holder.refresh_item_features()
         body = client.get(f"/recommendations/{dep.user_ids[0]}").json()
         assert body["fallback"] is False
+
+
+def test_shopml_serve_with_two_workers_answers_and_adds_up_their_metrics(deployment, tmp_path):
+    """`shopml serve --workers 2`: two processes behind one port; /metrics counts the
+    requests of both (Prometheus multiprocess files), whichever worker is scraped."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+    import psutil
+
+    settings, dep = deployment
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "serve.log").open("wb")
+    shopml = str(Path(sys.executable).with_name("shopml"))
+    proc = subprocess.Popen(
+        [shopml, "serve", "--workers", "2", "--port", str(port)],
+        env={**os.environ, "SHOPML_HOME": str(settings.paths.home)},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "the workers never became ready"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "python" in p.name() or "shopml" in " ".join(p.cmdline())]  # fmt: skip
+        assert len(workers) >= 2
+        for user in dep.user_ids[:30]:  # a new connection each: both workers get some
+            r = httpx.get(f"{base}/recommendations/{user}", headers={"Connection": "close"})
+            assert r.status_code == 200 and r.json()["fallback"] is False
+        lines = httpx.get(f"{base}/metrics").text.splitlines()
+        count = 'shopml_request_seconds_count{arm="champion",endpoint="recommendations"}'
+        assert sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(count)) == 30
+        assert f'shopml_model_version{{alias="champion"}} {float(dep.version)}' in lines
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
