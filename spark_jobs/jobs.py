@@ -62,12 +62,13 @@ def land(
 ) -> dict[str, int]:
     """Copy ``source`` into the raw lake: events by ``event_date``, the catalog as one table."""
     spark = spark or get_spark(settings.spark, "shopml-land")
-    events, items = ingest.read_source(spark, source, settings.anchor_date)
-    if max_users:
-        events = ingest.keep_first_users(events, max_users)
-    events = ingest.with_event_date(events).cache()
     p = settings.paths
+    # Reading can fail at schema inference (a footer) or later at the write: both named.
     with _readable_source(source):
+        events, items = ingest.read_source(spark, source, settings.anchor_date)
+        if max_users:
+            events = ingest.keep_first_users(events, max_users)
+        events = ingest.with_event_date(events).cache()
         events.write.mode("overwrite").partitionBy(S.EVENT_DATE).parquet(str(p.raw_events))
         items.write.mode("overwrite").parquet(str(p.raw_items))
     counts = {"events": events.count(), "items": spark.read.parquet(str(p.raw_items)).count()}

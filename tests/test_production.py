@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DS = "2025-12-31"
 # 3 epochs lose to popularity (no champion); ~1.5 s an epoch, as tests/test_e2e.py
-CONF = {"max_users": 100, "epochs": 20, "workers": 2}
+CONF = {"max_users": 100, "epochs": 20, "workers": 2, "precompute_k": 5}
 PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("PGPORT", "5432"))
 PG_USER = os.environ.get("PGUSER", "postgres")
@@ -197,7 +197,7 @@ def test_airflow_ran_the_dag_on_postgres(production):
     tasks = dict(
         _query(db, "select task_id, state from task_instance where dag_id = %s", "nightly_retrain")
     )
-    assert {"land", "feast_sync", "train", "promote"} <= set(tasks)
+    assert {"land", "feast_sync", "train", "promote", "batch_score"} <= set(tasks)
     assert set(tasks.values()) == {"success"}, tasks
     operators = dict(
         _query(db, "select task_id, operator from task_instance where dag_id = %s",
