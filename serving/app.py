@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             "items": [{"item_id": i, "score": s} for i, s in ranked.items],
         }
 
-    def observe(arm: Arm, user_id: str, ranked: Ranked) -> None:
+    def observe(arm: Arm, ranked: Ranked) -> None:
         for stage, seconds in ranked.stages.items():
             metrics.stage.labels(stage).observe(seconds)
         for source, n in ranked.candidates.items():
@@ -179,7 +179,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         started = time.perf_counter()
         arm = holder.for_user(user_id) or champion()
         ranked = arm.engine.recommend(user_id, k, category)
-        observe(arm, user_id, ranked)
+        observe(arm, ranked)
         elapsed = time.perf_counter() - started
         metrics.latency.labels("recommendations", arm.alias).observe(elapsed)
         log.info("recommend", extra={
@@ -204,7 +204,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             for u, ranked in zip(
                 users, arm.engine.recommend_many(users, request.k, request.category), strict=True
             ):
-                observe(arm, u, ranked)
+                observe(arm, ranked)
                 results[u] = answer(arm, u, ranked)
         elapsed = time.perf_counter() - started
         metrics.latency.labels("recommendations_batch", "mixed").observe(elapsed)

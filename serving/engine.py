@@ -100,9 +100,7 @@ class TwoStage:
     def popular(self, k: int, category: str | None = None) -> list[tuple[str, float]]:
         """Recent popularity (within ``category`` when it is known), in catalog only."""
         t = self.bundle.tables
-        order = t.category_popular.get(category, t.recent_popular) if category else None
-        if order is None:
-            order = t.recent_popular
+        order = t.category_popular.get(category, t.recent_popular) if category else t.recent_popular
         order = order[t.in_catalog[order]][:k]
         n = max(len(order), 1)
         return [(self.item_ids[i], float(n - r) / n) for r, i in enumerate(order)]

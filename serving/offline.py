@@ -28,7 +28,6 @@ from training.interactions import Interactions
 from training.model import TwoTower
 from training.ranking import EVENT_TS, HISTORY_FEATURES
 
-_REORDER = S.ITEM_FEATURES.index(S.ITEM_REORDER_RATE)
 CAND = "candidate_index"
 
 

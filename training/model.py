@@ -26,6 +26,12 @@ _LOG_SCALED = {
 UNKNOWN_USER = 0  # embedding row shared by users unseen at training time
 
 
+def log_scale(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Signed ``log1p`` of the columns in ``mask`` (counts), the others (rates) as they are."""
+    logged = torch.sign(features) * torch.log1p(features.abs())
+    return torch.where(mask, logged, features)
+
+
 class TwoTower(nn.Module):
     def __init__(
         self,
@@ -58,8 +64,7 @@ class TwoTower(nn.Module):
     # --- towers -----------------------------------------------------------------------------
     def scale(self, features: torch.Tensor) -> torch.Tensor:
         """Raw feature values (as Feast returns them) to model inputs."""
-        logged = torch.sign(features) * torch.log1p(features.abs())
-        return torch.where(self._log_mask, logged, features)
+        return log_scale(features, self._log_mask)
 
     def user_vector(self, user_idx: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.user_emb(user_idx) + self.user_mlp(self.scale(features))

@@ -38,6 +38,7 @@ from torch import nn
 
 from shopml import schema as S
 from shopml.config import Settings
+from training.model import log_scale
 from training.recommenders.ranker import DCNv2
 
 PRIOR_PURCHASES = "user_item_prior_purchases"
@@ -71,8 +72,7 @@ class Ranker(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw feature values in, one logit per row out."""
-        logged = torch.sign(x) * torch.log1p(x.abs())
-        return self.net(torch.where(self._log_mask, logged, x)).squeeze(-1)
+        return self.net(log_scale(x, self._log_mask)).squeeze(-1)
 
 
 def ranker_inputs(

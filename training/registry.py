@@ -133,17 +133,12 @@ def load_servable(
     import mlflow
     import torch
 
+    from serving.bundle import RANKER_FILE
+
     local = download_version(settings, version, dst)
-    ranker_file = local / "extra_files" / "ranker.pt"
+    ranker_file = local / "extra_files" / RANKER_FILE
     ranker = torch.load(ranker_file, weights_only=False) if ranker_file.exists() else None
     return mlflow.pytorch.load_model(str(local)), ranker
-
-
-def load_version(settings: Settings, version: str) -> TwoTower:
-    import mlflow
-
-    use_tracking(settings)
-    return mlflow.pytorch.load_model(f"models:/{settings.model_name}/{version}")
 
 
 def set_champion(settings: Settings, version: str) -> None:
