@@ -89,14 +89,18 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /opt/shopml
 COPY pyproject.toml README.md ./
 COPY shopml/ shopml/
+COPY served_model/ served_model/
+COPY mlkit/ mlkit/
+COPY zoo/ zoo/
 COPY spark_jobs/ spark_jobs/
 COPY training/ training/
 COPY validation/ validation/
 COPY serving/ serving/
+COPY cli/ cli/
 COPY dags/ dags/
 COPY feature_repo/ feature_repo/
 RUN uv pip install --python /opt/venv/bin/python --no-deps -e . \
-    && python -c "import torch, horovod.torch, pyspark, feast, great_expectations, mlflow, airflow, shopml.cli" \
+    && python -c "import torch, horovod.torch, pyspark, feast, great_expectations, mlflow, airflow, cli.main" \
     && mkdir -p /var/lib/shopml /opt/airflow \
     && chown -R 10001:10001 /var/lib/shopml /opt/airflow
 

@@ -8,13 +8,13 @@ demo: install  ## Nightly DAG on the embedded profile, real Instacart data (airf
 	bash scripts/demo.sh
 
 test: install  ## The whole test suite (what .ci/run calls)
-	. scripts/env.sh && .venv/bin/ruff check . && .venv/bin/pytest
+	. scripts/env.sh && .venv/bin/ruff check . && .venv/bin/lint-imports && .venv/bin/pytest
 
 test-fast:  ## Unit tests only, no end-to-end DAG run
 	. scripts/env.sh && .venv/bin/pytest -m "not integration"
 
 lint:
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports
 
 format:
 	.venv/bin/ruff format . && .venv/bin/ruff check --fix .

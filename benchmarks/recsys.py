@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from training.tune import tune
-from training.zoo import PROTOCOLS, compare, format_table, protocol_split, validation_split
+from zoo.compare import PROTOCOLS, compare, format_table, protocol_split, validation_split
+from zoo.tune import tune
 
 CONFIGS = Path(__file__).parent / "configs"
 

@@ -182,7 +182,7 @@ def feast_latency(users: list[str], reads: int = FEAST_READS) -> dict[str, objec
     it without HTTP, threads or other requests tells how much of that stage is Feast itself.
     ``to_dict()`` (what the service also does) is timed separately.
     """
-    from serving.features import USER_VIEW
+    from served_model.features import USER_VIEW
     from shopml import schema as S
     from shopml.config import load_settings
     from shopml.feast_store import open_store

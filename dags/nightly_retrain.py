@@ -15,7 +15,6 @@ champion stays. Each task is also `shopml <command> --ds YYYY-MM-DD`.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -95,20 +94,27 @@ PARAMS = {
 
 
 # Spark stages run in-process (embedded) or through spark-submit on the Airflow connection
-# (production: SHOPML_SPARK__SUBMIT=true); same entry points either way (spark_jobs/jobs.py).
-SPARK_SUBMIT = os.environ.get("SHOPML_SPARK__SUBMIT", "").lower() in {"1", "true", "yes"}
-SPARK_CONN_ID = os.environ.get("SHOPML_SPARK__CONN_ID", "spark_default")
+# (production: SHOPML_SPARK__SUBMIT=true, i.e. SparkConfig.submit); same entry points either
+# way (spark_jobs/jobs.py).
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs" / "jobs.py"
 
 
-def _spark_submit(task_id: str, *args: str):
+def _spark_config():
+    """The SparkConfig of the environment (pydantic only: no engine is touched at parse time)."""
+    from shopml.config import SparkConfig, load_settings
+
+    spark: SparkConfig = load_settings().spark
+    return spark
+
+
+def _spark_submit(task_id: str, conn_id: str, *args: str):
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
     return SparkSubmitOperator(
         task_id=task_id,
         application=str(SPARK_JOBS),
         application_args=list(args),
-        conn_id=SPARK_CONN_ID,
+        conn_id=conn_id,
         name=f"shopml-{task_id}",
     )
 
@@ -151,11 +157,10 @@ def _day(ds: str):
 )
 def nightly_retrain():
     @task
-    def land(params=None):
+    def land(ds=None, params=None):
         from spark_jobs.jobs import land as run
 
-        s = _settings(params)
-        print(run(s, params["source"], params.get("max_users")))
+        print(run(_settings(params), _day(ds)))
 
     @task(retries=0)
     def validate_raw(ds=None, params=None):
@@ -231,16 +236,19 @@ def nightly_retrain():
 
         print(run(_settings(params), _day(ds), params["precompute_k"], to_online=True))
 
-    if SPARK_SUBMIT:
+    spark = _spark_config()
+    if spark.submit:
         spark_stages = (
             _spark_submit(
                 "land",
+                spark.conn_id,
                 "land",
+                "--ds={{ ds }}",
                 "--source={{ params.source }}",
                 "--max-users={{ params.max_users or '' }}",
             ),
-            _spark_submit("clean", "clean", "--ds={{ ds }}"),
-            _spark_submit("build_features", "features", "--ds={{ ds }}"),
+            _spark_submit("clean", spark.conn_id, "clean", "--ds={{ ds }}"),
+            _spark_submit("build_features", spark.conn_id, "features", "--ds={{ ds }}"),
         )
     else:
         spark_stages = (land(), clean(), build_features())

@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from serving.engine import Ranked, UnknownItem
-from serving.features import FeaturesUnavailable
+from served_model.engine import Ranked, UnknownItem
+from served_model.features import FeaturesUnavailable
 from serving.models import Arm, ModelHolder
 from serving.observability import Metrics, configure_json_logging
 from shopml.config import Settings, load_settings

@@ -72,7 +72,7 @@ def batch_score(settings: Settings, ds: date, k: int = 100, to_online: bool = Fa
     users = list(engine.model.user_index)
     top = score_users(engine, users, k)
 
-    out = settings.paths.recommendations / f"ds={ds.isoformat()}"
+    out = settings.paths.recommendations_for(ds)
     shutil.rmtree(out, ignore_errors=True)  # a rerun replaces the partition
     out.mkdir(parents=True)
     top.to_parquet(out / "part-0.parquet", index=False)

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.engine import TwoStage
-from serving.features import FeaturesUnavailable, OnlineFeatures
+from served_model.engine import TwoStage
+from served_model.features import FeaturesUnavailable, OnlineFeatures
 from serving.observability import Metrics
 from shopml.config import Settings
 from training import registry
@@ -54,7 +54,7 @@ def load_arm(
     """
     import mlflow
 
-    from serving.bundle import RANKER_FILE, TABLES_FILE, load_bundle
+    from served_model.bundle import RANKER_FILE, TABLES_FILE, load_bundle
 
     # Everything is read into memory, so the download lives only as long as the load.
     settings.paths.home.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ For load tests (``benchmarks/serving.py``: 100k items, more than the real sample
 for the service's own tests (a few hundred items, seconds to build). Only the data and the
 weights are synthetic: the feature snapshots go through ``feast apply`` and ``feast
 materialize`` into the profile's online store, the serving artifacts are built by
-``serving.bundle.write_artifacts`` and the model is logged, registered and aliased in MLflow.
+``served_model.bundle.write_artifacts`` and the model is logged, registered and aliased in MLflow.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def deploy(
 
     catalog, purchases = make_data(n_users, n_items, n_categories, per_user, seed)
     user_snap, item_snap = feature_snapshots(purchases)
-    snapshot = settings.paths.features / f"ds={DS.isoformat()}"
+    snapshot = settings.paths.features_for(DS)
     for name, frame in (("user", user_snap), ("item", item_snap)):
         (snapshot / name).mkdir(parents=True, exist_ok=True)
         frame.to_parquet(snapshot / name / "part-0.parquet", index=False)
@@ -123,9 +123,9 @@ def register_version(
 ) -> str:
     """A randomly initialised two-tower and ranker over the data, registered with its serving
     artifacts; ``alias`` (when given) points at it. Returns the version."""
-    from serving.bundle import write_artifacts
+    from served_model.bundle import write_artifacts
+    from served_model.two_tower import TwoTower
     from training import registry
-    from training.model import TwoTower
     from training.ranking import Ranker
 
     torch.manual_seed(seed)

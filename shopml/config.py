@@ -8,7 +8,6 @@ be set from the environment with the ``SHOPML_`` prefix and ``__`` for nesting, 
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
@@ -36,6 +35,26 @@ class SparkConfig(BaseModel):
         "spark_jobs/jobs.py) on the Airflow connection conn_id, instead of in-process",
     )
     conn_id: str = Field("spark_default", description="Airflow Spark connection (its master)")
+    submitted: bool = Field(
+        False,
+        description="set by spark_jobs/jobs.py under spark-submit: the launcher owns the master",
+    )
+    local_ip: str = Field(
+        "127.0.0.1", description="address the driver binds and advertises (SPARK_LOCAL_IP)"
+    )
+
+
+class LandConfig(BaseModel):
+    """What ``land`` reads: the source and an optional deterministic slice of its users."""
+
+    source: str = Field(
+        "instacart",
+        description="'instacart' (the bundled real sample) or a directory with events/ and "
+        "items/ Parquet in the canonical schema",
+    )
+    max_users: int | None = Field(
+        None, ge=1, description="keep only the N smallest user ids (quick runs); None = all"
+    )
 
 
 class TrainConfig(BaseModel):
@@ -53,6 +72,16 @@ class TrainConfig(BaseModel):
     )
     ranker_rounds: int = Field(
         3, ge=1, description="serving ranker: past baskets per user replayed as examples"
+    )
+    ranker_batch_size: int = Field(2048, ge=8, description="serving ranker: rows per step")
+    ranker_lr: float = Field(2e-3, gt=0, description="serving ranker: Adam learning rate")
+    ranker_validation_share: float = Field(
+        0.1, gt=0, lt=1, description="serving ranker: share of users that picks the best epoch"
+    )
+    elastic: bool = Field(
+        False,
+        description="run the Horovod loop under hvd.elastic.run (state restored from the last "
+        "epoch commit when a worker is lost); needs horovodrun's elastic launch",
     )
     seed: int = 42
 
@@ -147,6 +176,7 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     mlflow_artifact_root: str | None = None
     model_name: str = "shopml-recommender"
+    land: LandConfig = LandConfig()
     spark: SparkConfig = SparkConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -213,7 +243,7 @@ def service_environment(settings: Settings) -> dict[str, str]:
         "SHOPML_PROFILE": settings.profile.value,
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
         "MLFLOW_DISABLE_TELEMETRY": "true",
-        "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
+        "SPARK_LOCAL_IP": settings.spark.local_ip,
         "SHOPML_FEATURES_DIR": str(settings.paths.features),
         "SHOPML_RECOMMENDATIONS_DIR": str(settings.paths.recommendations),
         "SHOPML_FEAST_REGISTRY": settings.feast_registry,
@@ -234,17 +264,35 @@ def service_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+# Trigger-form Params -> the Settings field each one sets: the one path from a DAG run's
+# Params to the code (tasks never read Params themselves).
+PARAM_FIELDS: dict[str, tuple[str, str]] = {
+    "source": ("land", "source"),
+    "max_users": ("land", "max_users"),
+    "epochs": ("train", "epochs"),
+    "workers": ("train", "workers"),
+    "promotion_margin": ("eval", "promotion_margin"),
+    "models": ("eval", "models"),
+    "model_configs": ("eval", "model_configs"),
+}
+
+
 def settings_from_params(params: dict[str, object]) -> Settings:
-    """Settings for one DAG run: the environment, overridden by the trigger form's Params."""
+    """Settings for one DAG run: the environment, overridden by the trigger form's Params.
+
+    A Param left empty (None) keeps the environment's value; unknown Params are ignored here
+    (Airflow validated them against the form) but each known one goes through the field's
+    own validation, so a bad value fails the task with the field's message.
+    """
     base = load_settings()
-    train = base.train.model_copy(
-        update={k: params[k] for k in ("epochs", "workers") if params.get(k) is not None}
-    )
-    evaluation = base.eval.model_copy(
-        update={
-            k: params[k]
-            for k in ("promotion_margin", "models", "model_configs")
-            if params.get(k) is not None
-        }
-    )
-    return base.model_copy(update={"train": train, "eval": evaluation})
+    updates: dict[str, dict[str, object]] = {}
+    for param, (section, field) in PARAM_FIELDS.items():
+        if params.get(param) is not None:
+            updates.setdefault(section, {})[field] = params[param]
+    merged = {
+        section: type(getattr(base, section)).model_validate(
+            getattr(base, section).model_dump() | fields
+        )
+        for section, fields in updates.items()
+    }
+    return base.model_copy(update=merged)

@@ -13,9 +13,12 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shopml import schema as S
 from shopml.config import Profile, Settings, service_environment
+from shopml.paths import end_of_day
 
 if TYPE_CHECKING:
+    import pandas as pd
     from feast import FeatureStore
 
 FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
@@ -39,7 +42,7 @@ def feast_environment(settings: Settings, ds: date | None = None) -> dict[str, s
     """Environment for Feast: backends from the profile, sources at the ``ds`` snapshot."""
     env = service_environment(settings)
     if ds is not None:
-        env["SHOPML_FEATURES_DIR"] = str(settings.paths.features / f"ds={ds.isoformat()}")
+        env["SHOPML_FEATURES_DIR"] = str(settings.paths.features_for(ds))
     settings.paths.feast.mkdir(parents=True, exist_ok=True)
     return env
 
@@ -73,8 +76,6 @@ def materialize(settings: Settings, ds: date) -> str:
     wall-clock ``now - ttl``, which misses everything when ``ds`` is a backfill date, so the
     first run materializes ``[end of ds - ttl, end of ds]`` explicitly instead.
     """
-    from spark_jobs.jobs import end_of_day
-
     end = end_of_day(ds)
     views = [v for v in open_store(settings).list_feature_views() if v.name in SNAPSHOT_VIEWS]
     only = [arg for v in SNAPSHOT_VIEWS for arg in ("--views", v)]
@@ -85,8 +86,49 @@ def materialize(settings: Settings, ds: date) -> str:
 
 
 def open_store(settings: Settings) -> FeatureStore:
-    """A FeatureStore on the registry the last ``apply`` wrote."""
-    from feast import FeatureStore
+    """A FeatureStore on the registry the last ``apply`` wrote.
 
-    os.environ.update(feast_environment(settings))
-    return FeatureStore(repo_path=str(FEATURE_REPO), fs_yaml_file=store_yaml(settings))
+    The profile's YAML is filled from :func:`feast_environment` here, not from ``os.environ``
+    (Feast's own loader), so opening a store never changes the process environment.
+    """
+    from string import Template
+
+    import yaml
+    from feast import FeatureStore, RepoConfig
+
+    text = Template(store_yaml(settings).read_text()).substitute(feast_environment(settings))
+    config = RepoConfig(**yaml.safe_load(text))
+    config.repo_path = FEATURE_REPO
+    return FeatureStore(repo_path=str(FEATURE_REPO), config=config)
+
+
+def point_in_time_features(settings: Settings, entity_df: pd.DataFrame) -> pd.DataFrame:
+    """Feast ``get_historical_features`` with the training feature service.
+
+    ``entity_df`` needs ``user_id``, ``item_id`` and ``event_timestamp``; each row gets the
+    latest feature snapshot valid at its timestamp (never a later one). The rows Feast returns
+    come back in ``entity_df``'s order, with its timestamps (its file store can still drop an
+    entity row older than any snapshot of its entity: see tests/test_feast.py).
+
+    Feast 0.67's file offline store keeps one row per (user_id, event_timestamp) when it joins
+    the user view (it de-duplicates on the join keys seen so far), so rows that share a user
+    and an instant (a user's candidates at one moment, negatives beside their positive) would
+    collapse into one. Such rows are nudged apart by microseconds for the join, far below the
+    daily snapshot grain, and get their own timestamps back.
+    """
+    import numpy as np
+    import pandas as pd
+
+    ts = S.ENTITY_TIMESTAMP
+    entity = entity_df.reset_index(drop=True).assign(_row=np.arange(len(entity_df)))
+    nudge = entity.groupby([S.USER_ID, ts]).cumcount().to_numpy()
+    entity[ts] = pd.to_datetime(entity[ts], utc=True) + pd.to_timedelta(nudge, unit="us")
+    store = open_store(settings)
+    service = store.get_feature_service("recommender_training")
+    out = store.get_historical_features(entity_df=entity, features=service).to_df()
+    out = out.sort_values("_row").reset_index(drop=True)
+    out[ts] = entity_df[ts].reset_index(drop=True).iloc[out["_row"]].reset_index(drop=True)
+    out = out.drop(columns="_row")
+    for f in (*S.USER_FEATURES, *S.ITEM_FEATURES):
+        out[f] = out[f].astype("float32").fillna(0.0)  # no snapshot yet: a brand-new entity
+    return out

@@ -7,8 +7,22 @@ rerunning a date overwrites that partition and never duplicates it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+
+
+def end_of_day(ds: date) -> datetime:
+    """Exclusive upper bound of a logical date: the next midnight, UTC.
+
+    Why one rule: cleaning drops events after it, Feast materializes up to it, and the
+    training set's snapshots are valid from it; a second definition would let them disagree.
+    """
+    return datetime.combine(ds + timedelta(days=1), time.min, tzinfo=UTC)
+
+
+def partition(base: Path, ds: date | str) -> Path:
+    """``base/ds=YYYY-MM-DD``: the one spelling of a logical date's partition."""
+    return base / f"ds={_iso(ds)}"
 
 
 @dataclass(frozen=True)
@@ -24,7 +38,7 @@ class Paths:
 
     @property
     def raw_events(self) -> Path:
-        """Landed events, partitioned by ``event_date``."""
+        """Landed events: one ``ds=`` snapshot per logical date, by ``event_date`` inside."""
         return self.lake / "raw" / "events"
 
     @property
@@ -78,13 +92,34 @@ class Paths:
         """Great Expectations project (suites, results and the Data Docs HTML site)."""
         return self.home / "gx"
 
-    # --- per-run outputs ----------------------------------------------------------------------
+    # --- one logical date's partitions ------------------------------------------------------
+    def raw_events_for(self, ds: date | str) -> Path:
+        """What ``land`` took from the source on ``ds`` (a rerun replaces only this)."""
+        return partition(self.raw_events, ds)
+
+    def raw_items_for(self, ds: date | str) -> Path:
+        """The catalog snapshot landed on ``ds``."""
+        return partition(self.raw_items, ds)
+
+    def clean_events_for(self, ds: date | str) -> Path:
+        return partition(self.clean_events, ds)
+
+    def clean_items_for(self, ds: date | str) -> Path:
+        return partition(self.clean_items, ds)
+
+    def features_for(self, ds: date | str) -> Path:
+        """The feature snapshot Feast's sources point at after ``feast apply`` for ``ds``."""
+        return partition(self.features, ds)
+
+    def recommendations_for(self, ds: date | str) -> Path:
+        return partition(self.recommendations, ds)
+
     def run(self, ds: date | str) -> Path:
         """Scratch and outputs of the DAG run for logical date ``ds``."""
-        return self.home / "runs" / f"ds={_iso(ds)}"
+        return partition(self.home / "runs", ds)
 
     def quarantine_for(self, ds: date | str) -> Path:
-        return self.quarantine / f"ds={_iso(ds)}"
+        return partition(self.quarantine, ds)
 
 
 def _iso(ds: date | str) -> str:

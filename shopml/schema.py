@@ -15,6 +15,10 @@ TIMESTAMP = "timestamp"  # UTC, timestamp type
 SESSION_ID = "session_id"  # optional: a basket / order / browsing session
 QUERY = "query"  # optional: the search query that led to the event
 EVENT_DATE = "event_date"  # partition column derived from TIMESTAMP (yyyy-MM-dd)
+# A basket is the event's session when it has one, else the user's UTC day: the one rule,
+# written for pandas in mlkit.splits.basket_ids and for Spark in spark_jobs.features
+# (tests/test_splits.py holds them equal).
+BASKET_ID = "basket_id"
 
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "cart", "purchase", "search")
 PURCHASE = "purchase"
@@ -68,6 +72,10 @@ ITEM_FEATURES: tuple[str, ...] = (
     ITEM_REORDER_RATE,
     ITEM_PURCHASES_30D,
 )
+
+# --- training sets ---------------------------------------------------------------------------
+ENTITY_TIMESTAMP = "event_timestamp"  # Feast's entity-row time column (point-in-time joins)
+LABEL = "label"  # a training row's target
 
 # --- quarantine ---------------------------------------------------------------------------
 REJECT_REASON = "reject_reason"

@@ -15,7 +15,7 @@ from shopml import schema as S
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-BASKET = "basket_id"
+BASKET = S.BASKET_ID  # the one basket rule: see mlkit.splits.basket_ids
 DAY = "day"
 
 

@@ -10,11 +10,12 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date
 from typing import TYPE_CHECKING
 
 from shopml import schema as S
 from shopml.config import Settings
+from shopml.paths import end_of_day
 from spark_jobs import clean as C
 from spark_jobs import features as F
 from spark_jobs import ingest
@@ -22,11 +23,6 @@ from spark_jobs.session import get_spark
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
-
-
-def end_of_day(ds: date) -> datetime:
-    """Exclusive upper bound of a logical date: the next midnight, UTC."""
-    return datetime.combine(ds + timedelta(days=1), time.min, tzinfo=UTC)
 
 
 @contextmanager
@@ -54,24 +50,33 @@ class SourceReadError(RuntimeError):
     """A source file cannot be read at all (before any data validation can look at it)."""
 
 
-def land(
-    settings: Settings,
-    source: str,
-    max_users: int | None = None,
-    spark: SparkSession | None = None,
-) -> dict[str, int]:
-    """Copy ``source`` into the raw lake: events by ``event_date``, the catalog as one table."""
+def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dict[str, int]:
+    """Copy the source as it stands on ``ds`` into that date's raw partition.
+
+    Events go to ``lake/raw/events/ds=<ds>/`` (by ``event_date`` inside), the catalog to
+    ``lake/raw/items/ds=<ds>/``. The whole ``ds`` partition is replaced (a rerun leaves no
+    stale ``event_date`` behind) and no other date's is touched, so a rerun or a backfill of
+    one date is idempotent and independent. Source and slice come from ``settings.land``.
+    """
     spark = spark or get_spark(settings.spark, "shopml-land")
-    p = settings.paths
+    p, cfg = settings.paths, settings.land
     # Reading can fail at schema inference (a footer) or later at the write: both named.
-    with _readable_source(source):
-        events, items = ingest.read_source(spark, source, settings.anchor_date)
-        if max_users:
-            events = ingest.keep_first_users(events, max_users)
+    with _readable_source(cfg.source):
+        events, items = ingest.read_source(spark, cfg.source, settings.anchor_date)
+        if cfg.max_users:
+            events = ingest.keep_first_users(events, cfg.max_users)
         events = ingest.with_event_date(events).cache()
-        events.write.mode("overwrite").partitionBy(S.EVENT_DATE).parquet(str(p.raw_events))
-        items.write.mode("overwrite").parquet(str(p.raw_items))
-    counts = {"events": events.count(), "items": spark.read.parquet(str(p.raw_items)).count()}
+        (
+            events.write.mode("overwrite")
+            .option("partitionOverwriteMode", "static")  # replace the whole ds snapshot
+            .partitionBy(S.EVENT_DATE)
+            .parquet(str(p.raw_events_for(ds)))
+        )
+        items.write.mode("overwrite").parquet(str(p.raw_items_for(ds)))
+    counts = {
+        "events": events.count(),
+        "items": spark.read.parquet(str(p.raw_items_for(ds))).count(),
+    }
     events.unpersist()
     return counts
 
@@ -82,19 +87,21 @@ def clean(settings: Settings, ds: date, spark: SparkSession | None = None) -> di
 
     spark = spark or get_spark(settings.spark, "shopml-clean")
     p = settings.paths
-    raw = spark.read.parquet(str(p.raw_events)).filter(fn.col(S.EVENT_DATE) <= ds.isoformat())
+    raw = spark.read.parquet(str(p.raw_events_for(ds)))
+    raw = raw.filter(fn.col(S.EVENT_DATE) <= ds.isoformat())
     upper = end_of_day(ds).strftime("%Y-%m-%d %H:%M:%S")
     events_ok, events_bad = C.split_flagged(C.flag_events(raw.drop(S.EVENT_DATE), upper))
-    items_ok, items_bad = C.split_flagged(C.flag_items(spark.read.parquet(str(p.raw_items))))
+    items_ok, items_bad = C.split_flagged(
+        C.flag_items(spark.read.parquet(str(p.raw_items_for(ds))))
+    )
     # Events about items missing from the catalog cannot be served: quarantine them too.
     unknown = events_ok.join(items_ok.select(S.ITEM_ID), S.ITEM_ID, "left_anti").withColumn(
         S.REJECT_REASON, fn.lit("unknown_item")
     )
     events_ok = events_ok.join(items_ok.select(S.ITEM_ID), S.ITEM_ID, "left_semi")
 
-    part = f"ds={ds.isoformat()}"
-    events_ok.write.mode("overwrite").parquet(str(p.clean_events / part))
-    items_ok.write.mode("overwrite").parquet(str(p.clean_items / part))
+    events_ok.write.mode("overwrite").parquet(str(p.clean_events_for(ds)))
+    items_ok.write.mode("overwrite").parquet(str(p.clean_items_for(ds)))
     q = p.quarantine_for(ds)
     events_bad.unionByName(unknown).write.mode("overwrite").parquet(str(q / "event_rows"))
     items_bad.write.mode("overwrite").parquet(str(q / "item_rows"))
@@ -102,8 +109,8 @@ def clean(settings: Settings, ds: date, spark: SparkSession | None = None) -> di
     rejected = spark.read.parquet(str(q / "event_rows"), str(q / "item_rows"))
     report: dict[str, object] = {
         "ds": ds.isoformat(),
-        "events_kept": spark.read.parquet(str(p.clean_events / part)).count(),
-        "items_kept": spark.read.parquet(str(p.clean_items / part)).count(),
+        "events_kept": spark.read.parquet(str(p.clean_events_for(ds))).count(),
+        "items_kept": spark.read.parquet(str(p.clean_items_for(ds))).count(),
         "rejected_by_reason": {
             r[S.REJECT_REASON]: r["count"]
             for r in rejected.groupBy(S.REJECT_REASON).count().collect()
@@ -121,8 +128,8 @@ def build_features(
     """User and item daily feature snapshots from the cleaned events of ``ds``."""
     spark = spark or get_spark(settings.spark, "shopml-features")
     p = settings.paths
-    events = spark.read.parquet(str(p.clean_events / f"ds={ds.isoformat()}")).cache()
-    out = features_dir(settings, ds)
+    events = spark.read.parquet(str(p.clean_events_for(ds))).cache()
+    out = p.features_for(ds)
     F.user_features(events).write.mode("overwrite").parquet(str(out / "user"))
     F.item_features(events).write.mode("overwrite").parquet(str(out / "item"))
     events.unpersist()
@@ -132,30 +139,29 @@ def build_features(
     }
 
 
-def features_dir(settings: Settings, ds: date):
-    """The run's feature snapshot; Feast's sources point here after ``feast apply``."""
-    return settings.paths.features / f"ds={ds.isoformat()}"
-
-
 def main(argv: list[str] | None = None) -> None:
-    """``spark-submit spark_jobs/jobs.py {land,clean,features} --ds YYYY-MM-DD [--source S]``."""
+    """``spark-submit spark_jobs/jobs.py {land,clean,features} --ds YYYY-MM-DD [--source S]``.
+
+    Under spark-submit the launcher sets the master, so the session must not (``submitted``).
+    """
     import argparse
-    import os
 
-    from shopml.config import load_settings
+    from shopml.config import LandConfig, load_settings
 
-    os.environ["SHOPML_SPARK_SUBMITTED"] = "1"
     parser = argparse.ArgumentParser(prog="spark_jobs.jobs")
     parser.add_argument("job", choices=["land", "clean", "features"])
-    parser.add_argument("--ds", type=date.fromisoformat)
+    parser.add_argument("--ds", type=date.fromisoformat, required=True)
     parser.add_argument("--source", default=ingest.INSTACART)
     parser.add_argument(  # "" (an empty Airflow template) means all users
         "--max-users", type=lambda v: int(v) if v else None, default=None
     )
     args = parser.parse_args(argv)
-    settings = load_settings()
+    settings = load_settings(land=LandConfig(source=args.source, max_users=args.max_users))
+    settings = settings.model_copy(
+        update={"spark": settings.spark.model_copy(update={"submitted": True})}
+    )
     if args.job == "land":
-        print(land(settings, args.source, args.max_users))
+        print(land(settings, args.ds))
     elif args.job == "clean":
         print(clean(settings, args.ds))
     else:

@@ -1,6 +1,6 @@
 """Ranking metrics in Spark SQL, for top-k lists scored in batch at a scale pandas won't hold.
 
-Same definitions as ``training.metrics`` (its module docstring), so a number computed here and
+Same definitions as ``mlkit.metrics`` (its module docstring), so a number computed here and
 one computed in Python mean the same thing; ``tests/test_metrics.py`` checks equality on a
 seeded random case. Only built-in SQL functions are used (higher-order ``transform``,
 ``aggregate``, ``filter``; no Python UDFs), so the work stays in the JVM.
@@ -8,7 +8,7 @@ seeded random case. Only built-in SQL functions are used (higher-order ``transfo
 Inputs: ``ranked`` with (user, array<string> best first) and ``truth`` with one row per
 held-out (user, item). Users are those of ``truth``; a user without a ranking scores 0. A
 repeated item counts once, at its first position (later copies are misses), as in
-``training.metrics.rankings_per_user``.
+``mlkit.metrics.rankings_per_user``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from shopml import schema as S
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
 
-#: Per-user metric columns, as in ``training.metrics.RANKING_METRICS``.
+#: Per-user metric columns, as in ``mlkit.metrics.RANKING_METRICS``.
 METRICS: tuple[str, ...] = ("hr", "recall", "precision", "ndcg", "mrr", "ap", "ap_full")
 
 
@@ -124,10 +124,10 @@ def mean_ranking_metrics(
     ranked_col: str = "ranked",
     item_col: str = S.ITEM_ID,
 ) -> dict[str, float]:
-    """Means over truth users, keyed like ``training.metrics.evaluate_rankings``."""
+    """Means over truth users, keyed like ``mlkit.metrics.evaluate_rankings``."""
     from pyspark.sql import functions as F
 
-    from training.metrics import metric_key
+    from mlkit.metrics import metric_key
 
     per_user = ranking_metrics(ranked, truth, k, user_col, ranked_col, item_col)
     row = per_user.agg(

@@ -20,7 +20,6 @@ def get_spark(config: SparkConfig, app_name: str = "shopml") -> SparkSession:
     """
     from pyspark.sql import SparkSession
 
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = (
         SparkSession.builder.appName(app_name)
         .config("spark.sql.session.timeZone", "UTC")
@@ -31,8 +30,10 @@ def get_spark(config: SparkConfig, app_name: str = "shopml") -> SparkSession:
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.memory", config.driver_memory)
+        .config("spark.driver.bindAddress", config.local_ip)
+        .config("spark.driver.host", config.local_ip)
     )
-    if "SPARK_SUBMIT_OPTS" not in os.environ and not os.environ.get("SHOPML_SPARK_SUBMITTED"):
+    if not config.submitted and "SPARK_SUBMIT_OPTS" not in os.environ:
         builder = builder.master(config.master)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

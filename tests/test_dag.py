@@ -99,7 +99,12 @@ def test_production_spark_stages_are_spark_submit_of_the_same_entry_points(tmp_p
     assert tasks["land"] == [
         "SparkSubmitOperator",
         jobs,
-        ["land", "--source={{ params.source }}", "--max-users={{ params.max_users or '' }}"],
+        [
+            "land",
+            "--ds={{ ds }}",
+            "--source={{ params.source }}",
+            "--max-users={{ params.max_users or '' }}",
+        ],
         "spark_cluster",
         ["validate_raw"],
     ]

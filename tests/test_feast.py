@@ -71,7 +71,7 @@ def test_historical_features_pick_the_latest_snapshot_not_after_each_row(setting
             ),
         }
     )
-    from training.data import point_in_time_features
+    from shopml.feast_store import point_in_time_features
 
     got = point_in_time_features(settings, entity)
 
@@ -97,7 +97,7 @@ def test_historical_features_pick_the_latest_snapshot_not_after_each_row(setting
 def test_rows_sharing_a_user_and_an_instant_all_get_their_features(settings):
     """A user's candidates at one moment: every (user, item) row comes back, in order, with
     its own item's point-in-time features (Feast's file store alone would keep one)."""
-    from training.data import point_in_time_features
+    from shopml.feast_store import point_in_time_features
 
     ds = date(2025, 1, 31)
     root = settings.paths.features / f"ds={ds.isoformat()}"

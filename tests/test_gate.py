@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mlkit import metrics as M
+from mlkit.interactions import from_events
 from shopml import schema as S
 from training import gate
-from training import metrics as M
-from training.interactions import from_events
 
 
 def _frame(values, users=None):

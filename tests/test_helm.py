@@ -365,7 +365,7 @@ def test_airflow_values_use_the_shopml_image_and_no_plain_secrets():
 def _cli_params(command: str) -> set[str]:
     import typer
 
-    from shopml.cli import app
+    from cli.main import app
 
     click_app = typer.main.get_command(app)
     return {opt for p in click_app.commands[command].params for opt in p.opts}

@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
+from mlkit import metrics as M
+from mlkit.interactions import from_events
+from mlkit.metrics import evaluate_rankings, ndcg_at_k, recall_at_k
 from shopml import schema as S
-from training import metrics as M
-from training.interactions import from_events
-from training.metrics import evaluate_rankings, ndcg_at_k, recall_at_k
 
 
 def test_recall_and_ndcg_by_hand():
@@ -59,8 +59,8 @@ def test_popularity_and_personal_top_frequency():
             ("u2", "y", 4),
         ]
     )
-    from training.interactions import from_events
-    from training.recommenders import build
+    from mlkit.interactions import from_events
+    from zoo import build
 
     data = from_events(train)
 

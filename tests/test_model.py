@@ -1,9 +1,9 @@
 import torch
 
+from served_model.two_tower import TwoTower, sampled_softmax_loss
 from shopml import schema as S
 from training.compress import quantize_int8
 from training.evaluate import model_size_bytes
-from training.model import TwoTower, sampled_softmax_loss
 
 
 def _toy(seed: int = 0):

@@ -60,7 +60,7 @@ def test_ranker_learns_the_reorder_signal():
 
 @pytest.fixture
 def model():
-    from training.model import TwoTower
+    from served_model.two_tower import TwoTower
 
     torch.manual_seed(0)
     users = [f"u{i}" for i in range(30)]
@@ -69,7 +69,7 @@ def model():
 
 
 def test_flat_index_returns_the_models_exact_top_items(model):
-    from serving.bundle import build_index, item_matrix
+    from served_model.bundle import build_index, item_matrix
 
     index = build_index(item_matrix(model))
     assert type(index).__name__ == "IndexFlatIP"
@@ -84,7 +84,7 @@ def test_flat_index_returns_the_models_exact_top_items(model):
 
 
 def test_hnsw_index_for_large_catalogs_keeps_recall(model, monkeypatch):
-    import serving.bundle as bundle
+    import served_model.bundle as bundle
 
     monkeypatch.setattr(bundle, "FLAT_INDEX_MAX_ITEMS", 100)
     vectors = bundle.item_matrix(model)
@@ -99,7 +99,7 @@ def test_hnsw_index_for_large_catalogs_keeps_recall(model, monkeypatch):
 
 
 def test_tables_round_trip_and_map_purchases_to_the_model(model, tmp_path):
-    from serving.bundle import Tables, build_tables
+    from served_model.bundle import Tables, build_tables
 
     purchases = pd.DataFrame(
         {
@@ -126,7 +126,7 @@ def test_tables_round_trip_and_map_purchases_to_the_model(model, tmp_path):
 
 
 def test_lookup_finds_positions_and_survives_an_empty_table():
-    from serving.engine import _lookup
+    from served_model.engine import _lookup
 
     found, at = _lookup(np.array([2, 5, 9]), np.array([5, 1, 9, 12]))
     assert found.tolist() == [True, False, True, False] and at[found].tolist() == [1, 2]

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mlkit.interactions import from_events
+from mlkit.metrics import evaluate
+from mlkit.splits import Split, make_split
 from shopml import schema as S
-from training.interactions import from_events
-from training.metrics import evaluate
-from training.recommenders import REGISTRY, build
-from training.splits import Split, make_split
+from zoo import REGISTRY, build
 
 FAST = {
     "two_tower": {"epochs": 2, "negatives": 16, "dim": 8},
@@ -140,7 +140,7 @@ def test_bad_inputs_give_clear_errors(data):
         from_events(pd.DataFrame(columns=[S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP]))
     with pytest.raises(ValueError, match="no 'user_id' column"):
         from_events(pd.DataFrame({S.ITEM_ID: ["a"], S.EVENT_TYPE: [S.PURCHASE]}))
-    from training.zoo import compare
+    from zoo.compare import compare
 
     split = make_split(data, "stratified", ratio=0.75, seed=1)
     with pytest.raises(ValueError, match="k must be"):
@@ -153,7 +153,7 @@ def test_bad_inputs_give_clear_errors(data):
 
 
 def test_tuning_searches_the_space_on_a_validation_split(data):
-    from training.tune import tune
+    from zoo.tune import tune
 
     split = make_split(data, "stratified", ratio=0.75, seed=1)
     best, score, trials = tune("item_knn", split, n_trials=3, k=5, exclude_seen=True)

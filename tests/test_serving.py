@@ -55,7 +55,7 @@ def _with(settings, **serving):
 
 def _engine(client, **serving):
     """A second engine over the served version with other serving settings."""
-    from serving.engine import TwoStage
+    from served_model.engine import TwoStage
 
     served = client.app.state.holder.arms["champion"].engine
     engine = TwoStage(served.bundle, served.features, served.cfg.model_copy(update=serving))
@@ -92,7 +92,7 @@ def test_known_user_gets_a_ranked_two_stage_answer(client, deployment):
 
 
 def test_candidates_come_from_every_source_and_are_capped(client, deployment):
-    from serving.engine import SOURCES, TwoStage
+    from served_model.engine import SOURCES, TwoStage
 
     user = deployment[1].user_ids[1]
     ranked = _engine(client).recommend(user, 10)
@@ -133,7 +133,7 @@ def test_bought_items_come_back_only_when_reorderable(client, deployment):
 
 
 def test_items_out_of_the_catalog_are_never_served(client, deployment):
-    from serving.engine import TwoStage
+    from served_model.engine import TwoStage
 
     user = deployment[1].user_ids[3]
     engine = _engine(client)
@@ -248,8 +248,8 @@ def test_feast_or_index_unavailable_degrades_to_popularity_and_is_counted(deploy
     from fastapi.testclient import TestClient
     from feast import FeatureStore
 
+    from served_model.features import OnlineFeatures
     from serving.app import create_app
-    from serving.features import OnlineFeatures
     from shopml.feast_store import FEATURE_REPO, store_yaml
 
     settings, dep = deployment
@@ -425,10 +425,10 @@ def test_a_version_without_serving_artifacts_is_refused_and_the_old_one_kept(dep
     service keeps its version and counts the failure; a starting one says why it cannot."""
     from fastapi.testclient import TestClient
 
+    from served_model.two_tower import TwoTower
     from serving.app import create_app
     from serving.models import load_arm
     from training import registry
-    from training.model import TwoTower
 
     settings, dep = deployment
     bare = TwoTower(dep.user_ids, dep.item_ids, dep.item_ids[:10], dim=8)
@@ -459,8 +459,8 @@ def test_feast_down_while_a_version_loads_serves_fallbacks_until_a_refresh(deplo
     reason item_features_unavailable), and the next successful refresh restores ranking."""
     from fastapi.testclient import TestClient
 
+    from served_model.features import FeaturesUnavailable, OnlineFeatures
     from serving.app import create_app
-    from serving.features import FeaturesUnavailable, OnlineFeatures
 
     settings, dep = deployment
     read_items = OnlineFeatures.items

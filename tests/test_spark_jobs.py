@@ -1,6 +1,6 @@
 """Spark transforms on tiny hand-made frames (pure DataFrame -> DataFrame)."""
 
-from datetime import datetime
+from datetime import date, datetime
 
 import pytest
 
@@ -139,8 +139,41 @@ def test_land_names_an_unreadable_source_file(spark, settings, tmp_path):
     table = pq.read_table(part)
     pq.write_table(table, part, compression="gzip")  # same rows, other bytes: .crc is stale
     with pytest.raises(SourceReadError, match=r"cannot read .*part-.*\.crc"):
-        land(settings, str(src), spark=spark)
+        land(_from(settings, src), date(2025, 3, 1), spark=spark)
     assert not list(settings.paths.raw_events.rglob("*.parquet"))  # nothing landed
+
+
+def _from(settings, source):
+    from shopml.config import LandConfig
+
+    return settings.model_copy(update={"land": LandConfig(source=str(source))})
+
+
+def _source(spark, root, days):
+    """A canonical source directory with one purchase on each of ``days`` (of March 2025)."""
+    rows = [(f"u{d}", "i1", "purchase", datetime(2025, 3, d, 10), None, None) for d in days]
+    _events(spark, rows).write.mode("overwrite").parquet(str(root / "events"))
+    spark.createDataFrame(
+        [("i1", "t", "c", 1.0)], "item_id string, title string, category string, price double"
+    ).write.mode("overwrite").parquet(str(root / "items"))
+    return root
+
+
+def test_land_writes_only_its_logical_dates_partition(spark, settings, tmp_path):
+    from spark_jobs.jobs import land
+
+    p = settings.paths
+    land(_from(settings, _source(spark, tmp_path / "a", [1, 2, 3])), date(2025, 3, 3), spark=spark)
+    land(_from(settings, _source(spark, tmp_path / "b", [1, 2, 3, 4])), date(2025, 3, 4), spark)
+    first = sorted(d.name for d in p.raw_events_for("2025-03-03").glob("event_date=*"))
+    assert first == ["event_date=2025-03-01", "event_date=2025-03-02", "event_date=2025-03-03"]
+    # a rerun of 03-03 from a source that lost a day replaces that date's snapshot whole ...
+    land(_from(settings, _source(spark, tmp_path / "c", [2, 3])), date(2025, 3, 3), spark=spark)
+    rerun = sorted(d.name for d in p.raw_events_for("2025-03-03").glob("event_date=*"))
+    assert rerun == ["event_date=2025-03-02", "event_date=2025-03-03"]
+    # ... and leaves every other date's untouched
+    assert spark.read.parquet(str(p.raw_events_for("2025-03-04"))).count() == 4
+    assert spark.read.parquet(str(p.raw_items_for("2025-03-04"))).count() == 1
 
 
 def test_keep_first_users_keeps_rows_without_user_for_validation(spark):

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mlkit import splits
+from mlkit.interactions import from_events
 from shopml import schema as S
-from training import splits
-from training.interactions import from_events
 
 T0 = pd.Timestamp("2025-01-01", tz="UTC")
 

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from training.model import TwoTower
+from served_model.two_tower import TwoTower
 
 
 def quantize_int8(model: TwoTower) -> TwoTower:

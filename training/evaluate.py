@@ -1,6 +1,6 @@
 """Offline evaluation of a nightly run: the trained model, its int8 copy, the champion, the
 baselines and the zoo models chosen in the DAG's Params, all on the same holdout and through
-the one evaluation library (``training.metrics``), so the promotion gate compares like with like.
+the one evaluation library (``mlkit.metrics``), so the promotion gate compares like with like.
 
 Writes ``evaluation.json`` (one row per model: metrics, segment NDCG, CI, size, latency) and
 ``per_user.parquet`` (per-user, per-segment metrics: what the gate resamples).
@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mlkit.interactions import Interactions, from_events, index_like
+from mlkit.metrics import EvaluationResult, evaluate
+from served_model.two_tower import TwoTower
 from shopml import schema as S
 from training.data import PROTOCOL, read_vocab
-from training.interactions import Interactions, from_events, index_like
-from training.metrics import EvaluationResult, evaluate
-from training.model import TwoTower
 
 ScorerFactory = Callable[[Interactions, pd.DataFrame], Callable[[np.ndarray], np.ndarray]]
 SEGMENTS = ("all", "cold", "heavy", "long_tail", "mostly_long_tail")
@@ -120,8 +120,8 @@ def evaluate_run(
     ``scorers`` are other scoring paths (e.g. the served two-stage one), each built from the
     run's (train, test users' point-in-time features).
     """
-    from training.splits import Split
-    from training.zoo import fit_and_evaluate, log_fitted
+    from mlkit.splits import Split
+    from zoo.compare import fit_and_evaluate, log_fitted
 
     train, test, features = run_interactions(run_dir)
     split = Split(train, test, "run", PROTOCOL)

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.interactions import USER_IDX
-from training.metrics import EvaluationResult, bootstrap_ci
+from mlkit.interactions import USER_IDX
+from mlkit.metrics import EvaluationResult, bootstrap_ci
 
 DEFAULT_SEGMENTS: tuple[str, ...] = ("cold", "heavy", "long_tail")
 

@@ -20,7 +20,7 @@ from shopml.config import Settings
 from training import gate, registry
 from training.compress import quantize_int8
 from training.evaluate import evaluate_run, segments_of, write_results
-from training.launch import train_distributed
+from training.train import train_two_tower
 
 SERVED = "two_stage"  # the evaluation row of the path `shopml serve` answers with
 
@@ -34,7 +34,7 @@ def _run_id(settings: Settings, ds: date) -> str:
 
 
 def train(settings: Settings, ds: date) -> dict[str, object]:
-    """Start the MLflow run, train with Horovod, log the loss curve."""
+    """Start the MLflow run, train with Horovod, save the model and log the loss curve."""
     import mlflow
 
     run_dir = settings.paths.run(ds)
@@ -42,9 +42,12 @@ def train(settings: Settings, ds: date) -> dict[str, object]:
     params |= {"eval.k": settings.eval.k, "eval.promotion_margin": settings.eval.promotion_margin}
     run_id = registry.start_run(settings, ds.isoformat(), params)
     (run_dir / "mlflow_run_id").write_text(run_id)
-    train_distributed(settings, run_dir, run_id)
-    curve = json.loads((run_dir / "loss_curve.json").read_text())
+    model, curve = train_two_tower(settings, run_dir)
+    torch.save(model, run_dir / "model.pt")
+    (run_dir / "loss_curve.json").write_text(json.dumps(curve))
     with mlflow.start_run(run_id=run_id):
+        for point in curve:
+            mlflow.log_metric("train_loss", point["loss"], step=int(point["epoch"]))
         mlflow.log_dict(curve, "loss_curve.json")
     return {"run_id": run_id, "final_loss": curve[-1]["loss"], "epochs": len(curve)}
 
@@ -61,8 +64,8 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     """Model, int8 copy, champion, baselines and the Params' zoo models on the same holdout."""
     import mlflow
 
-    from serving.offline import two_stage_scorer
-    from training.recommenders import build
+    from training.replay import two_stage_scorer
+    from zoo import build
 
     run_dir = settings.paths.run(ds)
     zoo = {m: (m, settings.eval.model_configs.get(m, {})) for m in settings.eval.models}
@@ -106,7 +109,7 @@ def serving_artifacts(settings: Settings, ds: date, model: torch.nn.Module) -> l
     Built from every purchase up to ``ds`` (the held-out baskets included: serving should know
     a shopper's latest basket) and the run's catalog.
     """
-    from serving.bundle import write_artifacts
+    from served_model.bundle import write_artifacts
     from training.data import load_clean
 
     run_dir = settings.paths.run(ds)

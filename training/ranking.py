@@ -1,28 +1,17 @@
-"""The served ranker: a DCN-v2 over the features serving has for every candidate.
+"""How the served ranker (``served_model.ranker``) learns.
 
-Serving retrieves a few hundred candidates (ANN over the two-tower's item embeddings, the
-user's own purchases, item-kNN, popularity) and ranks them with this model. Its inputs are
-exactly what the online path can read at request time:
-
-* the user's Feast features and the candidate item's Feast features (online at serving,
-  point-in-time from ``get_historical_features`` at training, so no row sees its future),
-* how often the user bought the item before, and how many days before their latest purchase
-  they last bought it (the reorder signals that dominate groceries; measured from the user's
-  own latest purchase, not the clock, so serving a day after training reads them the same),
-* the item's co-purchase (item-kNN) affinity to the user's most bought items.
-
-How it learns (``training_rows``): inside the run's training part each user's last basket is
-held out again, the served path's candidate lists just before it are replayed
-(``serving.offline``), and the items of that basket label them (then the basket before, for
-``train.ranker_rounds`` rounds). So the ranker learns on the
-lists it will rank. Two earlier designs scored worse offline on a 100-user Instacart slice
-(NDCG@10 of the served path): sampled negatives (popular or uniform items, plus own history)
-made the ranker learn a different question, and feeding it the two-tower's score taught it
-to trust a score that is memorised on its own training purchases. Labels never come from the
-run's held-out baskets. One bias is left: the replay retrieves with the run's two-tower, which
-was trained on the replayed baskets too, so its ANN source finds their items more easily than
-it will find tomorrow's; the ranker may credit never-bought candidates a little too much. The
-holdout evaluation of the served path is not affected.
+``training_rows``: inside the run's training part each user's last basket is held out again,
+the served path's candidate lists just before it are replayed (``training.replay``), and the
+items of that basket label them (then the basket before, for ``train.ranker_rounds`` rounds).
+So the ranker learns on the lists it will rank. Two earlier designs scored worse offline on a
+100-user Instacart slice (NDCG@10 of the served path): sampled negatives (popular or uniform
+items, plus own history) made the ranker learn a different question, and feeding it the
+two-tower's score taught it to trust a score that is memorised on its own training purchases.
+Labels never come from the run's held-out baskets. One bias is left: the replay retrieves
+with the run's two-tower, which was trained on the replayed baskets too, so its ANN source
+finds their items more easily than it will find tomorrow's; the ranker may credit
+never-bought candidates a little too much. The holdout evaluation of the served path is not
+affected.
 """
 
 from __future__ import annotations
@@ -36,60 +25,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from served_model.ranker import HISTORY_FEATURES, Ranker, ranker_inputs
 from shopml import schema as S
 from shopml.config import Settings
-from training.model import log_scale
-from training.recommenders.ranker import DCNv2
 
-PRIOR_PURCHASES = "user_item_prior_purchases"
-DAYS_BEFORE_LATEST = "user_item_days_before_latest"
-KNN_AFFINITY = "user_item_knn_affinity"  # summed co-purchase cosine to the user's top items
-HISTORY_FEATURES: tuple[str, ...] = (PRIOR_PURCHASES, DAYS_BEFORE_LATEST, KNN_AFFINITY)
-NEVER_DAYS = 365.0  # DAYS_BEFORE_LATEST of an item the user never bought
-RANKER_FEATURES: tuple[str, ...] = (
-    *S.USER_FEATURES,
-    *S.ITEM_FEATURES,
-    *HISTORY_FEATURES,
-)
-_RATES = {S.USER_REORDER_RATE, S.ITEM_REORDER_RATE}
 VALIDATION_SHARE = 0.1
-LABEL = "label"
-EVENT_TS = "event_timestamp"
-
-
-class Ranker(nn.Module):
-    """Click/purchase probability (as a logit) of candidate rows in ``RANKER_FEATURES`` order."""
-
-    def __init__(self, cross_layers: int = 2, hidden: int = 64) -> None:
-        super().__init__()
-        self.feature_names = RANKER_FEATURES
-        self.net = DCNv2(len(RANKER_FEATURES), cross_layers, hidden, heads=1)
-        self.register_buffer(
-            "_log_mask",
-            torch.tensor([f not in _RATES for f in RANKER_FEATURES], dtype=torch.bool),
-            persistent=False,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw feature values in, one logit per row out."""
-        return self.net(log_scale(x, self._log_mask)).squeeze(-1)
-
-
-def ranker_inputs(
-    user_features: np.ndarray, item_features: np.ndarray, history: np.ndarray
-) -> np.ndarray:
-    """The one place training and serving assemble a ranker row (raw values, float32).
-
-    ``user_features`` is ``(n, len(USER_FEATURES))`` or one row broadcast to all candidates;
-    ``history`` is ``(n, len(HISTORY_FEATURES))``. Missing values (a brand-new user or item)
-    are 0, as in training.
-    """
-    n = len(item_features)
-    user = np.broadcast_to(user_features, (n, len(S.USER_FEATURES)))
-    x = np.concatenate(
-        [user, item_features, history.reshape(n, len(HISTORY_FEATURES))], axis=1
-    ).astype(np.float32)
-    return np.nan_to_num(x, copy=False)
 
 
 def fit_ranker(
@@ -139,11 +79,12 @@ def fit_ranker(
 
 def training_rows(settings: Settings, run_dir: Path, rounds: int) -> pd.DataFrame:
     """The ranker's examples: each user's last training basket held out again, the lists the
-    served path retrieves just before it (``serving.offline``), labelled by that basket;
+    served path retrieves just before it (``training.replay``), labelled by that basket;
     then the basket before that, ``rounds`` times (each round's tables know only earlier
     purchases)."""
-    from serving.offline import candidate_rows, offline_engine
-    from training.data import point_in_time_features, split_last_basket
+    from mlkit.splits import split_last_basket
+    from shopml.feast_store import point_in_time_features
+    from training.replay import candidate_rows, offline_engine
 
     model = torch.load(run_dir / "model.pt", weights_only=False)
     events = pd.read_parquet(run_dir / "train_events.parquet")
@@ -156,12 +97,13 @@ def training_rows(settings: Settings, run_dir: Path, rounds: int) -> pd.DataFram
         engine = offline_engine(purchases, model, None, settings)
         at = inner.test_time
         users = point_in_time_features(
-            settings, pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", EVENT_TS: at.to_numpy()})
+            settings,
+            pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at.to_numpy()}),
         ).set_index(S.USER_ID)
         rows = candidate_rows(settings, engine, at, users)
         bought = pd.MultiIndex.from_frame(inner.test[[S.USER_ID, S.ITEM_ID]])
         label = pd.MultiIndex.from_frame(rows[[S.USER_ID, S.ITEM_ID]]).isin(bought)
-        frames.append(rows.assign(**{LABEL: label.astype(np.float32)}))
+        frames.append(rows.assign(**{S.LABEL: label.astype(np.float32)}))
         events = inner.train
     if not frames:
         raise ValueError(
@@ -183,7 +125,7 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
         rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
         rows[list(HISTORY_FEATURES)].to_numpy(np.float32),
     )
-    y = rows[LABEL].to_numpy(np.float32)
+    y = rows[S.LABEL].to_numpy(np.float32)
     users = rows[S.USER_ID].unique()
     rng = np.random.default_rng(settings.train.seed)
     held = rng.choice(users, size=max(1, int(len(users) * VALIDATION_SHARE)), replace=False)

@@ -15,7 +15,7 @@ from shopml.config import Settings
 if TYPE_CHECKING:
     import torch
 
-    from training.model import TwoTower
+    from served_model.two_tower import TwoTower
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def load_servable(
     import mlflow
     import torch
 
-    from serving.bundle import RANKER_FILE
+    from served_model.bundle import RANKER_FILE
 
     local = download_version(settings, version, dst)
     ranker_file = local / "extra_files" / RANKER_FILE

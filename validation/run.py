@@ -153,7 +153,7 @@ def _quarantine_partitions(settings: Settings, ds: date, report: SuiteReport) ->
     """Copy bad raw partitions and the suite report to quarantine; the lake is untouched."""
     target = settings.paths.quarantine_for(ds)
     for part in report.bad_partitions:
-        src = settings.paths.raw_events / f"{S.EVENT_DATE}={part}"
+        src = settings.paths.raw_events_for(ds) / f"{S.EVENT_DATE}={part}"
         if src.exists():
             shutil.copytree(src, target / "partitions" / src.name, dirs_exist_ok=True)
     target.mkdir(parents=True, exist_ok=True)
@@ -191,10 +191,12 @@ def partition_profile(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def validate_raw(settings: Settings, ds: date) -> list[SuiteReport]:
-    """Raw events (partitions up to ``ds``) and the raw catalog."""
-    events = _read_parquet(settings.paths.raw_events, **{S.EVENT_DATE: ("<=", ds.isoformat())})
+    """The raw events landed on ``ds`` (event dates up to ``ds``) and the catalog snapshot."""
+    events = _read_parquet(
+        settings.paths.raw_events_for(ds), **{S.EVENT_DATE: ("<=", ds.isoformat())}
+    )
     events[S.EVENT_DATE] = events[S.EVENT_DATE].astype(str)
-    items = _read_parquet(settings.paths.raw_items)
+    items = _read_parquet(settings.paths.raw_items_for(ds))
     reports = [
         validate_frame(settings, "raw_events", suites.raw_events(), events, S.EVENT_DATE),
         validate_frame(
@@ -212,9 +214,7 @@ def validate_raw(settings: Settings, ds: date) -> list[SuiteReport]:
 
 def validate_features(settings: Settings, ds: date) -> list[SuiteReport]:
     """The run's user and item feature snapshots."""
-    from spark_jobs.jobs import features_dir
-
-    root = features_dir(settings, ds)
+    root = settings.paths.features_for(ds)
     checks: list[tuple[str, Callable[[], list], Path]] = [
         ("user_features", suites.user_features, root / "user"),
         ("item_features", suites.item_features, root / "item"),

@@ -31,15 +31,20 @@ def _echo(obj: object) -> None:
 
 @app.command()
 def land(
+    ds: DsOption,
     source: Annotated[
-        str, typer.Option(help="'instacart' or a canonical Parquet dir")
-    ] = "instacart",
-    max_users: Annotated[int | None, typer.Option(help="keep the N smallest user ids")] = None,
+        str | None,
+        typer.Option(help="'instacart' or a canonical Parquet dir (SHOPML_LAND__SOURCE)"),
+    ] = None,
+    max_users: Annotated[
+        int | None, typer.Option(help="keep the N smallest user ids (SHOPML_LAND__MAX_USERS)")
+    ] = None,
 ) -> None:
-    """Land source data into the raw lake (events partitioned by event_date)."""
+    """Land the source into the raw lake's --ds partition (events by event_date inside)."""
+    from shopml.config import settings_from_params
     from spark_jobs.jobs import land as run
 
-    _echo(run(load_settings(), source, max_users))
+    _echo(run(settings_from_params({"source": source, "max_users": max_users}), _ds(ds)))
 
 
 @app.command("validate-raw")
@@ -134,7 +139,7 @@ def promote(ds: DsOption) -> None:
 
 def _protocol(dataset: str):
     """The named benchmark protocol, or a usage error listing the known ones."""
-    from training.zoo import PROTOCOLS
+    from zoo.compare import PROTOCOLS
 
     if dataset not in PROTOCOLS:
         raise typer.BadParameter(f"--dataset must be one of {sorted(PROTOCOLS)}")
@@ -150,8 +155,8 @@ def zoo(
     configs: Annotated[str, typer.Option(help='JSON: {"user_knn": {"neighbors": 50}}')] = "{}",
 ) -> None:
     """Fit and evaluate zoo models on a dataset's protocol; print the table."""
-    from training.recommenders import build
-    from training.zoo import compare, format_table, protocol_split
+    from zoo import build
+    from zoo.compare import compare, format_table, protocol_split
 
     protocol = _protocol(dataset)
     cfg = json.loads(configs)
@@ -174,8 +179,8 @@ def tune(
     import mlflow
 
     from training import registry
-    from training.tune import tune as run
-    from training.zoo import protocol_split, validation_split
+    from zoo.compare import protocol_split, validation_split
+    from zoo.tune import tune as run
 
     protocol = _protocol(dataset)
     settings = load_settings()

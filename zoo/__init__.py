@@ -3,7 +3,7 @@
 Importing this package registers every model under its name (see ``base.build``).
 """
 
-from training.recommenders import classic, neural, ranker, spark_models  # noqa: F401  (registration)
-from training.recommenders.base import REGISTRY, Recommender, build
+from zoo import classic, hybrid, neural, spark_models  # noqa: F401  (registration)
+from zoo.base import REGISTRY, Recommender, build
 
 __all__ = ["REGISTRY", "Recommender", "build"]

@@ -2,7 +2,7 @@
 
 The single entry point shared by the DAG's evaluate task, the CLI (``shopml zoo``), the
 hyperparameter search and the benchmarks, so every number comes from the same code path:
-``training.metrics.evaluate`` on a ``training.splits`` split.
+``mlkit.metrics.evaluate`` on a ``mlkit.splits`` split.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from training.metrics import EvaluationResult, evaluate
-from training.recommenders import build
-from training.splits import Split
+from mlkit.metrics import EvaluationResult, evaluate
+from mlkit.splits import Split
+from zoo import build
 
 HEADLINE = ("hr", "recall", "precision", "ndcg", "mrr", "map", "map_full")
 
@@ -159,8 +159,8 @@ PROTOCOLS: dict[str, Protocol] = {
 
 def load_interactions(dataset: str):
     """The Interactions of a named dataset (read from installed packages, nothing downloaded)."""
-    from training import datasets
-    from training.interactions import from_events
+    from mlkit.interactions import from_events
+    from zoo import datasets
 
     if dataset == "movielens-100k":
         events, items = datasets.movielens_100k()
@@ -172,7 +172,7 @@ def load_interactions(dataset: str):
 
 def protocol_split(protocol: Protocol, data=None) -> Split:
     """The protocol's train/test split of its dataset (or of ``data`` when given)."""
-    from training.splits import make_split
+    from mlkit.splits import make_split
 
     data = data if data is not None else load_interactions(protocol.dataset)
     return make_split(data, protocol.split, **protocol.split_params)
@@ -184,6 +184,6 @@ def validation_split(protocol: Protocol, split: Split) -> Split:
     Tuning on the test split would flatter every tuned model; the benchmarks tune here and
     report on the untouched test split.
     """
-    from training.splits import make_split
+    from mlkit.splits import make_split
 
     return make_split(split.train, protocol.split, **protocol.split_params)

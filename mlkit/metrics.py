@@ -62,8 +62,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from mlkit.interactions import ITEM_IDX, USER_IDX, Interactions
 from shopml import schema as S
-from training.interactions import ITEM_IDX, USER_IDX, Interactions
 
 #: Per-user ranking metrics, in table order (column names of ``per_user_metrics``).
 RANKING_METRICS: tuple[str, ...] = ("hr", "recall", "precision", "ndcg", "mrr", "ap", "ap_full")

@@ -47,8 +47,11 @@ class TwoTower(nn.Module):
         self.popular_items = list(popular_items)  # fallback for unknown users
         self.feature_names = tuple(feature_names)
         self.user_emb = nn.Embedding(len(user_ids) + 1, dim)
-        self.user_mlp = nn.Sequential(
-            nn.Linear(len(feature_names), dim), nn.ReLU(), nn.Linear(dim, dim)
+        # no features (the zoo fits it on interactions alone): id embeddings only
+        self.user_mlp = (
+            nn.Sequential(nn.Linear(len(feature_names), dim), nn.ReLU(), nn.Linear(dim, dim))
+            if feature_names
+            else None
         )
         self.item_emb = nn.Embedding(len(item_ids), dim)
         self.item_bias = nn.Embedding(len(item_ids), 1)
@@ -67,6 +70,8 @@ class TwoTower(nn.Module):
         return log_scale(features, self._log_mask)
 
     def user_vector(self, user_idx: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        if self.user_mlp is None:
+            return self.user_emb(user_idx)
         return self.user_emb(user_idx) + self.user_mlp(self.scale(features))
 
     def item_vectors(

@@ -27,31 +27,11 @@ import torch
 from scipy import sparse
 from torch import nn
 
+from mlkit.interactions import ITEM_IDX, RATING, USER_IDX, Interactions
+from served_model.ranker import DCNv2
 from shopml import schema as S
-from training.interactions import ITEM_IDX, RATING, USER_IDX, Interactions
-from training.recommenders.base import build, register
-from training.recommenders.neural import _Neural
-
-
-class DCNv2(nn.Module):
-    """Cross network (full-rank, ``x_{l+1} = x_0 * (W x_l + b) + x_l``) beside a deep MLP."""
-
-    def __init__(self, n_features: int, cross_layers: int, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(n_features)
-        self.cross = nn.ModuleList(nn.Linear(n_features, n_features) for _ in range(cross_layers))
-        self.deep = nn.Sequential(
-            nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
-        )
-        self.heads = nn.Linear(n_features + hidden, heads)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of each head: (batch, heads)."""
-        x0 = self.norm(x)
-        xl = x0
-        for layer in self.cross:
-            xl = x0 * layer(xl) + xl
-        return self.heads(torch.cat([xl, self.deep(x0)], dim=1))
+from zoo.base import build, register
+from zoo.neural import _Neural
 
 
 def _top_mask(scores: np.ndarray, n: int) -> np.ndarray:
@@ -172,7 +152,7 @@ class Hybrid(_Neural):
 
     # --- what the Horovod loop needs ------------------------------------------------------
     def prepare(self, data: Interactions) -> None:
-        from training.splits import leave_last_out
+        from mlkit.splits import leave_last_out
 
         inner = leave_last_out(data)
         stage = self._fit_stage(inner.train)

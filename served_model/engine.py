@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from serving.bundle import Bundle
-from serving.features import FeaturesUnavailable, OnlineFeatures
+from served_model.bundle import Bundle
+from served_model.features import FeaturesUnavailable, OnlineFeatures
+from served_model.ranker import HISTORY_FEATURES, NEVER_DAYS, ranker_inputs
 from shopml import schema as S
 from shopml.config import ServingConfig
-from training.ranking import HISTORY_FEATURES, NEVER_DAYS, ranker_inputs
 
 SOURCES = ("ann", "history", "item_knn", "popular")
 KNN_SEEDS = 10  # the user's most bought items whose neighbours are candidates

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from training.splits import Split
-from training.zoo import fit_and_evaluate
+from mlkit.splits import Split
+from zoo.compare import fit_and_evaluate
 
 Space = Callable[[Any, bool], dict[str, Any]]
 

@@ -17,10 +17,9 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from mlkit.interactions import Interactions
 from shopml import schema as S
-from training.interactions import Interactions
-from training.recommenders.base import register
-from training.recommenders.classic import _Base, _check_positive, _sparse_rows
+from zoo.base import Base, check_positive, register, sparse_rows
 
 
 def _spark():
@@ -32,7 +31,7 @@ def _spark():
 
 @register
 @dataclass
-class ALS(_Base):
+class ALS(Base):
     """Implicit-feedback matrix factorisation with Spark MLlib."""
 
     name: ClassVar[str] = "als"
@@ -45,7 +44,7 @@ class ALS(_Base):
     repeat_half_life_days: float | None = None
 
     def __post_init__(self) -> None:
-        _check_positive(rank=self.rank, iterations=self.iterations, alpha=self.alpha)
+        check_positive(rank=self.rank, iterations=self.iterations, alpha=self.alpha)
 
     def fit(self, data: Interactions) -> ALS:
         from pyspark.ml.recommendation import ALS as SparkALS
@@ -145,7 +144,7 @@ def tfidf_vectors(texts: pd.Series, min_df: int = 2) -> sparse.csr_matrix:
 
 @register
 @dataclass
-class ContentTFIDF(_Base):
+class ContentTFIDF(Base):
     """Cosine between a user's TF-IDF profile and each item's TF-IDF vector."""
 
     name: ClassVar[str] = "content_tfidf"
@@ -164,7 +163,7 @@ class ContentTFIDF(_Base):
         return self
 
     def score(self, users: np.ndarray) -> np.ndarray:
-        profile = _sparse_rows(self.x, users) @ self.item_vecs
+        profile = sparse_rows(self.x, users) @ self.item_vecs
         norms = np.sqrt(np.asarray(profile.multiply(profile).sum(axis=1)).ravel())
         profile = sparse.diags(1.0 / np.maximum(norms, 1e-9)) @ profile
         return self._finish((profile @ self.item_vecs.T).toarray(), users)

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from scipy import sparse
 
+from served_model.two_tower import TwoTower
 from shopml import schema as S
-from training.model import TwoTower
 
 INDEX_FILE = "index.faiss"
 RANKER_FILE = "ranker.pt"
@@ -141,7 +141,7 @@ def build_tables(model: TwoTower, purchases: pd.DataFrame, catalog: pd.DataFrame
     ``purchases`` has user_id, item_id, timestamp; ``catalog`` item_id and, when the retailer
     has it, category. Both are mapped onto the model's vocabularies (unknown ids dropped).
     """
-    from training.recommenders.classic import _cosine
+    from served_model.similarity import cosine_neighbours
 
     n_items = len(model.item_ids)
     item_pos = pd.Series(np.arange(n_items), index=pd.Index(model.item_ids))
@@ -185,7 +185,9 @@ def build_tables(model: TwoTower, purchases: pd.DataFrame, catalog: pd.DataFrame
     np.maximum.at(user_last, pairs["u"].to_numpy(), pairs["max"].to_numpy(np.float32))
     binary = history.copy()
     binary.data[:] = 1.0
-    knn_idx, knn_sim = _top_neighbours(_cosine(binary, 10.0, KNN_NEIGHBORS), KNN_NEIGHBORS)
+    knn_idx, knn_sim = _top_neighbours(
+        cosine_neighbours(binary, 10.0, KNN_NEIGHBORS), KNN_NEIGHBORS
+    )
     in_catalog = np.zeros(n_items, dtype=bool)
     pos = item_pos.reindex(catalog[S.ITEM_ID].astype(str)).dropna().to_numpy(np.int64)
     in_catalog[pos] = True

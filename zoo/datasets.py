@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlkit.interactions import RATING
 from shopml import schema as S
-from training.interactions import RATING
 
 
 def _package_file(dist: str, relative: str) -> Path:

@@ -2,7 +2,7 @@
 
 Every split keeps the vocabularies of its input (``Interactions.subset``), so a model fitted on
 ``train`` scores exactly the items and users ``test`` is measured on, and it carries a sentence
-describing itself that ``training.metrics.evaluate`` puts into every table.
+describing itself that ``mlkit.metrics.evaluate`` puts into every table.
 
 * ``leave_last_out``: per user, the last session/basket as a unit (repeat-purchase commerce:
   the next basket is the thing to predict), else the last interaction.
@@ -13,8 +13,9 @@ describing itself that ``training.metrics.evaluate`` puts into every table.
   numbers can be put next to their tables.
 * ``random_split``: the global random split (Microsoft Recommenders ``python_random_split``).
 
-``training.data.split_last_basket`` (raw ids, Instacart purchases) is the id-space sibling of
-``leave_last_out``; both hold out the basket that started last, ties by basket id.
+The basket rule (``basket_ids``) and the hold-out rule (``hold_out_last_basket``) are written
+once here; ``leave_last_out`` applies them in index space and ``split_last_basket`` to the
+pipeline's raw-id DataFrames (tests/test_splits.py holds the two equal).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlkit.interactions import USER_IDX, Interactions
 from shopml import schema as S
-from training.interactions import USER_IDX, Interactions
 
 METHODS: tuple[str, ...] = ("leave_last_out", "temporal_cut", "stratified", "random")
 
@@ -67,11 +68,61 @@ def _make(
     return Split(data.subset(train), data.subset(test), name, description, dropped)
 
 
-def _units(ev: pd.DataFrame, by_session: bool | None) -> tuple[np.ndarray | None, bool]:
-    """Per-event unit key (session id, or None for single events) and whether sessions are used.
+def basket_ids(user: pd.Series, session: pd.Series | None, timestamp: pd.Series) -> np.ndarray:
+    """The basket of each event: its session when it has one, else the user's UTC day.
 
-    ``by_session=None`` uses sessions when the column exists and has a value somewhere; an
-    event without a session is then a unit of its own.
+    The one basket rule (``shopml.schema.BASKET_ID``); ``spark_jobs.features`` writes the same
+    rule in Spark for the feature snapshots.
+    """
+    day = pd.to_datetime(timestamp, utc=True).dt.strftime("%Y-%m-%d")
+    fallback = user.astype(str).to_numpy(dtype=object) + "#" + day.to_numpy(dtype=object)
+    if session is None:
+        return fallback
+    sid = session.to_numpy(dtype=object)
+    null = session.isna().to_numpy()
+    return np.where(null, fallback, sid.astype(str)).astype(object)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Which rows ``hold_out_last_basket`` held out, and when each user's held-out basket began."""
+
+    held: np.ndarray  # bool per row: in the user's last basket
+    future: np.ndarray  # bool per row: the user's, at or after that basket began, not in it
+    start: pd.Series  # user key -> start time of the held-out basket
+
+
+def hold_out_last_basket(
+    user: np.ndarray, basket: np.ndarray, ts: np.ndarray, eligible: np.ndarray | None = None
+) -> HeldOut:
+    """The hold-out rule: each user's basket that *started* last (ties: the larger basket id)
+    among the ``eligible`` rows (e.g. purchases) is held out, when the user has at least two.
+
+    Rows of that user at or after its start but outside it (a later view, a basket that began
+    at the same instant) are future information: they belong to neither side. Users with a
+    single basket are not held out (nothing would be left to learn from).
+    """
+    n = len(user)
+    eligible = np.ones(n, dtype=bool) if eligible is None else eligible
+    frame = pd.DataFrame({"u": user, "s": basket, "t": ts})
+    starts = frame[eligible].groupby(["u", "s"], as_index=False, sort=False)["t"].min()
+    starts = starts.sort_values(["u", "t", "s"], kind="stable")
+    count = starts.groupby("u")["s"].transform("size")
+    last = starts[count >= 2].groupby("u").tail(1)
+    merged = frame.merge(last[["u", "s"]], on=["u", "s"], how="left", indicator=True)
+    held = (merged["_merge"] == "both").to_numpy()
+    start = last.set_index("u")["t"]
+    began = frame["u"].map(start)
+    future = (began.notna() & (frame["t"] >= began)).to_numpy() & ~held
+    return HeldOut(held, future, start)
+
+
+def _units(ev: pd.DataFrame, by_session: bool | None) -> tuple[np.ndarray | None, bool]:
+    """Per-event basket key (``basket_ids``, or None for single events) and whether baskets
+    are used.
+
+    ``by_session=None`` uses baskets when the session column exists and has a value
+    somewhere; an event without a session then belongs to its user's day.
     """
     has = S.SESSION_ID in ev.columns and ev[S.SESSION_ID].notna().any()
     if by_session is None:
@@ -80,11 +131,7 @@ def _units(ev: pd.DataFrame, by_session: bool | None) -> tuple[np.ndarray | None
         raise ValueError("by_session=True but the interactions carry no session_id")
     if not by_session:
         return None, False
-    sid = ev[S.SESSION_ID]
-    key = sid.astype(str).to_numpy(dtype=object)
-    null = sid.isna().to_numpy()
-    key[null] = [f"\x00event#{i}" for i in np.flatnonzero(null)]
-    return key, True
+    return basket_ids(ev[USER_IDX], ev[S.SESSION_ID], ev[S.TIMESTAMP]), True
 
 
 def _times(ev: pd.DataFrame) -> np.ndarray:
@@ -100,11 +147,9 @@ def _utc(value: pd.Timestamp | str) -> pd.Timestamp:
 def leave_last_out(data: Interactions, by_session: bool | None = None) -> Split:
     """Hold out each user's last unit: the last session/basket, else the last interaction.
 
-    The last session is the one that started last (ties: the larger session id, as
-    ``training.data.split_last_basket``); the last interaction is the latest event (ties: the
-    later row). Events of a user after the held-out session began but outside it are future
-    information and go to neither part. Users with a single unit stay in train whole: they
-    have nothing to learn from if held out.
+    Baskets follow ``hold_out_last_basket`` (the rule ``split_last_basket`` applies to raw
+    ids); without sessions the last interaction is the latest event (ties: the later row).
+    Users with a single unit stay in train whole: they have nothing to learn from if held out.
     """
     ev = _check(data)
     n = len(ev)
@@ -112,16 +157,8 @@ def leave_last_out(data: Interactions, by_session: bool | None = None) -> Split:
     user = ev[USER_IDX].to_numpy()
     ts = _times(ev)
     if use_sessions:
-        frame = pd.DataFrame({"u": user, "s": unit, "t": ts})
-        starts = frame.groupby(["u", "s"], as_index=False, sort=False)["t"].min()
-        starts = starts.sort_values(["u", "t", "s"], kind="stable")
-        count = starts.groupby("u")["s"].transform("size")
-        last = starts[count >= 2].groupby("u").tail(1)
-        held = frame.merge(last[["u", "s"]], on=["u", "s"], how="left", indicator=True)
-        test = (held["_merge"] == "both").to_numpy()
-        start = frame["u"].map(last.set_index("u")["t"])
-        future = (start.notna() & (frame["t"] >= start)).to_numpy() & ~test
-        train = ~test & ~future
+        out = hold_out_last_basket(user, unit, ts)
+        test, train = out.held, ~out.held & ~out.future
         what = "last session (basket) per user held out as a unit, by start time"
     else:
         order = np.lexsort((np.arange(n), ts, user))  # user, time, row
@@ -260,3 +297,37 @@ def make_split(data: Interactions, method: str, **params: Any) -> Split:
         return functions[method](data, **params)
     except TypeError as err:
         raise ValueError(f"bad parameters for split {method!r}: {err}") from err
+
+
+# --- the pipeline's raw-id adapter ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BasketSplit:
+    """The nightly run's split of canonical events (raw ids)."""
+
+    train: pd.DataFrame  # events before each user's last basket (and all of single-basket users)
+    test: pd.DataFrame  # one row per (user, item) of the held-out last basket
+    test_time: pd.Series  # user_id -> start of the held-out basket
+
+
+def split_last_basket(events: pd.DataFrame) -> BasketSplit:
+    """Hold out each user's last basket of purchases (``hold_out_last_basket`` on raw ids).
+
+    ``train`` keeps every event type before the held-out basket (views, carts...), with its
+    ``basket_id``; ``test`` is the basket's purchased (user, item) pairs.
+    """
+    session = events.get(S.SESSION_ID)
+    ts = pd.to_datetime(events[S.TIMESTAMP], utc=True)
+    ev = events.assign(**{S.BASKET_ID: basket_ids(events[S.USER_ID], session, ts)})
+    purchase = (ev[S.EVENT_TYPE] == S.PURCHASE).to_numpy()
+    out = hold_out_last_basket(
+        ev[S.USER_ID].to_numpy(dtype=object),
+        ev[S.BASKET_ID].to_numpy(dtype=object),
+        ts.to_numpy(dtype="datetime64[ns]"),
+        eligible=purchase,
+    )
+    test_time = pd.to_datetime(out.start, utc=True).rename_axis(S.USER_ID).rename(S.TIMESTAMP)
+    train = ev[~out.held & ~out.future]
+    test = ev[out.held & purchase][[S.USER_ID, S.ITEM_ID]].drop_duplicates()
+    return BasketSplit(train=train, test=test, test_time=test_time)

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from serving.bundle import Bundle, build_index, build_tables, item_matrix
-from serving.engine import TwoStage
+from mlkit.interactions import Interactions
+from served_model.bundle import Bundle, build_index, build_tables, item_matrix
+from served_model.engine import TwoStage
+from served_model.ranker import HISTORY_FEATURES
+from served_model.two_tower import TwoTower
 from shopml import schema as S
 from shopml.config import Settings
-from training.interactions import Interactions
-from training.model import TwoTower
-from training.ranking import EVENT_TS, HISTORY_FEATURES
 
 CAND = "candidate_index"
 
@@ -48,7 +48,7 @@ def candidate_rows(
     """One row per (user, servable candidate) at the moment ``at[user]``: user_id, item_id,
     the candidate's item index, its history features and the point-in-time user and item
     features. ``user_features`` (indexed by user) feeds retrieval's user vector."""
-    from training.data import point_in_time_features
+    from shopml.feast_store import point_in_time_features
 
     model, item_ids = engine.model, np.asarray(engine.model.item_ids, dtype=object)
     frames = []
@@ -59,9 +59,11 @@ def candidate_rows(
         _, cand, history, _ = engine.retrieve(model.user_index[user], feats)
         frame = pd.DataFrame(history, columns=list(HISTORY_FEATURES))
         frames.append(frame.assign(**{S.USER_ID: user, S.ITEM_ID: item_ids[cand], CAND: cand,
-                                      EVENT_TS: ts}))  # fmt: skip
+                                      S.ENTITY_TIMESTAMP: ts}))  # fmt: skip
     if not frames:
-        return pd.DataFrame(columns=[S.USER_ID, S.ITEM_ID, CAND, EVENT_TS, *HISTORY_FEATURES])
+        return pd.DataFrame(
+            columns=[S.USER_ID, S.ITEM_ID, CAND, S.ENTITY_TIMESTAMP, *HISTORY_FEATURES]
+        )
     rows = pd.concat(frames, ignore_index=True)
     rows = point_in_time_features(settings, rows)  # same order, user and item features added
     reorderable = rows[S.ITEM_REORDER_RATE].to_numpy() > settings.serving.reorder_min_rate
@@ -80,7 +82,7 @@ def two_stage_scorer(
     train: Interactions,
     test_users: pd.DataFrame,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """Index-space scores for ``training.metrics``: ranked candidates get the ranker's
+    """Index-space scores for ``mlkit.metrics``: ranked candidates get the ranker's
     probability; every other item stays below them (ordered by popularity), as a served list
     would never show it. ``test_users`` holds each user's held-out moment (event_timestamp)
     and features then."""
@@ -92,7 +94,7 @@ def two_stage_scorer(
     def score(users: np.ndarray) -> np.ndarray:
         ids = train.user_ids[users].tolist()
         out = np.tile(floor, (len(ids), 1))
-        at = test_users[EVENT_TS].reindex(ids).dropna()
+        at = test_users[S.ENTITY_TIMESTAMP].reindex(ids).dropna()
         rows = candidate_rows(settings, engine, at, test_users)
         rows = rows[pos[rows[CAND].to_numpy()] >= 0]  # an older model's items the run lacks
         if rows.empty:

@@ -21,84 +21,22 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from mlkit.interactions import ITEM_IDX, USER_IDX, WEIGHT, Interactions
+from served_model.similarity import cosine_neighbours
 from shopml import schema as S
-from training.interactions import ITEM_IDX, USER_IDX, WEIGHT, Interactions
-from training.recommenders.base import register
-
-
-def _row_normalize(m: np.ndarray) -> np.ndarray:
-    """Scale each row to max 1 so components of a blend are comparable."""
-    top = m.max(axis=1, keepdims=True)
-    return np.divide(m, top, out=np.zeros_like(m), where=top > 0)
-
-
-def _rows(m: sparse.csr_matrix, users: np.ndarray) -> np.ndarray:
-    """Dense rows of ``m`` for ``users``; users outside ``m`` (unseen at fit time) get zeros."""
-    users = np.asarray(users)
-    out = np.zeros((len(users), m.shape[1]), dtype=np.float32)
-    known = users < m.shape[0]
-    if known.any():
-        out[known] = m[users[known]].toarray()
-    return out
-
-
-def _sparse_rows(m: sparse.csr_matrix, users: np.ndarray) -> sparse.csr_matrix:
-    """Sparse rows of ``m`` for ``users``; unseen users get empty rows."""
-    users = np.asarray(users)
-    known = users < m.shape[0]
-    picked = m[np.where(known, users, 0)]
-    return sparse.diags(known.astype(np.float32)) @ picked
-
-
-def decayed_history(data: Interactions, half_life_days: float | None) -> sparse.csr_matrix:
-    """User x item history where each event weighs ``0.5 ** (age / half_life)``.
-
-    Age is measured from the user's own last event, so a user who shops rarely is not
-    penalised against one who shopped yesterday. ``None`` = plain counts.
-    """
-    ev = data.events
-    w = ev[WEIGHT].to_numpy(np.float64)
-    if half_life_days:
-        ts = ev[S.TIMESTAMP].astype("int64").to_numpy() / 86_400e9
-        last = pd.Series(ts).groupby(ev[USER_IDX].to_numpy()).transform("max").to_numpy()
-        w = w * np.power(0.5, (last - ts) / half_life_days)
-    m = sparse.csr_matrix(
-        (w.astype(np.float32), (ev[USER_IDX], ev[ITEM_IDX])),
-        shape=(data.n_users, data.n_items),
-    )
-    m.sum_duplicates()
-    return m
-
-
-class _Base:
-    """Shared state: the training matrix, popularity for unseen users, the repeat blend."""
-
-    name: ClassVar[str]
-    repeat_weight: float = 0.0
-    repeat_half_life_days: float | None = None
-
-    def _fit_common(self, data: Interactions) -> None:
-        self.train_matrix = data.matrix
-        counts = np.asarray(self.train_matrix.sum(axis=0)).ravel()
-        self.popularity = (counts / max(counts.max(), 1.0)).astype(np.float32)
-        self.history = (
-            decayed_history(data, self.repeat_half_life_days) if self.repeat_weight else None
-        )
-
-    def _finish(self, scores: np.ndarray, users: np.ndarray) -> np.ndarray:
-        """Blend the repeat component; users with no signal at all get popularity."""
-        scores = _row_normalize(scores.astype(np.float32))
-        if self.history is not None:
-            scores = scores + self.repeat_weight * _row_normalize(_rows(self.history, users))
-        empty = ~scores.any(axis=1)
-        scores[empty] = self.popularity
-        # a tiny popularity term breaks ties deterministically and fills short lists
-        return scores + 1e-6 * self.popularity
+from zoo.base import (
+    Base,
+    check_positive,
+    decayed_history,
+    dense_rows,
+    register,
+    sparse_rows,
+)
 
 
 @register
 @dataclass
-class Popularity(_Base):
+class Popularity(Base):
     """Most interacted items overall (``days``: only the last ``days`` before the cut)."""
 
     name: ClassVar[str] = "popularity"
@@ -133,7 +71,7 @@ class RecentPopularity(Popularity):
 
 @register
 @dataclass
-class PersonalTopFrequency(_Base):
+class PersonalTopFrequency(Base):
     """The user's own items by purchase count, ties to the most recent, then popularity."""
 
     name: ClassVar[str] = "personal_top_frequency"
@@ -153,58 +91,14 @@ class PersonalTopFrequency(_Base):
         return self
 
     def score(self, users: np.ndarray) -> np.ndarray:
-        own = _rows(self.own, users)
+        own = dense_rows(self.own, users)
         # popularity (< 0.01) only orders the items the user never bought
         return own + 0.01 * self.popularity
 
 
-def _cosine(x: sparse.csr_matrix, shrink: float, neighbors: int) -> sparse.csr_matrix:
-    """Cosine similarity between the columns of ``x`` with shrinkage, top-``neighbors`` kept.
-
-    ``sim(i, j) = <x_i, x_j> / (|x_i| |x_j| + shrink)``; the diagonal is dropped.
-    """
-    xc = x.tocsc().astype(np.float32)
-    norms = np.sqrt(np.asarray(xc.multiply(xc).sum(axis=0)).ravel())
-    co = (xc.T @ xc).tocsr()
-    co.setdiag(0)
-    co.eliminate_zeros()
-    co = co.tocoo()
-    data = co.data / (norms[co.row] * norms[co.col] + shrink)
-    sim = sparse.csr_matrix((data.astype(np.float32), (co.row, co.col)), shape=co.shape)
-    return _keep_top(sim, neighbors)
-
-
-def _keep_top(m: sparse.csr_matrix, k: int) -> sparse.csr_matrix:
-    """Keep the ``k`` largest entries of each row (the neighbourhood)."""
-    m = m.tocsr()
-    rows, cols, vals = [], [], []
-    for r in range(m.shape[0]):
-        lo, hi = m.indptr[r], m.indptr[r + 1]
-        if hi == lo:
-            continue
-        d, c = m.data[lo:hi], m.indices[lo:hi]
-        if hi - lo > k:
-            top = np.argpartition(-d, k - 1)[:k]
-            d, c = d[top], c[top]
-        rows.append(np.full(len(c), r))
-        cols.append(c)
-        vals.append(d)
-    if not rows:
-        return sparse.csr_matrix(m.shape, dtype=np.float32)
-    return sparse.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=m.shape
-    )
-
-
-def _check_positive(**values: float) -> None:
-    for key, v in values.items():
-        if v is None or v <= 0:
-            raise ValueError(f"{key} must be > 0, got {v}")
-
-
 @register
 @dataclass
-class ItemKNN(_Base):
+class ItemKNN(Base):
     """Score = the user's items times the item-item cosine neighbourhood."""
 
     name: ClassVar[str] = "item_knn"
@@ -215,7 +109,7 @@ class ItemKNN(_Base):
     repeat_half_life_days: float | None = None
 
     def __post_init__(self) -> None:
-        _check_positive(neighbors=self.neighbors)
+        check_positive(neighbors=self.neighbors)
 
     def fit(self, data: Interactions) -> ItemKNN:
         self._fit_common(data)
@@ -224,16 +118,16 @@ class ItemKNN(_Base):
             x.data[:] = 1.0
         self.x = x
         # neighbours of each item j over columns; scores = x_u @ sim (sim symmetric pre-topk)
-        self.sim = _cosine(x, self.shrink, self.neighbors).T.tocsr()
+        self.sim = cosine_neighbours(x, self.shrink, self.neighbors).T.tocsr()
         return self
 
     def score(self, users: np.ndarray) -> np.ndarray:
-        return self._finish((_sparse_rows(self.x, users) @ self.sim).toarray(), users)
+        return self._finish((sparse_rows(self.x, users) @ self.sim).toarray(), users)
 
 
 @register
 @dataclass
-class UserKNN(_Base):
+class UserKNN(Base):
     """Score = similarity-weighted history of the user's nearest users.
 
     With ``own_weight`` > 0 and ``half_life_days`` set this is TIFU-KNN: the user's own
@@ -247,7 +141,7 @@ class UserKNN(_Base):
     own_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_positive(neighbors=self.neighbors)
+        check_positive(neighbors=self.neighbors)
         if not 0.0 <= self.own_weight <= 1.0:
             raise ValueError(f"own_weight must be in [0, 1], got {self.own_weight}")
 
@@ -257,7 +151,7 @@ class UserKNN(_Base):
         # row-normalised histories: a heavy user's vector should not swamp the neighbourhood
         norms = np.sqrt(np.asarray(self.hist.multiply(self.hist).sum(axis=1)).ravel())
         self.hist_n = sparse.diags(1.0 / np.maximum(norms, 1e-9)).astype(np.float32) @ self.hist
-        self.sim = _cosine(self.hist.T.tocsr(), self.shrink, self.neighbors)
+        self.sim = cosine_neighbours(self.hist.T.tocsr(), self.shrink, self.neighbors)
         return self
 
     def score(self, users: np.ndarray) -> np.ndarray:
@@ -266,14 +160,14 @@ class UserKNN(_Base):
         wsum = np.asarray(np.abs(sim).sum(axis=1)).ravel()
         neigh = np.asarray((sim @ self.hist_n).todense()) / np.maximum(wsum, 1e-9)[:, None]
         neigh[users >= self.sim.shape[0]] = 0.0
-        own = _rows(self.hist_n, users)
+        own = dense_rows(self.hist_n, users)
         scores = self.own_weight * own + (1 - self.own_weight) * neigh
         return self._finish(scores, users)
 
 
 @register
 @dataclass
-class EASE(_Base):
+class EASE(Base):
     """Closed form ``B = I - P / diag(P)``, ``P = (X^T X + λI)^-1`` (Steck 2019).
 
     The inverse is dense in the number of items, so only the ``max_items`` most popular items
@@ -287,7 +181,7 @@ class EASE(_Base):
     repeat_half_life_days: float | None = None
 
     def __post_init__(self) -> None:
-        _check_positive(l2=self.l2, max_items=self.max_items)
+        check_positive(l2=self.l2, max_items=self.max_items)
 
     def fit(self, data: Interactions) -> EASE:
         self._fit_common(data)
@@ -306,7 +200,7 @@ class EASE(_Base):
         return self
 
     def score(self, users: np.ndarray) -> np.ndarray:
-        xs = _rows(self.x, users)[:, self.keep]
+        xs = dense_rows(self.x, users)[:, self.keep]
         scores = np.zeros((len(users), self.x.shape[1]), dtype=np.float32)
         scores[:, self.keep] = xs @ self.b
         return self._finish(np.maximum(scores, 0.0), users)

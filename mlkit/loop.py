@@ -1,0 +1,143 @@
+"""The one data-parallel training loop (PyTorch + Horovod), for every neural model ShopML trains.
+
+The nightly pipeline's two-tower (``training.train``) and every deep model of the zoo
+(``zoo.neural``, ``zoo.hybrid``) describe *what* to train as a :class:`Trainable`: how to build
+the network, which examples it learns from and the loss of one batch. This module is *how*:
+it reads top to bottom like Horovod's PyTorch example, every distributed step named:
+
+1. ``hvd.init()``; each process pinned to its GPU (``local_rank``), or to its share of the CPU
+   threads; the seed is the same everywhere, the per-rank generator (negatives) is offset
+   by rank.
+2. model; examples sharded with a ``DistributedSampler`` (``set_epoch`` every epoch).
+3. Adam with the learning rate scaled by ``hvd.size()`` (the effective batch grows with it),
+   parameters and optimizer state broadcast from rank 0, gradients averaged by
+   ``hvd.DistributedOptimizer``.
+4. the epochs; each epoch's mean loss averaged across ranks with ``allreduce``, printed by
+   rank 0 only.
+
+Ready for Horovod Elastic: the loop's state (model, optimizer, epoch, loss curve) lives in an
+``hvd.elastic.TorchState`` committed after every epoch. With ``LoopConfig.elastic`` the epochs
+run under ``hvd.elastic.run``, so a lost worker rolls every rank back to the last commit and
+training resumes on the survivors (launch with ``horovodrun --min-np``/``--host-discovery-script``).
+
+Run by :func:`mlkit.launch.train`: in process for one worker, else as
+``horovodrun -np N --gloo python -m mlkit.loop SPEC OUT`` (this module's ``__main__``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """What one model contributes to the loop; it must pickle (it travels to every rank)."""
+
+    def build(self) -> nn.Module:
+        """A freshly initialised network (the loop seeds torch first)."""
+        ...
+
+    def dataset(self, net: nn.Module) -> torch.utils.data.Dataset:
+        """The training examples (indexed by ``net``'s vocabularies where it has them)."""
+        ...
+
+    def loss(self, net: nn.Module, batch: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        """The loss of one batch; ``gen`` is this rank's generator (e.g. sampled negatives)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Optimisation settings shared by every model trained by the loop."""
+
+    epochs: int
+    batch_size: int  # per worker
+    lr: float  # base learning rate, scaled by the number of workers
+    weight_decay: float = 0.0
+    seed: int = 42
+    elastic: bool = False
+    name: str = "model"  # prefixes the allreduce names and the printed lines
+
+
+Curve = list[dict[str, float]]
+
+
+def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
+    """Train ``task`` on this process's rank; every rank returns the same weights and curve."""
+    import horovod.torch as hvd
+
+    # --- distributed setup ---------------------------------------------------------------------
+    hvd.init()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(hvd.local_rank())  # one GPU per process
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere (broadcast from rank 0 anyway)
+
+    # --- model and data -----------------------------------------------------------------------
+    net = task.build()
+    dataset = task.dataset(net)
+
+    # --- optimizer: LR scaled by workers, state broadcast, gradients averaged ------------------
+    optimizer = torch.optim.Adam(
+        net.parameters(), lr=cfg.lr * hvd.size(), weight_decay=cfg.weight_decay
+    )
+    hvd.broadcast_parameters(net.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    optimizer = hvd.DistributedOptimizer(
+        optimizer, named_parameters=[(f"{cfg.name}.{n}", p) for n, p in net.named_parameters()]
+    )
+    state = hvd.elastic.TorchState(model=net, optimizer=optimizer, epoch=0, curve=[])
+
+    # --- loop ---------------------------------------------------------------------------------
+    def run_epochs(state: hvd.elastic.TorchState) -> None:
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            dataset, num_replicas=hvd.size(), rank=hvd.rank(), shuffle=True, seed=cfg.seed
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
+        gen = torch.Generator().manual_seed(cfg.seed + hvd.rank())  # negatives differ by rank
+        for epoch in range(state.epoch, cfg.epochs):
+            sampler.set_epoch(epoch)
+            net.train()
+            started, total, batches = time.time(), 0.0, 0
+            for batch in loader:
+                optimizer.zero_grad()
+                loss = task.loss(net, batch, gen)
+                loss.backward()
+                optimizer.step()
+                total, batches = total + loss.item(), batches + 1
+            mean = torch.tensor(total / max(batches, 1))
+            epoch_loss = hvd.allreduce(mean, name=f"{cfg.name}.epoch_loss").item()
+            state.curve.append(
+                {"epoch": epoch, "loss": epoch_loss, "seconds": time.time() - started}
+            )
+            if hvd.rank() == 0:
+                print(f"{cfg.name} epoch {epoch}: loss {epoch_loss:.4f}", flush=True)
+            state.epoch = epoch + 1
+            state.commit()  # the point a lost worker rolls back to
+
+    (hvd.elastic.run(run_epochs) if cfg.elastic else run_epochs)(state)
+    net.eval()
+    return net, list(state.curve)
+
+
+def _worker_main(spec: str, out: str) -> None:
+    """Entry point of each ``horovodrun`` process: rank 0 writes the trained network."""
+    import horovod.torch as hvd
+
+    with open(spec, "rb") as f:
+        task, cfg = pickle.load(f)
+    net, curve = train_loop(task, cfg)
+    if hvd.rank() == 0:
+        torch.save((net, curve), out)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1], sys.argv[2])
