@@ -57,7 +57,7 @@ PUBLISHED = {
 
 
 def tuned_configs(dataset: str, trials: int, split, protocol) -> dict[str, dict]:
-    """Search each model's config on the validation split; the hybrid reuses the tuned sources."""
+    """Search each model's config on the validation split; the hybrid reuses the tuned two-tower."""
     val = validation_split(protocol, split)
     configs: dict[str, dict] = {}
     for name in MODELS[dataset]:
@@ -69,15 +69,7 @@ def tuned_configs(dataset: str, trials: int, split, protocol) -> dict[str, dict]
         print(f"tuned {name}: val ndcg@{protocol.k}={score:.4f} in {n} trials "
               f"({time.perf_counter() - started:.0f}s): {best}", flush=True)  # fmt: skip
         configs[name] = best
-    configs["hybrid"] = {
-        "sources": {
-            "two_tower": configs.get("two_tower", {}),
-            "item_knn": configs.get("item_knn", {}),
-            "user_knn": configs.get("user_knn", {}),
-            "popularity": {},
-        },
-        "include_history": not protocol.exclude_seen,
-    }
+    configs["hybrid"] = {"two_tower": configs.get("two_tower", {})}
     return configs
 
 

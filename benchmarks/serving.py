@@ -85,9 +85,9 @@ SEED = 0
 # The code that writes the deployment's features and artifacts (its hash is in the marker).
 ARTIFACT_CODE = (
     "serving/synthetic.py",
-    "serving/bundle.py",
-    "training/model.py",
-    "training/ranking.py",
+    "served_model/bundle.py",
+    "served_model/two_tower.py",
+    "served_model/ranker.py",
     "feature_repo/definitions.py",
     "shopml/schema.py",
 )

@@ -60,8 +60,9 @@ PARAMS = {
         items={"type": "string"},
         title="Zoo models",
         description="Models of the zoo also fitted and evaluated on the run's holdout (each a "
-        "nested MLflow run): popularity, recent_popularity, personal_top_frequency, item_knn, "
-        "user_knn, ease, als, content_tfidf, two_tower, sasrec, hybrid.",
+        "nested MLflow run): recent_popularity, item_knn, user_knn, ease, als, content_tfidf, "
+        "sasrec, hybrid (popularity and personal_top_frequency always run; the zoo's two_tower "
+        "is the run's own model).",
     ),
     "precompute_k": Param(
         None,

@@ -53,6 +53,9 @@ class Trainable(Protocol):
         """The loss of one batch; ``gen`` is this rank's generator (e.g. sampled negatives)."""
         ...
 
+    # Optional: ``validation_loss(net) -> float | None``. When a task has it, each epoch's
+    # validation loss joins the curve and the weights of the best epoch are the result.
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -94,7 +97,10 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
     optimizer = hvd.DistributedOptimizer(
         optimizer, named_parameters=[(f"{cfg.name}.{n}", p) for n, p in net.named_parameters()]
     )
-    state = hvd.elastic.TorchState(model=net, optimizer=optimizer, epoch=0, curve=[])
+    state = hvd.elastic.TorchState(
+        model=net, optimizer=optimizer, epoch=0, curve=[], best_loss=float("inf"), best=None
+    )
+    validate = getattr(task, "validation_loss", None)
 
     # --- loop ---------------------------------------------------------------------------------
     def run_epochs(state: hvd.elastic.TorchState) -> None:
@@ -115,17 +121,35 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
                 total, batches = total + loss.item(), batches + 1
             mean = torch.tensor(total / max(batches, 1))
             epoch_loss = hvd.allreduce(mean, name=f"{cfg.name}.epoch_loss").item()
-            state.curve.append(
-                {"epoch": epoch, "loss": epoch_loss, "seconds": time.time() - started}
-            )
+            point = {"epoch": epoch, "loss": epoch_loss, "seconds": time.time() - started}
+            if validate is not None and (val := _validation(net, validate)) is not None:
+                point["val_loss"] = val
+                if val < state.best_loss:  # early stopping: keep the best epoch's weights
+                    state.best_loss = val
+                    state.best = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            state.curve.append(point)
             if hvd.rank() == 0:
                 print(f"{cfg.name} epoch {epoch}: loss {epoch_loss:.4f}", flush=True)
             state.epoch = epoch + 1
             state.commit()  # the point a lost worker rolls back to
 
     (hvd.elastic.run(run_epochs) if cfg.elastic else run_epochs)(state)
+    if state.best is not None:
+        net.load_state_dict(state.best)
     net.eval()
     return net, list(state.curve)
+
+
+@torch.no_grad()
+def _validation(net: nn.Module, validate) -> float | None:
+    """The task's validation loss in eval mode (batch norm, dropout), averaged over ranks."""
+    import horovod.torch as hvd
+
+    net.eval()
+    value = validate(net)
+    if value is None:
+        return None
+    return hvd.allreduce(torch.tensor(float(value)), name="validation_loss").item()
 
 
 def _worker_main(spec: str, out: str) -> None:

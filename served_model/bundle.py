@@ -12,13 +12,26 @@ Beside the two-tower (the MLflow PyTorch model) every version carries, as the mo
 
 So a champion is self-contained: serving downloads one registry version and needs nothing
 from the training run's directory.
+
+**Format versions.** The manifest names the bundle's ``format_version``; a loader reads every
+version up to ``FORMAT_VERSION`` so a rollback to an older champion still serves:
+
+* 1 (no ``format_version`` in the manifest): the two-tower and ranker pickled under the
+  module paths of the first layout (``training.model``, ``training.ranking``,
+  ``training.recommenders.ranker``); :data:`LEGACY_MODULES` maps them to today's classes.
+* 2: the same files, classes under ``served_model``.
+
+A bundle newer than this code is refused with a message rather than half-loaded.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +41,13 @@ from scipy import sparse
 from served_model.two_tower import TwoTower
 from shopml import schema as S
 
+FORMAT_VERSION = 2
+# Where format 1 pickled the classes a bundle holds -> where they live now.
+LEGACY_MODULES: dict[str, str] = {
+    "training.model": "served_model.two_tower",
+    "training.ranking": "served_model.ranker",
+    "training.recommenders.ranker": "served_model.ranker",
+}
 INDEX_FILE = "index.faiss"
 RANKER_FILE = "ranker.pt"
 TABLES_FILE = "tables.npz"
@@ -37,6 +57,44 @@ FLAT_INDEX_MAX_ITEMS = 20_000  # exact search is fast enough below this
 KNN_NEIGHBORS = 20
 RECENT_DAYS = 30
 POPULAR_KEEP = 1000
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves classes pickled under a legacy module path (:data:`LEGACY_MODULES`)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(LEGACY_MODULES.get(module, module), name)
+
+
+# What ``torch.load(pickle_module=...)`` needs: an Unpickler and a load.
+compat_pickle = types.ModuleType("shopml_compat_pickle")
+compat_pickle.Unpickler = _Unpickler  # type: ignore[attr-defined]
+compat_pickle.load = lambda f, **kw: _Unpickler(f, **kw).load()  # type: ignore[attr-defined]
+compat_pickle.__dict__.update(dumps=pickle.dumps, loads=pickle.loads, dump=pickle.dump)
+
+
+def load_pickled(path: Path) -> Any:
+    """A torch-saved module of any bundle format (legacy class paths resolved)."""
+    return torch.load(path, weights_only=False, pickle_module=compat_pickle)
+
+
+def load_model_dir(local: Path) -> TwoTower:
+    """The two-tower of a downloaded MLflow version directory, of any bundle format."""
+    import mlflow
+
+    return mlflow.pytorch.load_model(str(local), pickle_module=compat_pickle)
+
+
+def format_version(files: Path) -> int:
+    """The bundle format of a version's ``extra_files`` (1 when its manifest predates it)."""
+    manifest = files / MANIFEST_FILE
+    found = json.loads(manifest.read_text()).get("format_version", 1) if manifest.exists() else 1
+    if found > FORMAT_VERSION:
+        raise ValueError(
+            f"bundle format {found} is newer than this ShopML reads ({FORMAT_VERSION}): "
+            "upgrade the serving image before serving this version"
+        )
+    return int(found)
 
 
 def item_matrix(model: TwoTower) -> np.ndarray:
@@ -215,6 +273,7 @@ def write_artifacts(
     tables = build_tables(model, purchases, catalog)
     tables.save(out_dir / TABLES_FILE)
     manifest = {
+        "format_version": FORMAT_VERSION,
         "items": len(model.item_ids),
         "users": len(model.user_index),
         "index": type(index).__name__,
@@ -246,12 +305,13 @@ def load_bundle(version: str, model: TwoTower, files: Path) -> Bundle:
     """
     import faiss
 
+    format_version(files)  # refuses a format newer than this code
     index = None
     try:
         index = faiss.read_index(str(files / INDEX_FILE))
     except (RuntimeError, OSError):
         index = None
-    ranker = torch.load(files / RANKER_FILE, weights_only=False).eval()
+    ranker = load_pickled(files / RANKER_FILE).eval()
     model.eval()
     tables = Tables.load(files / TABLES_FILE)
     return Bundle(version, model, ranker, index, tables, item_matrix(model))

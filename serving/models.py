@@ -52,9 +52,7 @@ def load_arm(
     Feast unreachable at this moment does not refuse the version: it serves the popularity
     fallback (reason ``item_features_unavailable``) until a background refresh succeeds.
     """
-    import mlflow
-
-    from served_model.bundle import RANKER_FILE, TABLES_FILE, load_bundle
+    from served_model.bundle import RANKER_FILE, TABLES_FILE, load_bundle, load_model_dir
 
     # Everything is read into memory, so the download lives only as long as the load.
     settings.paths.home.mkdir(parents=True, exist_ok=True)
@@ -68,7 +66,7 @@ def load_arm(
                 f"({', '.join(missing)}): it was registered before two-stage serving; rerun "
                 "the nightly pipeline to register a servable version"
             )
-        model = mlflow.pytorch.load_model(str(local))
+        model = load_model_dir(local)
         bundle = load_bundle(version, model, files)
     engine = TwoStage(bundle, features or online_features(settings), settings.serving)
     try:

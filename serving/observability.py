@@ -23,7 +23,11 @@ MULTIPROCESS_ENV = "SHOPML_METRICS_MULTIPROCESS"
 
 
 def use_multiprocess_metrics(directory: str) -> None:
-    """Before the workers start: their metric values go to files in ``directory``."""
+    """Before the workers start: their metric values go to files in ``directory``.
+
+    This builds the environment uvicorn's worker processes inherit (the only way to reach
+    them), hence the one write of ``os.environ`` outside a subprocess's own env dict.
+    """
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     os.environ[MULTIPROCESS_ENV] = "1"
 

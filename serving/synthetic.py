@@ -126,7 +126,7 @@ def register_version(
     from served_model.bundle import write_artifacts
     from served_model.two_tower import TwoTower
     from training import registry
-    from training.ranking import Ranker
+    from served_model.ranker import Ranker
 
     torch.manual_seed(seed)
     popular = purchases[S.ITEM_ID].value_counts().index[:1000].tolist()

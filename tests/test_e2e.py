@@ -130,8 +130,9 @@ def test_corrupted_input_stops_at_validation_and_keeps_champion(
     source = tmp_path / "source"
     # a user's own export: Parquet files only, no Hadoop .crc side files or _SUCCESS markers
     plain = shutil.ignore_patterns("*.crc", "_SUCCESS")
-    shutil.copytree(home / "lake" / "raw" / "events", source / "events", ignore=plain)
-    shutil.copytree(home / "lake" / "raw" / "items", source / "items", ignore=plain)
+    landed = pipeline_settings.paths
+    shutil.copytree(landed.raw_events_for("2025-12-31"), source / "events", ignore=plain)
+    shutil.copytree(landed.raw_items_for("2025-12-31"), source / "items", ignore=plain)
     # one day's file with null user ids, and a catalog with negative prices
     day_dir = sorted((source / "events").iterdir())[-5]
     for f in day_dir.glob("*.parquet"):

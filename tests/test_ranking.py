@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shopml import schema as S
-from training.ranking import ranker_inputs
+from served_model.ranker import ranker_inputs
 
 
 def _ts(day: int, second: int = 0) -> pd.Timestamp:
@@ -28,7 +28,7 @@ def test_ranker_inputs_broadcast_one_user_row_and_zero_missing_values():
 
 def test_ranker_learns_the_reorder_signal():
     """Bought-before items are the positives: the fitted ranker must rank them first."""
-    from training.ranking import fit_ranker
+    from mlkit.two_stage import fit_ranker
 
     rng = np.random.default_rng(0)
     n = 4000

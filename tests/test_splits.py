@@ -174,3 +174,76 @@ def test_split_errors_are_readable():
         splits.make_split(data, "random", folds=3)
     with pytest.raises(ValueError, match="no interactions"):
         splits.leave_last_out(data.subset(np.zeros(50, dtype=bool)))
+
+
+# --- one rule, two adapters ---------------------------------------------------------------------
+
+
+def _basket_events(seed, n=400):
+    """Purchases of 30 users over 20 days; a third without a session (they fall back to the
+    user's day), some baskets starting at the same instant (ties by basket id)."""
+    rng = np.random.default_rng(seed)
+    day = rng.integers(0, 20, n)
+    hour = rng.choice([9, 9, 13], n)  # repeated instants
+    session = np.array([f"s{d}-{h}" for d, h in zip(day, hour, strict=True)], dtype=object)
+    session[rng.random(n) < 0.33] = None
+    return pd.DataFrame(
+        {
+            S.USER_ID: rng.integers(0, 30, n).astype(str),
+            S.ITEM_ID: rng.integers(0, 50, n).astype(str),
+            S.EVENT_TYPE: S.PURCHASE,
+            S.TIMESTAMP: T0 + pd.to_timedelta(day, unit="D") + pd.to_timedelta(hour, unit="h"),
+            S.SESSION_ID: session,
+        }
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_last_basket_and_leave_last_out_are_one_rule(seed):
+    events = _basket_events(seed)
+    by_ids = splits.split_last_basket(events)
+    by_index = splits.leave_last_out(from_events(events))
+    assert _pairs(by_index.test) == sorted(
+        set(zip(by_ids.test[S.USER_ID], by_ids.test[S.ITEM_ID], strict=True))
+    )
+    assert _pairs(by_index.train) == sorted(
+        zip(by_ids.train[S.USER_ID], by_ids.train[S.ITEM_ID], strict=True)
+    )
+
+
+def test_split_last_basket_holds_out_purchases_and_drops_the_users_future():
+    t = lambda d, h=10: T0 + pd.Timedelta(days=d, hours=h)  # noqa: E731
+    events = pd.DataFrame(
+        [
+            ("a", "x", S.PURCHASE, t(0), "o1"),
+            ("a", "y", S.PURCHASE, t(3), "o2"),  # a's last basket: {y, z}
+            ("a", "z", S.PURCHASE, t(3), "o2"),
+            ("a", "v", "view", t(3), "o2"),  # in the basket, not a purchase: not a label
+            ("a", "w", "view", t(4), None),  # after the basket began: future for a
+            ("b", "x", S.PURCHASE, t(1), None),  # one basket (b's day): b only trains
+            ("b", "y", S.PURCHASE, t(1, 18), None),
+        ],
+        columns=[S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP, S.SESSION_ID],
+    )
+    sp = splits.split_last_basket(events)
+    assert sorted(map(tuple, sp.test.to_numpy())) == [("a", "y"), ("a", "z")]
+    assert sorted(zip(sp.train[S.USER_ID], sp.train[S.ITEM_ID], strict=True)) == [
+        ("a", "x"), ("b", "x"), ("b", "y"),
+    ]  # fmt: skip
+    assert sp.test_time.to_dict() == {"a": t(3)}
+    assert set(sp.train[S.BASKET_ID]) == {"o1", "b#2025-01-02"}
+
+
+@pytest.mark.spark
+def test_the_basket_rule_is_the_same_in_spark_and_pandas(spark):
+    from spark_jobs.features import with_basket_and_flags
+
+    events = _basket_events(3).assign(**{S.QUERY: None})
+    sdf = spark.createDataFrame(
+        events.assign(**{S.TIMESTAMP: events[S.TIMESTAMP].dt.tz_localize(None)}).astype(
+            {S.TIMESTAMP: "datetime64[us]"}
+        )
+    )
+    spark_ids = with_basket_and_flags(sdf).select(S.BASKET_ID).toPandas()[S.BASKET_ID]
+    ours = splits.basket_ids(events[S.USER_ID], events[S.SESSION_ID], events[S.TIMESTAMP])
+    assert sorted(spark_ids) == sorted(ours)

@@ -105,6 +105,19 @@ def per_user_frame(name: str, result: EvaluationResult) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def check_unique_names(names: list[str]) -> None:
+    """One row per name: two models under one name would make the table (and the gate,
+    which picks rows by name) ambiguous, so it fails before anything is fitted."""
+    seen = pd.Series(names)
+    twice = sorted(set(seen[seen.duplicated()]))
+    if twice:
+        raise ValueError(
+            f"evaluation rows must have unique names; {twice} would appear twice (e.g. the zoo "
+            "model 'two_tower' is the run's own two-tower, already evaluated): drop it from "
+            "the `models` Param"
+        )
+
+
 def evaluate_run(
     run_dir: Path,
     k: int,
@@ -123,6 +136,7 @@ def evaluate_run(
     from mlkit.splits import Split
     from zoo.compare import fit_and_evaluate, log_fitted
 
+    check_unique_names([*BASELINES, *(zoo or {}), *models, *(scorers or {})])
     train, test, features = run_interactions(run_dir)
     split = Split(train, test, "run", PROTOCOL)
     rows, per_user = [], []

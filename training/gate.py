@@ -13,8 +13,9 @@ Rules (``decide``):
 2. Headline: paired per-user differences d_u = challenger_u - reference_u over the users both
    were evaluated on (they must be the same set). Promote only if the lower end of the
    percentile bootstrap CI of mean(d) is strictly above ``margin * mean(reference)``. The
-   margin is *relative*: 0.01 asks for at least 1% of the reference's mean with confidence
-   ``1 - alpha``; margin 0 asks for a gain whose CI excludes zero (a tie never promotes).
+   margin (default ``EvalConfig.promotion_margin``: one default) is *relative*: 0.01 asks
+   for at least 1% of the reference's mean with confidence ``1 - alpha``; margin 0 asks for
+   a gain whose CI excludes zero (a tie never promotes).
 3. Segments (against the reference of rule 1): for each protected segment, relative drop =
    (mean_ref - mean_challenger) / mean_ref over its paired users; a drop above ``tolerance``
    rejects, with the segment named in the reasons. An empty segment is reported and skipped;
@@ -37,6 +38,7 @@ import pandas as pd
 
 from mlkit.interactions import USER_IDX
 from mlkit.metrics import EvaluationResult, bootstrap_ci
+from shopml.config import EvalConfig
 
 DEFAULT_SEGMENTS: tuple[str, ...] = ("cold", "heavy", "long_tail")
 
@@ -148,9 +150,9 @@ def decide(
     baseline: Evaluated | None = None,
     *,
     metric: str = "ndcg",
-    margin: float = 0.01,
+    margin: float = EvalConfig.model_fields["promotion_margin"].default,
     segments: Sequence[str] = DEFAULT_SEGMENTS,
-    tolerance: float = 0.05,
+    tolerance: float = EvalConfig.model_fields["segment_tolerance"].default,
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,

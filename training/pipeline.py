@@ -7,6 +7,7 @@ between them as a file there (``mlflow_run_id``), never through XCom.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from functools import partial
@@ -15,11 +16,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from mlkit.interactions import Interactions
 from shopml import schema as S
 from shopml.config import Settings
+from shopml.feast_store import point_in_time_features
 from training import gate, registry
 from training.compress import quantize_int8
-from training.evaluate import evaluate_run, segments_of, write_results
+from training.evaluate import (
+    ScorerFactory,
+    check_unique_names,
+    evaluate_run,
+    segments_of,
+    write_results,
+)
 from training.train import train_two_tower
 
 SERVED = "two_stage"  # the evaluation row of the path `shopml serve` answers with
@@ -60,15 +69,29 @@ def compress(settings: Settings, ds: date) -> dict[str, object]:
     return {"int8": str(run_dir / "model_int8.pt")}
 
 
+def served_path(
+    settings: Settings, purchases: pd.DataFrame, model: torch.nn.Module, ranker: torch.nn.Module
+) -> ScorerFactory:
+    """The path ``shopml serve`` answers with (retrieval + ranker, ``mlkit.two_stage``),
+    replayed on the holdout with Feast's point-in-time features; tables know ``purchases``."""
+    from mlkit.two_stage import offline_engine, scorer
+
+    def factory(train: Interactions, test_users: pd.DataFrame) -> Callable:
+        engine = offline_engine(purchases, model, ranker.eval(), settings.serving)
+        return scorer(engine, train, test_users, partial(point_in_time_features, settings))
+
+    return factory
+
+
 def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     """Model, int8 copy, champion, baselines and the Params' zoo models on the same holdout."""
     import mlflow
 
-    from training.replay import two_stage_scorer
     from zoo import build
 
     run_dir = settings.paths.run(ds)
     zoo = {m: (m, settings.eval.model_configs.get(m, {})) for m in settings.eval.models}
+    check_unique_names(["two_tower", "two_tower_int8", SERVED, *zoo])
     for name, config in zoo.values():
         build(name, **config)  # unknown names and bad configs fail before anything is fitted
     models = {
@@ -79,14 +102,14 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     events = pd.read_parquet(run_dir / "train_events.parquet")
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]  # the tables know no held-out basket
     # the path `shopml serve` answers with: retrieval + ranker, point-in-time features
-    scorers = {SERVED: partial(two_stage_scorer, settings, purchases, models["two_tower"], ranker)}
+    scorers = {SERVED: served_path(settings, purchases, models["two_tower"], ranker)}
     champ = registry.champion_version(settings)
     if champ is not None:
         model, champion_ranker = registry.load_servable(settings, champ, run_dir / "champion")
         models[f"champion_v{champ}"] = model
         if champion_ranker is not None:  # versions registered before two-stage serving have none
-            scorers[f"champion_v{champ}_{SERVED}"] = partial(
-                two_stage_scorer, settings, purchases, model, champion_ranker
+            scorers[f"champion_v{champ}_{SERVED}"] = served_path(
+                settings, purchases, model, champion_ranker
             )
     k = settings.eval.k
     with mlflow.start_run(run_id=_run_id(settings, ds)):

