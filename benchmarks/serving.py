@@ -14,7 +14,7 @@ What it does, in order:
    published figure for its Python feature server;
 3. starts ``shopml serve`` as a separate process on a free port and waits for ``/readyz``;
 4. for each target rate drives ``GET /recommendations/{user_id}?k=10`` from a separate load
-   generator process (this module's ``_loadgen`` mode, open loop: see below), a share of them
+   generator process (``benchmarks.loadgen``, open loop: see below), a share of them
    (``--unknown-share``) for never-seen users, who get the cold-start popularity answer;
    scrapes ``/metrics`` before and after, and reports achieved
    throughput, p50/p95/p99, errors, the share of the handler's time in each serving stage and
@@ -34,7 +34,7 @@ the rate. The generator here is open loop and small (asyncio streams, HTTP/1.1 k
 dependency): request i is due at ``i / rate`` seconds, sent then whatever earlier requests are
 doing (up to ``MAX_CONNECTIONS`` at once), and its latency is measured from that due time, so a
 slow server cannot slow the schedule down and hide its own queue (no coordinated omission). It
-runs as a separate process (``python -m benchmarks.serving _loadgen ...``); the first
+runs as a separate process (``python -m benchmarks.loadgen ...``); the first
 ``WARMUP_S`` seconds (connections opening) are not measured; the generator's own CPU and how
 late it dispatched requests are reported, so a generator that could not keep up shows.
 
@@ -47,13 +47,11 @@ The gap between the client's mean latency and the handler's mean shows those.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import random
-import resource
 import shlex
 import shutil
 import signal
@@ -62,11 +60,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from benchmarks.loadgen import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, WARMUP_S
+from benchmarks.measure import STAGES, CpuMark, percentiles, scrape, stage_breakdown, summarize_load
 
 if TYPE_CHECKING:
     from shopml.config import Settings
@@ -92,15 +92,10 @@ ARTIFACT_CODE = (
     "shopml/schema.py",
 )
 
-STAGES = ("features", "retrieval", "filter", "ranking")
 FEAST_READS, FEAST_WARMUP = 2000, 200
 # Feast's published single-row p99 for its Python feature server (the figure in the issue).
 FEAST_PUBLISHED_P99_MS = 7.2
 TARGET_RATE, TARGET_P99_MS = 300, 30.0
-WARMUP_S = 2.0  # each rate runs this long before the measured --duration (connections open)
-MAX_CONNECTIONS = 512  # the generator's connection pool: more waiting requests queue for one
-REQUEST_TIMEOUT_S = 10.0  # a request without an answer by then counts as an error
-IDLE_REUSE_S = 3.0  # an idle connection older than this is closed, not reused (uvicorn: 5 s)
 # Thread counts of torch/MKL/faiss (OpenMP); the server inherits them, so they are reported.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 READY_TIMEOUT_S = 900  # the server reads every item's features from Feast before it is ready
@@ -131,11 +126,10 @@ def ensure_deployment(params: dict[str, object], rebuild: bool) -> dict[str, obj
     and re-materialize over old rows; a clean home is what a fresh environment looks like.
     The marker is written last, so an interrupted build is never reused.
     """
-    os.environ["SHOPML_HOME"] = str(HOME)  # before any Settings is built
     from serving.synthetic import deploy
     from shopml.config import load_settings
 
-    if not rebuild and MARKER.exists() and USERS_FILE.exists() and intact(load_settings()):
+    if not rebuild and MARKER.exists() and USERS_FILE.exists() and intact(load_settings(home=HOME)):
         marker = json.loads(MARKER.read_text())
         if marker.get("params") == params:
             return {**marker, "reused": True}
@@ -144,7 +138,9 @@ def ensure_deployment(params: dict[str, object], rebuild: bool) -> dict[str, obj
     HOME.mkdir(parents=True)
     print(f"building the synthetic deployment in {HOME} ({params}) ...", flush=True)
     started = time.perf_counter()
-    dep = deploy(load_settings(), **{k: v for k, v in params.items() if k != "code_sha256"})
+    dep = deploy(
+        load_settings(home=HOME), **{k: v for k, v in params.items() if k != "code_sha256"}
+    )
     seconds = round(time.perf_counter() - started, 1)
     USERS_FILE.write_text("\n".join(dep.user_ids) + "\n")
     marker = {
@@ -167,14 +163,6 @@ def intact(settings: Settings) -> bool:
 
 
 # --- Feast alone ---------------------------------------------------------------------------------
-def percentiles(ms: np.ndarray) -> dict[str, float]:
-    """p50/p95/p99 and mean in milliseconds (NaN when there is nothing to measure)."""
-    if len(ms) == 0:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "mean": float("nan")}
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(ms.mean())}
-
-
 def feast_latency(users: list[str], reads: int = FEAST_READS) -> dict[str, object]:
     """One-row ``get_online_features`` latency, in-process, with nothing else running.
 
@@ -187,7 +175,7 @@ def feast_latency(users: list[str], reads: int = FEAST_READS) -> dict[str, objec
     from shopml.config import load_settings
     from shopml.feast_store import open_store
 
-    store = open_store(load_settings())
+    store = open_store(load_settings(home=HOME))
     refs = [f"{USER_VIEW}:{f}" for f in S.USER_FEATURES]
     rng = random.Random(SEED)
     call, convert = np.empty(reads), np.empty(reads)
@@ -266,120 +254,6 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-# --- measurements around one step ---------------------------------------------------------------
-Samples = dict[tuple[str, frozenset], float]
-
-
-def scrape(base: str) -> Samples:
-    """Every sample of ``/metrics``, keyed by (name, labels)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples named ``name`` whose labels include ``labels`` (e.g. over arms)."""
-    want = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
-
-
-def label_values(samples: Samples, name: str, label: str) -> set[str]:
-    return {dict(lab)[label] for (n, lab) in samples if n == name and label in dict(lab)}
-
-
-@dataclass
-class CpuMark:
-    """CPU seconds so far: the server, finished children (the load generator), the machine."""
-
-    server: float
-    children: float
-    machine_busy: float
-    wall: float
-
-    @classmethod
-    def now(cls, server_pid: int) -> CpuMark:
-        import psutil
-
-        tick = os.sysconf("SC_CLK_TCK")
-        root = psutil.Process(server_pid)  # with --workers: the supervisor and its workers
-        server = 0.0
-        for proc in (root, *root.children(recursive=True)):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = proc.cpu_times()
-                server += times.user + times.system
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
-        return cls(server, usage.ru_utime + usage.ru_stime, busy, time.perf_counter())
-
-
-def stage_breakdown(before: Samples, after: Samples) -> dict[str, object]:
-    """Per-stage share of the handler's time, mean ranked candidates, fallbacks by reason."""
-
-    def delta(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
-
-    handler_s = delta("shopml_request_seconds_sum", endpoint="recommendations")
-    answered = delta("shopml_request_seconds_count", endpoint="recommendations")
-    shares = {
-        s: delta("shopml_stage_seconds_sum", stage=s) / handler_s if handler_s else 0.0
-        for s in STAGES
-    }
-    ranked_n = delta("shopml_candidates_count", source="ranked")
-    reasons = label_values(after, "shopml_fallbacks_total", "reason")
-    return {
-        "handler_requests": int(answered),
-        "handler_mean_ms": 1000 * handler_s / answered if answered else float("nan"),
-        "stage_share": shares,
-        "other_share": 1.0 - sum(shares.values()) if handler_s else 0.0,
-        "stage_mean_ms": {
-            s: 1000
-            * delta("shopml_stage_seconds_sum", stage=s)
-            / max(delta("shopml_stage_seconds_count", stage=s), 1)
-            for s in STAGES
-        },
-        "mean_ranked": delta("shopml_candidates_sum", source="ranked") / ranked_n
-        if ranked_n
-        else float("nan"),
-        "fallbacks": {r: int(delta("shopml_fallbacks_total", reason=r)) for r in sorted(reasons)},
-    }
-
-
-def summarize_load(path: Path, duration: float) -> dict[str, object]:
-    """Throughput, errors and latency of the requests due in the measured window.
-
-    Achieved throughput is answers (any status) over the time from the window's start to the
-    last of those answers (at least ``duration``): a server that falls behind finishes late,
-    and that lowers it. Latencies are of the 200s, from each request's due time.
-    """
-    data = json.loads(path.read_text())
-    rows = np.array(data["rows"], dtype=float).reshape(-1, 5)
-    due, latency, service, status, lag = rows.T
-    window = due >= data["warmup_s"]
-    answered, ok = window & (status > 0), window & (status == 200)
-    last = float((due + latency / 1000)[answered].max()) if answered.any() else 0.0
-    seconds = max(last - data["warmup_s"], duration)
-    codes, counts = np.unique(status[window].astype(int), return_counts=True)
-    return {
-        "requests": int(window.sum()),
-        "achieved_rps": float(answered.sum() / seconds),
-        "errors": int((window & (status != 200)).sum()),
-        "status_codes": {
-            ("no answer" if c == 0 else str(c)): int(n) for c, n in zip(codes, counts, strict=True)
-        },
-        "latency_ms": percentiles(latency[ok]),
-        "service_ms": percentiles(service[ok]),  # from the actual send, for comparison
-        "dispatch_lag_ms": percentiles(lag[window]),  # how late the generator itself was
-        "connections": data["connections"],
-    }
-
-
 def run_step(
     base: str, server: subprocess.Popen, rate: int, args: argparse.Namespace
 ) -> dict[str, object]:
@@ -395,12 +269,12 @@ def run_step(
         "--unknown-share": args.unknown_share,
         "--seed": SEED + rate,
         "--out": out,
+        "--users-file": USERS_FILE,
     }
     cmd = [
         sys.executable,
         "-m",
-        "benchmarks.serving",
-        "_loadgen",
+        "benchmarks.loadgen",
         *(str(x) for flag in flags.items() for x in flag),
     ]
     before, cpu0 = scrape(base), CpuMark.now(server.pid)
@@ -422,126 +296,6 @@ def run_step(
             "rest_of_machine": max(machine_cores - server_cores - loadgen_cores, 0.0),
         },
     }
-
-
-# --- the load generator (its own process) -------------------------------------------------------
-Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-class Connections:
-    """Keep-alive connections to the server, at most ``limit`` at once (the rest wait).
-
-    A connection idle for ``IDLE_REUSE_S`` or more is not reused: uvicorn closes idle ones
-    after 5 s, and a request sent on a connection the server is closing gets no answer (that
-    would be the generator's error, not the service's).
-    """
-
-    def __init__(self, host: str, port: int, limit: int) -> None:
-        self.host, self.port = host, port
-        self.idle: list[tuple[Conn, float]] = []  # (connection, when it was last used)
-        self.slots = asyncio.Semaphore(limit)
-        self.opened = 0
-
-    async def get(self) -> Conn:
-        await self.slots.acquire()
-        now = asyncio.get_running_loop().time()
-        while self.idle:
-            conn, used = self.idle.pop()
-            if now - used < IDLE_REUSE_S and not conn[0].at_eof():
-                return conn
-            conn[1].close()
-        try:
-            conn = await asyncio.open_connection(self.host, self.port)
-        except BaseException:
-            self.slots.release()
-            raise
-        self.opened += 1
-        return conn
-
-    def put(self, conn: Conn, reuse: bool) -> None:
-        if reuse:
-            self.idle.append((conn, asyncio.get_running_loop().time()))
-        else:
-            conn[1].close()
-        self.slots.release()
-
-
-async def fetch(pool: Connections, path: str, sent: list[float]) -> int:
-    """One GET over a pooled connection; the status code. Appends the send time to ``sent``."""
-    conn = await pool.get()
-    reuse = False
-    try:
-        reader, writer = conn
-        sent.append(asyncio.get_running_loop().time())
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {pool.host}\r\n\r\n".encode())
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
-        fields = dict(line.split(":", 1) for line in head.split("\r\n")[1:] if ":" in line)
-        await reader.readexactly(int(fields["content-length"]))
-        reuse = fields.get("connection", "").strip() != "close"
-        return int(head.split(" ", 2)[1])
-    finally:
-        pool.put(conn, reuse)
-
-
-async def drive(url: str, rate: float, paths: list[str]) -> dict[str, object]:
-    """Send ``paths[i]`` at ``i / rate`` s, each on time whatever the others are doing."""
-    host, port = url.removeprefix("http://").split(":")
-    pool = Connections(host, int(port), MAX_CONNECTIONS)
-    loop = asyncio.get_running_loop()
-    rows: list[tuple[float, float, float, int, float]] = []
-
-    async def one(due: float, path: str) -> None:
-        started, sent = loop.time(), []
-        try:
-            status = await asyncio.wait_for(fetch(pool, path, sent), REQUEST_TIMEOUT_S)
-        except (
-            TimeoutError,
-            OSError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            KeyError,
-            ValueError,
-        ):
-            status = 0  # no (readable) answer
-        done = loop.time()
-        send = sent[0] if sent else done
-        rows.append(
-            (due - t0, (done - due) * 1000, (done - send) * 1000, status, (started - due) * 1000)
-        )
-
-    t0 = loop.time() + 0.1
-    tasks = []
-    for i, path in enumerate(paths):
-        due = t0 + i / rate
-        if due > loop.time():
-            await asyncio.sleep(due - loop.time())
-        tasks.append(asyncio.create_task(one(due, path)))
-    await asyncio.gather(*tasks)
-    return {"rows": sorted(rows), "connections": pool.opened}
-
-
-def loadgen_main(argv: list[str]) -> None:
-    """``_loadgen`` mode: drive one rate, write every request to ``--out`` (JSON)."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serving _loadgen")
-    p.add_argument("--url", required=True)
-    p.add_argument("--rate", type=float, required=True)
-    p.add_argument("--duration", type=float, required=True)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--unknown-share", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    users = USERS_FILE.read_text().split()
-    rng = random.Random(args.seed)
-    n = int((WARMUP_S + args.duration) * args.rate)
-    paths = [
-        f"/recommendations/new-user-{rng.randrange(10**9)}?k={args.k}"
-        if rng.random() < args.unknown_share
-        else f"/recommendations/{rng.choice(users)}?k={args.k}"
-        for _ in range(n)
-    ]
-    result = asyncio.run(drive(args.url, args.rate, paths))
-    args.out.write_text(json.dumps({"rate": args.rate, "warmup_s": WARMUP_S, **result}))
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -753,7 +507,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["_loadgen"]:
-        loadgen_main(sys.argv[2:])
-    else:
-        main()
+    main()

@@ -15,10 +15,12 @@ it reads top to bottom like Horovod's PyTorch example, every distributed step na
 4. the epochs; each epoch's mean loss averaged across ranks with ``allreduce``, printed by
    rank 0 only.
 
-Ready for Horovod Elastic: the loop's state (model, optimizer, epoch, loss curve) lives in an
-``hvd.elastic.TorchState`` committed after every epoch. With ``LoopConfig.elastic`` the epochs
-run under ``hvd.elastic.run``, so a lost worker rolls every rank back to the last commit and
-training resumes on the survivors (launch with ``horovodrun --min-np``/``--host-discovery-script``).
+Ready for Horovod Elastic: the loop's state (model, optimizer, epoch, loss curve, best
+validation weights) lives in an ``hvd.elastic.TorchState`` committed after every epoch, and
+the epochs are one function of that state (``run_epochs``) that resumes from ``state.epoch``.
+Surviving a lost worker is then ``hvd.elastic.run(run_epochs)`` under an elastic launch
+(``horovodrun --min-np ... --host-discovery-script ...``), which rolls every rank back to the
+last commit; that launch is not wired yet.
 
 Run by :func:`mlkit.launch.train`: in process for one worker, else as
 ``horovodrun -np N --gloo python -m mlkit.loop SPEC OUT`` (this module's ``__main__``).
@@ -66,7 +68,6 @@ class LoopConfig:
     lr: float  # base learning rate, scaled by the number of workers
     weight_decay: float = 0.0
     seed: int = 42
-    elastic: bool = False
     name: str = "model"  # prefixes the allreduce names and the printed lines
 
 
@@ -133,7 +134,7 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
             state.epoch = epoch + 1
             state.commit()  # the point a lost worker rolls back to
 
-    (hvd.elastic.run(run_epochs) if cfg.elastic else run_epochs)(state)
+    run_epochs(state)
     if state.best is not None:
         net.load_state_dict(state.best)
     net.eval()

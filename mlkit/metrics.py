@@ -48,7 +48,7 @@ Beyond accuracy (over the recommended lists, excluded slots ignored):
                 Recommenders). Items nobody interacted with get p = 1 / n_users, i.e. they count
                 as novel as the rarest observed item (finite, and a lower bound).
 
-Ranker metrics: ``auc`` (ties count one half) and ``log_loss``.
+Confidence intervals: ``mlkit.bootstrap``.
 """
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from mlkit.beyond_accuracy import (
+    catalog_coverage,
+    default_item_vectors,
+    intra_list_diversity,
+    item_user_share,
+    novelty,
+)
+from mlkit.bootstrap import ConfidenceInterval, bootstrap_ci
 from mlkit.interactions import ITEM_IDX, USER_IDX, Interactions
 from shopml import schema as S
 
@@ -78,27 +86,6 @@ SEGMENTS: tuple[str, ...] = ("cold", "heavy", "long_tail", "mostly_long_tail")
 def metric_key(metric: str, k: int) -> str:
     """Summary/table key of a per-user metric column, e.g. ``("ap", 10) -> "map_at_10"``."""
     return f"{_SUMMARY_NAME.get(metric, metric)}_at_{k}"
-
-
-# --------------------------------------------------------------------------------------------
-# Scalar functions on id lists (kept for serving and training/evaluate.py)
-# --------------------------------------------------------------------------------------------
-
-
-def recall_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
-    """Share of the relevant items found in the top ``k``."""
-    if not relevant:
-        return 0.0
-    return len(set(ranked[:k]) & relevant) / len(relevant)
-
-
-def ndcg_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
-    """DCG of the top ``k`` over the ideal DCG of ``min(|relevant|, k)`` hits at the top."""
-    if not relevant:
-        return 0.0
-    dcg = sum(1.0 / math.log2(rank + 2) for rank, item in enumerate(ranked[:k]) if item in relevant)
-    ideal = sum(1.0 / math.log2(rank + 2) for rank in range(min(len(relevant), k)))
-    return dcg / ideal
 
 
 def rankings_per_user(
@@ -132,27 +119,6 @@ def rankings_per_user(
     )
     out = per_user_metrics(topk_idx, relevant, k)
     out.insert(0, S.USER_ID, users)
-    return out
-
-
-def evaluate_rankings(
-    rankings: Mapping[str, Sequence[str]], truth: Mapping[str, set[str]], k: int
-) -> dict[str, float]:
-    """Mean metrics at ``k`` over the users in ``truth`` (a missing ranking scores 0).
-
-    Keys: ``recall_at_k``, ``ndcg_at_k``, ``users`` (as always) plus ``hr_at_k``,
-    ``precision_at_k``, ``mrr_at_k``, ``map_at_k`` and ``map_full_at_k`` (module docstring).
-    """
-    if not truth:
-        raise ValueError("no users to evaluate: the holdout is empty")
-    per_user = rankings_per_user(rankings, truth, k)
-    out = {
-        f"recall_at_{k}": float(per_user["recall"].mean()),
-        f"ndcg_at_{k}": float(per_user["ndcg"].mean()),
-        "users": float(len(per_user)),
-    }
-    for m in RANKING_METRICS:
-        out.setdefault(metric_key(m, k), float(per_user[m].mean()))
     return out
 
 
@@ -287,180 +253,6 @@ def per_user_metrics(
             }
         )
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Beyond accuracy
-# --------------------------------------------------------------------------------------------
-
-
-def catalog_coverage(topk_idx: np.ndarray, n_items: int) -> float:
-    """Distinct recommended items over the catalog size (empty slots ignored)."""
-    if n_items <= 0:
-        raise ValueError("n_items must be positive")
-    items = np.unique(topk_idx[topk_idx >= 0])
-    return len(items) / n_items
-
-
-def default_item_vectors(train: Interactions) -> sparse.csr_matrix:
-    """Each item's binary column of the training user x item matrix, as an item x user CSR."""
-    m = train.matrix.T.tocsr()
-    m.data = (m.data != 0).astype(np.float32)
-    m.eliminate_zeros()
-    return m
-
-
-def intra_list_diversity(
-    topk_idx: np.ndarray, item_vectors: np.ndarray | sparse.spmatrix
-) -> np.ndarray:
-    """Per user: mean pairwise (1 - cosine similarity) of the recommended items.
-
-    Vectorized: with unit vectors, the sum of pairwise similarities over ordered pairs of a
-    list is ``|sum v|^2 - sum |v|^2``, so one sparse product gives every user's value. NaN for
-    lists with fewer than two items. Zero vectors have similarity 0 to everything.
-    """
-    n, k = topk_idx.shape
-    n_items = item_vectors.shape[0]
-    if sparse.issparse(item_vectors):
-        v = sparse.csr_matrix(item_vectors, dtype=np.float64)
-        norms = np.sqrt(np.asarray(v.multiply(v).sum(axis=1)).ravel())
-        unit = sparse.diags(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)) @ v
-    else:
-        v = np.asarray(item_vectors, dtype=np.float64)
-        norms = np.linalg.norm(v, axis=1)
-        unit = v / np.where(norms > 0, norms, 1.0)[:, None]
-    valid = topk_idx >= 0
-    rows = np.repeat(np.arange(n), k)[valid.ravel()]
-    cols = topk_idx.ravel()[valid.ravel()]
-    pick = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n_items))
-    summed = pick @ unit
-    if sparse.issparse(summed):
-        sq = np.asarray(summed.multiply(summed).sum(axis=1)).ravel()
-    else:
-        sq = np.einsum("ij,ij->i", summed, summed)
-    with_vector = np.asarray(pick @ (norms > 0).astype(np.float64)).ravel()
-    length = valid.sum(axis=1)
-    pairs = length * (length - 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(pairs > 0, 1.0 - (sq - with_vector) / pairs, np.nan)
-
-
-def item_user_share(train: Interactions) -> np.ndarray:
-    """p(i): share of the training users who interacted with item i (floor 1 / n_users)."""
-    ev = train.events
-    n_users = max(int(ev[USER_IDX].nunique()), 1)
-    pairs = ev[[USER_IDX, ITEM_IDX]].drop_duplicates()
-    users_per_item = np.bincount(pairs[ITEM_IDX].to_numpy(), minlength=train.n_items)
-    return np.maximum(users_per_item, 1) / n_users
-
-
-def novelty(topk_idx: np.ndarray, share: np.ndarray) -> np.ndarray:
-    """Per user: mean -log2 p(i) over the recommended items (NaN for an empty list)."""
-    valid = topk_idx >= 0
-    bits = np.where(valid, -np.log2(share[np.where(valid, topk_idx, 0)]), 0.0)
-    length = valid.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(length > 0, bits.sum(axis=1) / length, np.nan)
-
-
-# --------------------------------------------------------------------------------------------
-# Ranker metrics
-# --------------------------------------------------------------------------------------------
-
-
-def _binary_labels(labels: Any, n: int) -> np.ndarray:
-    y = np.asarray(labels)
-    if y.shape != (n,):
-        raise ValueError(f"labels have shape {y.shape}, expected ({n},)")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0/1")
-    return y.astype(bool)
-
-
-def auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
-    """ROC AUC: the probability that a random positive outscores a random negative.
-
-    Mann-Whitney form with average ranks, so a tied (positive, negative) pair counts 1/2.
-    """
-    from scipy.stats import rankdata
-
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or len(s) == 0:
-        raise ValueError("scores must be a non-empty 1-d array")
-    y = _binary_labels(labels, len(s))
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both positive and negative labels")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def log_loss(
-    labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray, eps: float = 1e-15
-) -> float:
-    """Mean binary cross-entropy (natural log); probabilities clipped to [eps, 1 - eps]."""
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 1 or len(p) == 0:
-        raise ValueError("probs must be a non-empty 1-d array")
-    if ((p < 0) | (p > 1) | np.isnan(p)).any():
-        raise ValueError("probs must lie in [0, 1]")
-    y = _binary_labels(labels, len(p))
-    p = np.clip(p, eps, 1 - eps)
-    return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
-
-
-# --------------------------------------------------------------------------------------------
-# Bootstrap
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfidenceInterval:
-    """Percentile bootstrap interval of a mean over users."""
-
-    mean: float
-    low: float
-    high: float
-    alpha: float
-    n_boot: int
-
-
-def bootstrap_means(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """``n_boot`` means of resamples (with replacement) of ``values``; seeded, deterministic.
-
-    Resampling is chunked so memory stays bounded for large user counts.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim != 1 or len(v) == 0:
-        raise ValueError("bootstrap needs a non-empty 1-d array of per-user values")
-    if np.isnan(v).any():
-        raise ValueError("per-user values contain NaN")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    rng = np.random.default_rng(seed)
-    n = len(v)
-    chunk = max(1, 2_000_000 // n)
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        means[start:stop] = v[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    return means
-
-
-def bootstrap_ci(
-    values: Sequence[float] | np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> ConfidenceInterval:
-    """Percentile ``1 - alpha`` CI of the mean of per-user ``values`` (resampling users).
-
-    Users, not events, are resampled because users are the independent unit: one heavy user's
-    items are correlated. Pass per-user differences to get a paired interval.
-    """
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    v = np.asarray(values, dtype=np.float64)
-    means = bootstrap_means(v, n_boot, seed)
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return ConfidenceInterval(float(v.mean()), float(low), float(high), alpha, n_boot)
 
 
 # --------------------------------------------------------------------------------------------

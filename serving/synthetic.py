@@ -124,9 +124,9 @@ def register_version(
     """A randomly initialised two-tower and ranker over the data, registered with its serving
     artifacts; ``alias`` (when given) points at it. Returns the version."""
     from served_model.bundle import write_artifacts
+    from served_model.ranker import Ranker
     from served_model.two_tower import TwoTower
     from training import registry
-    from served_model.ranker import Ranker
 
     torch.manual_seed(seed)
     popular = purchases[S.ITEM_ID].value_counts().index[:1000].tolist()

@@ -78,11 +78,6 @@ class TrainConfig(BaseModel):
     ranker_validation_share: float = Field(
         0.1, gt=0, lt=1, description="serving ranker: share of users that picks the best epoch"
     )
-    elastic: bool = Field(
-        False,
-        description="run the Horovod loop under hvd.elastic.run (state restored from the last "
-        "epoch commit when a worker is lost); needs horovodrun's elastic launch",
-    )
     seed: int = 42
 
 

@@ -124,7 +124,7 @@ def mean_ranking_metrics(
     ranked_col: str = "ranked",
     item_col: str = S.ITEM_ID,
 ) -> dict[str, float]:
-    """Means over truth users, keyed like ``mlkit.metrics.evaluate_rankings``."""
+    """Means over truth users, keyed by ``mlkit.metrics.metric_key`` (and ``users``)."""
     from pyspark.sql import functions as F
 
     from mlkit.metrics import metric_key

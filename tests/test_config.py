@@ -28,6 +28,44 @@ def test_nested_env_and_params_override(monkeypatch, tmp_path):
     assert s.eval.promotion_margin == 0.05
 
 
+def test_every_dag_param_reaches_its_settings_field(monkeypatch):
+    from shopml.config import PARAM_FIELDS
+
+    monkeypatch.setenv("SHOPML_LAND__SOURCE", "/from/env")
+    params = {
+        "source": "/retailer/export",
+        "max_users": 7,
+        "epochs": 2,
+        "workers": 1,
+        "promotion_margin": 0.02,
+        "models": ["ease"],
+        "model_configs": {"ease": {"l2": 10.0}},
+    }
+    assert set(params) == set(PARAM_FIELDS)  # a new Param needs its field here
+    s = settings_from_params(params)
+    for param, (section, field) in PARAM_FIELDS.items():
+        assert getattr(getattr(s, section), field) == params[param], param
+    # an empty Param keeps the environment's value; a bad one fails with the field's message
+    assert settings_from_params({"source": None}).land.source == "/from/env"
+    with pytest.raises(ValidationError, match="max_users"):
+        settings_from_params({"max_users": 0})
+
+
+def test_the_dag_declares_exactly_the_params_settings_read():
+    import ast
+    from pathlib import Path
+
+    from shopml.config import PARAM_FIELDS
+
+    dag = Path(__file__).resolve().parents[1] / "dags" / "nightly_retrain.py"
+    tree = ast.parse(dag.read_text())
+    params = next(
+        n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "PARAMS"
+    )
+    declared = {k.value for k in params.keys}
+    assert declared - {"precompute_k"} == set(PARAM_FIELDS)  # precompute_k: the batch task's
+
+
 def test_invalid_values_are_rejected():
     with pytest.raises(ValidationError):
         load_settings(train={"epochs": 0})

@@ -7,29 +7,34 @@ from scipy import sparse
 
 from mlkit import metrics as M
 from mlkit.interactions import from_events
-from mlkit.metrics import evaluate_rankings, ndcg_at_k, recall_at_k
 from shopml import schema as S
 
 
+def recall_at_k(ranked, relevant, k):
+    """Naive reference: share of the relevant items found in the top k."""
+    return len(set(ranked[:k]) & relevant) / len(relevant) if relevant else 0.0
+
+
+def ndcg_at_k(ranked, relevant, k):
+    """Naive reference: DCG of the top k over the ideal DCG of min(|relevant|, k) hits."""
+    if not relevant:
+        return 0.0
+    dcg = sum(1.0 / math.log2(r + 2) for r, item in enumerate(ranked[:k]) if item in relevant)
+    return dcg / sum(1.0 / math.log2(r + 2) for r in range(min(len(relevant), k)))
+
+
 def test_recall_and_ndcg_by_hand():
-    ranked = ["a", "b", "c", "d"]
     relevant = {"b", "d", "z"}
-    assert recall_at_k(ranked, relevant, 2) == pytest.approx(1 / 3)
-    assert recall_at_k(ranked, relevant, 4) == pytest.approx(2 / 3)
+    out = M.rankings_per_user({"u": ["a", "b", "c", "d"], "v": ["z", "b", "d"]},
+                              {"u": relevant, "v": relevant, "w": {"b"}}, 4)  # fmt: skip
+    out = out.set_index(S.USER_ID)
+    assert out.loc["u", "recall"] == pytest.approx(2 / 3)
     # hits at ranks 2 and 4 (1-based): 1/log2(3) + 1/log2(5); ideal: 3 hits at top.
     dcg = 1 / math.log2(3) + 1 / math.log2(5)
     idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)
-    assert ndcg_at_k(ranked, relevant, 4) == pytest.approx(dcg / idcg)
-    assert ndcg_at_k(["z", "b", "d"], relevant, 3) == pytest.approx(1.0)
-    assert ndcg_at_k(ranked, set(), 3) == 0.0
-
-
-def test_evaluate_rankings_scores_missing_users_zero():
-    out = evaluate_rankings({"u1": ["a"]}, {"u1": {"a"}, "u2": {"b"}}, 1)
-    assert out["recall_at_1"] == pytest.approx(0.5)
-    assert out["ndcg_at_1"] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="holdout is empty"):
-        evaluate_rankings({}, {}, 10)
+    assert out.loc["u", "ndcg"] == pytest.approx(dcg / idcg)
+    assert out.loc["v", "ndcg"] == pytest.approx(1.0)
+    assert out.loc["w", "ndcg"] == 0.0  # no ranking at all scores 0
 
 
 def _events(rows):
@@ -186,32 +191,6 @@ def test_rankings_per_user_agrees_with_the_scalar_functions_on_a_seeded_random_c
         assert row["mrr"] == pytest.approx(1 / ranks[0] if ranks else 0.0)
         assert row["hr"] == float(bool(ranks))
         assert row["precision"] == pytest.approx(len(ranks) / k)
-    means = evaluate_rankings(rankings, truth, k)
-    assert means["recall_at_10"] == pytest.approx(out["recall"].mean())
-    assert means["map_at_10"] == pytest.approx(out["ap"].mean())
-    assert {"hr_at_10", "precision_at_10", "mrr_at_10", "map_full_at_10"} <= set(means)
-
-
-def test_auc_and_log_loss_by_hand():
-    # positives score 0.9 and 0.4, negatives 0.3 and 0.4. Pairs (pos, neg):
-    # (0.9, 0.3) 1, (0.9, 0.4) 1, (0.4, 0.3) 1, (0.4, 0.4) tie 1/2 -> 3.5 / 4 = 0.875
-    assert M.auc([1, 0, 1, 0], [0.9, 0.3, 0.4, 0.4]) == pytest.approx(0.875)
-    assert M.auc([1, 0], [0.1, 0.2]) == 0.0
-    # -(ln 0.8 + ln(1 - 0.4)) / 2 = (0.223144 + 0.510826) / 2 = 0.366985
-    assert M.log_loss([1, 0], [0.8, 0.4]) == pytest.approx(0.366985, abs=1e-6)
-    with pytest.raises(ValueError, match="both positive and negative"):
-        M.auc([1, 1], [0.2, 0.3])
-    with pytest.raises(ValueError, match="0/1"):
-        M.log_loss([2, 0], [0.5, 0.5])
-
-
-def test_auc_and_log_loss_agree_with_scikit_learn():
-    sk = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(11)
-    y = rng.integers(0, 2, 200)
-    p = np.round(rng.random(200), 2)  # rounded: ties on purpose
-    assert M.auc(y, p) == pytest.approx(sk.roc_auc_score(y, p))
-    assert M.log_loss(y, p.clip(0.01, 0.99)) == pytest.approx(sk.log_loss(y, p.clip(0.01, 0.99)))
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
@@ -397,7 +376,8 @@ def test_spark_metrics_equal_the_python_metrics_on_a_seeded_random_case(spark):
     for col in ("n_relevant", "hits", *METRICS):
         np.testing.assert_allclose(got[col].to_numpy(float), expected[col].to_numpy(float))
     means = mean_ranking_metrics(ranked_df, truth_df, k)
-    python = evaluate_rankings(rankings, truth, k)
+    python = {M.metric_key(m, k): float(expected[m].mean()) for m in METRICS}
+    python["users"] = float(len(expected))
     assert means.keys() <= python.keys()
     for key, value in means.items():
         assert value == pytest.approx(python[key])

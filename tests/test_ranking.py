@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from shopml import schema as S
 from served_model.ranker import ranker_inputs
+from shopml import schema as S
 
 
 def _ts(day: int, second: int = 0) -> pd.Timestamp:

@@ -246,21 +246,25 @@ def test_request_logs_are_json_lines(client, deployment, caplog):
 
 def test_feast_or_index_unavailable_degrades_to_popularity_and_is_counted(deployment):
     from fastapi.testclient import TestClient
-    from feast import FeatureStore
 
     from served_model.features import OnlineFeatures
     from serving.app import create_app
-    from shopml.feast_store import FEATURE_REPO, store_yaml
+    from shopml.feast_store import open_store
 
     settings, dep = deployment
+    # the same registry, but an online store path that is a directory: every read fails
+    broken = settings.model_copy(
+        update={
+            "home": settings.paths.home / "broken",
+            "feast": settings.feast.model_copy(update={"registry": settings.feast_registry}),
+        }
+    )
+    (broken.paths.feast / "online.db").mkdir(parents=True, exist_ok=True)
     user = dep.user_ids[0]
     with TestClient(create_app(settings)) as client:
         engine = client.app.state.holder.arms["champion"].engine
         served = engine.features
-        os.environ["SHOPML_FEAST_ONLINE_PATH"] = str(settings.paths.home)  # a directory
-        engine.features = OnlineFeatures(
-            FeatureStore(repo_path=str(FEATURE_REPO), fs_yaml_file=store_yaml(settings))
-        )
+        engine.features = OnlineFeatures(open_store(broken))
         reason = 'shopml_fallbacks_total{arm="champion",reason="feast_unavailable"}'
         before = _metric(client, reason)
         r = client.get(f"/recommendations/{user}", params={"k": 5})

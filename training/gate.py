@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlkit.bootstrap import bootstrap_ci
 from mlkit.interactions import USER_IDX
-from mlkit.metrics import EvaluationResult, bootstrap_ci
+from mlkit.metrics import EvaluationResult
 from shopml.config import EvalConfig
 
 DEFAULT_SEGMENTS: tuple[str, ...] = ("cold", "heavy", "long_tail")

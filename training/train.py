@@ -57,7 +57,6 @@ def train_two_tower(settings: Settings, run_dir: Path) -> tuple[TwoTower, Curve]
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
-        elastic=cfg.elastic,
         name="two_tower",
     )
     task = TwoTowerTask(run_dir, cfg.dim, cfg.negatives)

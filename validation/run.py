@@ -9,7 +9,6 @@ every run is written under ``SHOPML_HOME/gx``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,9 +49,11 @@ class SuiteReport:
 
 
 def _context(settings: Settings):
+    """The file-backed GX project under SHOPML_HOME. Analytics stay off through
+    ``GX_ANALYTICS_ENABLED=false``, set where processes start (scripts/env.sh, the image, the
+    chart's profile ConfigMap), since GX reads it when it is imported."""
     import great_expectations as gx
 
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phoning home from the pipeline
     root = settings.paths.data_docs
     root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(root))
