@@ -79,10 +79,23 @@ def load_pickled(path: Path) -> Any:
 
 
 def load_model_dir(local: Path) -> TwoTower:
-    """The two-tower of a downloaded MLflow version directory, of any bundle format."""
+    """The two-tower of a downloaded MLflow version directory, of any bundle format.
+
+    MLflow warns whenever the unpickler is not the module that saved the model
+    (``mlflow.pytorch.pickle_module``); ours reads the same pickles, so that warning is muted
+    for this call only.
+    """
+    import logging
+
     import mlflow
 
-    return mlflow.pytorch.load_model(str(local), pickle_module=compat_pickle)
+    logger = logging.getLogger("mlflow.pytorch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return mlflow.pytorch.load_model(str(local), pickle_module=compat_pickle)
+    finally:
+        logger.setLevel(level)
 
 
 def format_version(files: Path) -> int:

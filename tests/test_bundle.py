@@ -48,3 +48,18 @@ def test_format_version_is_read_from_the_manifest(tmp_path):
     (tmp_path / bundle.MANIFEST_FILE).write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="newer than this ShopML reads"):
         bundle.format_version(tmp_path)
+
+
+def test_a_format_1_mlflow_version_loads(tmp_path, monkeypatch):
+    """The two-tower as MLflow logged it before the redesign (class under training.model)."""
+    import mlflow
+
+    model = TwoTower(["u1"], ["a", "b"], ["a"], dim=4)
+    legacy = types.ModuleType("training.model")
+    legacy.TwoTower = TwoTower
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "training.model", legacy)
+        m.setattr(TwoTower, "__module__", "training.model")
+        mlflow.pytorch.save_model(model, str(tmp_path / "v1"), serialization_format="pickle")
+    loaded = bundle.load_model_dir(tmp_path / "v1")
+    assert isinstance(loaded, TwoTower) and loaded.item_ids == ["a", "b"]
