@@ -102,10 +102,9 @@ SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs" / "jobs.py"
 
 def _spark_config():
     """The SparkConfig of the environment (pydantic only: no engine is touched at parse time)."""
-    from shopml.config import SparkConfig, load_settings
+    from shopml.config import load_settings
 
-    spark: SparkConfig = load_settings().spark
-    return spark
+    return load_settings().spark
 
 
 def _spark_submit(task_id: str, conn_id: str, *args: str):

@@ -169,8 +169,7 @@ def fit_ranker(
 ) -> tuple[Ranker, Curve]:
     """Train the ranker in this process with the one loop; returns it and its curve."""
     cfg = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, name="ranker")
-    ranker, curve = launch(RankerTask(x, y, validation), cfg, workers=1)
-    return ranker.eval(), curve
+    return launch(RankerTask(x, y, validation), cfg, workers=1)  # the loop returns it in eval
 
 
 def scorer(
@@ -193,14 +192,15 @@ def scorer(
         rows = rows[pos[rows[CAND].to_numpy(np.int64)] >= 0]  # items the run lacks
         if rows.empty:
             return out
+        cand = rows[CAND].to_numpy(np.int64)
         scores = engine.score(
-            rows[CAND].to_numpy(np.int64),
+            cand,
             rows[list(HISTORY_FEATURES)].to_numpy(np.float32),
             rows[list(S.USER_FEATURES)].to_numpy(np.float32),
             rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
         )
         row_of = {u: i for i, u in enumerate(ids)}
-        out[rows[S.USER_ID].map(row_of).to_numpy(), pos[rows[CAND].to_numpy(np.int64)]] = scores
+        out[rows[S.USER_ID].map(row_of).to_numpy(), pos[cand]] = scores
         return out
 
     return score

@@ -70,7 +70,6 @@ class _Unpickler(pickle.Unpickler):
 compat_pickle = types.ModuleType("shopml_compat_pickle")
 compat_pickle.Unpickler = _Unpickler  # type: ignore[attr-defined]
 compat_pickle.load = lambda f, **kw: _Unpickler(f, **kw).load()  # type: ignore[attr-defined]
-compat_pickle.__dict__.update(dumps=pickle.dumps, loads=pickle.loads, dump=pickle.dump)
 
 
 def load_pickled(path: Path) -> Any:

@@ -138,3 +138,15 @@ def test_embedded_rejects_the_redis_online_store(monkeypatch, tmp_path):
     monkeypatch.setenv("SHOPML_FEAST__ONLINE_STORE", "redis")
     with pytest.raises(ValidationError, match="profile=production"):
         load_settings()
+
+
+def test_opening_the_feast_store_leaves_the_environment_alone(settings):
+    import os
+
+    from shopml.feast_store import open_store
+
+    before = dict(os.environ)
+    store = open_store(settings)
+    assert dict(os.environ) == before
+    assert store.config.project == settings.feast.project
+    assert store.config.online_store.path == str(settings.paths.feast / "online.db")

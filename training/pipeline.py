@@ -24,7 +24,6 @@ from training import gate, registry
 from training.compress import quantize_int8
 from training.evaluate import (
     ScorerFactory,
-    check_unique_names,
     evaluate_run,
     segments_of,
     write_results,
@@ -91,7 +90,6 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
 
     run_dir = settings.paths.run(ds)
     zoo = {m: (m, settings.eval.model_configs.get(m, {})) for m in settings.eval.models}
-    check_unique_names(["two_tower", "two_tower_int8", SERVED, *zoo])
     for name, config in zoo.values():
         build(name, **config)  # unknown names and bad configs fail before anything is fitted
     models = {

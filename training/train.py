@@ -60,5 +60,4 @@ def train_two_tower(settings: Settings, run_dir: Path) -> tuple[TwoTower, Curve]
         name="two_tower",
     )
     task = TwoTowerTask(run_dir, cfg.dim, cfg.negatives)
-    net, curve = launch(task, loop, cfg.workers, env=service_environment(settings))
-    return net, curve
+    return launch(task, loop, cfg.workers, env=service_environment(settings))

@@ -86,7 +86,6 @@ class _ZooTask:
         return self.model.build(self.data)
 
     def dataset(self, net: nn.Module) -> torch.utils.data.Dataset:
-        self.model.net = net
         return self.model.examples(self.data)
 
     def loss(self, net: nn.Module, batch: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
