@@ -16,5 +16,18 @@ fi
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps recbole==1.2.1
 bash scripts/build_horovod.sh .venv/bin/python
 bash scripts/fetch_tools.sh >/dev/null  # helm for tests/test_helm.py (cached outside the clone)
+# Data Docs' CSS/JS from their npm distributions, pinned + checksummed (validation/data_docs.py)
+.venv/bin/python -m validation.data_docs fetch >/dev/null
+# The browser test (tests/test_browser.py) drives Debian's Chromium with its chromedriver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [[ "$(id -u)" == 0 ]]; then
+    apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+  else
+    echo "setup: install Debian's chromium and chromium-driver (sudo apt-get install" \
+      "chromium chromium-driver) for tests/test_browser.py" >&2
+    exit 1
+  fi
+fi
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .
 .venv/bin/python -c "import torch, horovod.torch, pyspark, feast, great_expectations, mlflow, airflow; print('shopml: environment ready (torch', torch.__version__ + ', pyspark', pyspark.__version__ + ')')"

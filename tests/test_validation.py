@@ -5,7 +5,7 @@ import pytest
 
 from shopml import schema as S
 from validation import suites
-from validation.run import validate_frame
+from validation.run import site_dir, validate_frame
 
 
 def _events(n=200, null_users_on=None):
@@ -27,9 +27,28 @@ def _events(n=200, null_users_on=None):
 def test_clean_events_pass(settings):
     report = validate_frame(settings, "raw_events", suites.raw_events(), _events(), S.EVENT_DATE)
     assert report.success and not report.failures
-    assert (
-        settings.paths.data_docs / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
-    ).exists()
+    assert (site_dir(settings) / "index.html").exists()
+
+
+def test_data_docs_name_the_date_and_table_and_load_nothing_remote(settings):
+    """Run name = the logical date's run, asset = the lake table, every asset local."""
+    import datetime
+
+    ds = datetime.date(2025, 1, 3)
+    table = "lake/raw/events/ds=2025-01-03"
+    validate_frame(settings, "raw_events", suites.raw_events(), _events(), S.EVENT_DATE,
+                   ds=ds, table=table)  # fmt: skip
+    (page,) = (site_dir(settings) / "validations" / "raw_events" / "nightly-2025-01-03").rglob(
+        "*.html"
+    )
+    html = page.read_text()
+    assert f"Data asset: {table}" in html
+    for site_page in (page, site_dir(settings) / "index.html"):
+        text = site_page.read_text()
+        assert "static/vendor/jquery@3.7.1/dist/jquery.min.js" in text
+        for cdn in ("unpkg.com", "cdnjs.cloudflare.com", "jsdelivr.net", "bootstrapcdn.com",
+                    "code.jquery.com", "amazonaws.com"):  # fmt: skip
+            assert cdn not in text, (site_page, cdn)
 
 
 def test_null_user_ids_fail_and_name_column_and_partition(settings):

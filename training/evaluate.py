@@ -123,18 +123,17 @@ def evaluate_run(
     k: int,
     models: dict[str, TwoTower],
     zoo: dict[str, tuple[str, dict[str, Any]]] | None = None,
-    log_zoo: bool = False,
     scorers: dict[str, ScorerFactory] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, per-user frame): baselines, the run's models and the zoo on the same holdout.
 
     Zoo models are fitted here on the run's training events (they need no Horovod launch or
-    Feast features); ``log_zoo`` logs each as a nested MLflow run of the active run.
+    Feast features); ``training.report`` logs every row as a nested MLflow run.
     ``scorers`` are other scoring paths (e.g. the served two-stage one), each built from the
     run's (train, test users' point-in-time features).
     """
     from mlkit.splits import Split
-    from zoo.compare import fit_and_evaluate, log_fitted
+    from zoo.compare import fit_and_evaluate
 
     check_unique_names([*BASELINES, *(zoo or {}), *models, *(scorers or {})])
     train, test, features = run_interactions(run_dir)
@@ -145,8 +144,6 @@ def evaluate_run(
         fitted = fit_and_evaluate(name, config, split, k, exclude_seen=False)
         fitted.name = label
         protocol = fitted.result.protocol
-        if log_zoo and label not in BASELINES:
-            log_fitted(fitted)
         rows.append(_row(label, fitted.result) | {"size_mb": fitted.size_bytes / 1e6})
         per_user.append(per_user_frame(label, fitted.result))
     for name, model in models.items():

@@ -20,7 +20,7 @@ from mlkit.interactions import Interactions
 from shopml import schema as S
 from shopml.config import Settings
 from shopml.feast_store import point_in_time_features
-from training import gate, registry
+from training import gate, registry, report
 from training.compress import quantize_int8
 from training.evaluate import (
     ScorerFactory,
@@ -31,6 +31,19 @@ from training.evaluate import (
 from training.train import train_two_tower
 
 SERVED = "two_stage"  # the evaluation row of the path `shopml serve` answers with
+
+
+def role_of(model: str, zoo: set[str]) -> str:
+    """The role of an evaluation row (``training.report`` tags and colours runs by it)."""
+    if model == SERVED:
+        return "served"
+    if model.startswith("champion_v"):
+        return "champion"
+    if model in zoo:
+        return "zoo"
+    if model.endswith("_int8"):
+        return "compressed"
+    return "retrieval" if model == "two_tower" else "baseline"
 
 
 class PromotionRefused(Exception):
@@ -110,15 +123,17 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
                 settings, purchases, model, champion_ranker
             )
     k = settings.eval.k
+    table, per_user = evaluate_run(run_dir, k, models, zoo, scorers=scorers)
+    table.insert(1, "role", [role_of(m, set(zoo)) for m in table["model"]])
+    write_results(table, per_user, run_dir)
+    curves = {
+        "two-tower (train loss)": json.loads((run_dir / "loss_curve.json").read_text()),
+        "ranker": json.loads((run_dir / "ranker_loss.json").read_text())["curve"],
+    }
+    configs = {label: config for label, (_, config) in zoo.items()}
     with mlflow.start_run(run_id=_run_id(settings, ds)):
-        table, per_user = evaluate_run(run_dir, k, models, zoo, log_zoo=True, scorers=scorers)
-        write_results(table, per_user, run_dir)
-        for row in table.to_dict("records"):
-            for metric in (f"recall_at_{k}", f"ndcg_at_{k}", "size_mb", "latency_ms"):
-                if pd.notna(row.get(metric)):
-                    mlflow.log_metric(f"{row['model']}.{metric}", float(row[metric]))
-        mlflow.log_table(table, "evaluation.json")
-    cols = ["model", f"ndcg_at_{k}", f"recall_at_{k}", f"ndcg_at_{k}_ci_low",
+        report.log_evaluation(table, k, ds.isoformat(), SERVED, configs, curves)
+    cols = ["model", "role", f"ndcg_at_{k}", f"recall_at_{k}", f"ndcg_at_{k}_ci_low",
             f"ndcg_at_{k}_ci_high", "size_mb", "latency_ms"]  # fmt: skip
     print(table[[c for c in cols if c in table]].to_string(index=False))
     return table
@@ -179,13 +194,20 @@ def promote(settings: Settings, ds: date) -> Decision:
 
     run_id = _run_id(settings, ds)
     model = torch.load(run_dir / "model.pt", weights_only=False)
+    example = pd.read_parquet(run_dir / "test_users.parquet").head(2)
+    example = example[[S.USER_ID, *model.feature_names]].astype({S.USER_ID: str})
     uri = registry.log_model(
-        settings, run_id, model, "model", extra_files=serving_artifacts(settings, ds, model)
+        settings, run_id, model, "model", serving_artifacts(settings, ds, model), example
     )
     registry.log_model(
-        settings, run_id, torch.load(run_dir / "model_int8.pt", weights_only=False), "model_int8"
+        settings,
+        run_id,
+        torch.load(run_dir / "model_int8.pt", weights_only=False),
+        "model_int8",
+        input_example=example,
     )
-    version = registry.register(settings, uri, run_id)
+    tags = {"ds": ds.isoformat(), "evaluated_as": candidate}
+    version = registry.register(settings, uri, run_id, tags)
     ratio = ndcg / float(table.loc["personal_top_frequency", metric])
     if verdict.promote:
         registry.set_champion(settings, version)
@@ -193,11 +215,23 @@ def promote(settings: Settings, ds: date) -> Decision:
     else:
         reason = "NOT promoted: " + "; ".join(verdict.reasons)
     decision = Decision(version, verdict.promote, reason, ndcg, ratio, verdict.to_dict())
+    description = report.decision_markdown(
+        verdict, table.reset_index(), k, ds.isoformat(), candidate, version
+    )
+    registry.describe_version(settings, version, description)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metric("promoted", float(decision.promoted))
         mlflow.log_metric("ratio_to_personal_top_frequency", ratio)
-        mlflow.set_tag("promotion", reason[:5000])
+        mlflow.set_tags({
+            "promotion": "promoted" if decision.promoted else "not promoted",
+            "model_version": version,
+            "mlflow.note.content": description,  # the run's description: the whole reason
+        })  # fmt: skip
         mlflow.log_dict(verdict.to_dict(), "promotion.json")
+        mlflow.log_figure(
+            report.gate_difference(verdict.numbers, verdict.promote, metric),
+            f"{report.PLOTS}/gate_difference.png",
+        )
     (run_dir / "promotion.json").write_text(json.dumps(decision.__dict__, indent=2, default=str))
     print(
         f"model version {version}: {reason}; {metric} ratio to personal top-frequency {ratio:.3f}"

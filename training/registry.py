@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from shopml.config import Settings
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
     from served_model.two_tower import TwoTower
@@ -62,17 +63,34 @@ def start_run(settings: Settings, ds: str, params: dict[str, object]) -> str:
     return run.info.run_id
 
 
+def served_signature(model: TwoTower):
+    """What the served model answers, as MLflow shows it on the version's page: a user id and
+    the user's online features in, ``k`` as a parameter, ranked item ids and scores out.
+
+    Serving loads the bundle itself (``served_model.bundle``), not through pyfunc, so this
+    documents the contract of ``/recommendations`` rather than pyfunc's tensor call."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "user_id"),
+                     *(ColSpec("double", f) for f in model.feature_names)])  # fmt: skip
+    outputs = Schema([ColSpec(Array("string"), "item_ids"), ColSpec(Array("double"), "scores")])
+    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("k", "long", 10)]))
+
+
 def log_model(
     settings: Settings,
     run_id: str,
     model: TwoTower,
     name: str,
     extra_files: list[Path] | None = None,
+    input_example: pd.DataFrame | None = None,
 ) -> str:
     """Log ``model`` as an MLflow PyTorch model in ``run_id``; returns its models:/ URI.
 
     ``extra_files`` travel inside the model (``extra_files/``), so a registry version carries
-    what serving needs beside the weights (serving/bundle.py).
+    what serving needs beside the weights (serving/bundle.py). The signature and
+    ``input_example`` (real users' online features) say what it is called with.
     """
     import mlflow
 
@@ -85,17 +103,44 @@ def log_model(
             pip_requirements=PIP_REQUIREMENTS,
             serialization_format="pickle",
             extra_files=[str(f) for f in extra_files] if extra_files else None,
+            signature=served_signature(model),
+            input_example=input_example,
+            # pyfunc's tensor call is not how the model is served (see served_signature)
+            validate_serving_input=False,
         )
     return info.model_uri
 
 
-def register(settings: Settings, model_uri: str, run_id: str) -> str:
+MODEL_DESCRIPTION = (
+    "ShopML's served recommender: two-tower retrieval (faiss) + DCN-v2 ranker over candidate "
+    "sources, with Feast online features. Each version is one nightly run; its description "
+    "is the promotion gate's decision. Serving loads the version under the `champion` alias."
+)
+
+
+def register(
+    settings: Settings, model_uri: str, run_id: str, tags: dict[str, str] | None = None
+) -> str:
     """A new registry version (every trained model is registered, promoted or not)."""
     import mlflow
+    from mlflow import MlflowClient
 
     use_tracking(settings)
-    version = mlflow.register_model(model_uri, settings.model_name, tags={"run_id": run_id})
+    version = mlflow.register_model(
+        model_uri, settings.model_name, tags={"run_id": run_id, **(tags or {})}
+    )
+    client = MlflowClient()
+    if not client.get_registered_model(settings.model_name).description:
+        client.update_registered_model(settings.model_name, description=MODEL_DESCRIPTION)
     return str(version.version)
+
+
+def describe_version(settings: Settings, version: str, description: str) -> None:
+    """The version's description (markdown in the registry UI): what the gate decided, why."""
+    from mlflow import MlflowClient
+
+    use_tracking(settings)
+    MlflowClient().update_model_version(settings.model_name, version, description=description)
 
 
 def alias_version(settings: Settings, alias: str) -> str | None:

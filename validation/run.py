@@ -61,19 +61,33 @@ def _context(settings: Settings):
     return ctx
 
 
+def site_dir(settings: Settings) -> Path:
+    """The Data Docs site (open ``index.html``)."""
+    return settings.paths.data_docs / "gx" / "uncommitted" / "data_docs" / "local_site"
+
+
 def validate_frame(
     settings: Settings,
     suite_name: str,
     expectations: list,
     df: pd.DataFrame,
     partition_column: str | None = None,
+    *,
+    ds: date | None = None,
+    table: str | None = None,
 ) -> SuiteReport:
     """Validate ``df`` with a GX checkpoint (results stored, Data Docs updated).
 
     With ``partition_column``, failing rows are traced back to the partitions they came from.
+    ``ds`` names the GX run (``nightly-<ds>``, as the MLflow run is named) and ``table`` is what
+    Data Docs show as the data asset (the lake path that was read): GX's dataframe assets
+    leave both empty (``__none__`` and ``None``), so nobody could tell which date a
+    validation belongs to.
     """
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    from validation import data_docs
 
     ctx = _context(settings)
     source = ctx.data_sources.add_or_update_pandas("shopml")
@@ -100,11 +114,17 @@ def validate_frame(
         gx.Checkpoint(
             name=suite_name,
             validation_definitions=[vd],
-            actions=[UpdateDataDocsAction(name="update_data_docs")],
+            actions=[],  # Data Docs are built below, once the result names its table
             result_format=result_format,
         )
     )
-    result = checkpoint.run(batch_parameters={"dataframe": df})
+    run_id = RunIdentifier(run_name=f"nightly-{ds.isoformat()}" if ds else None)
+    result = checkpoint.run(batch_parameters={"dataframe": df}, run_id=run_id)
+    for key, validation in result.run_results.items():
+        validation.meta.setdefault("batch_spec", {})["data_asset_name"] = table or suite_name
+        ctx.validation_results_store.set(key, validation)
+    ctx.build_data_docs(resource_identifiers=list(result.run_results))
+    data_docs.localize(site_dir(settings))
     report = SuiteReport(suite=suite_name, success=bool(result.success))
     bad: set[str] = set()
     for run in result.run_results.values():
@@ -139,6 +159,11 @@ def _detail(r: Any) -> str:
     return ""
 
 
+def _table(settings: Settings, path: Path) -> str:
+    """A lake path as Data Docs show it: relative to SHOPML_HOME, e.g. lake/raw/events/ds=…"""
+    return str(path.resolve().relative_to(settings.paths.home))
+
+
 def _read_parquet(path: Path, **filters: Any) -> pd.DataFrame:
     import pyarrow.dataset as pads
 
@@ -167,9 +192,7 @@ def _raise_on_failure(settings: Settings, ds: date, reports: list[SuiteReport]) 
     if not failed:
         return
     where = [str(_quarantine_partitions(settings, ds, r)) for r in failed][0]
-    docs = (
-        settings.paths.data_docs / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
-    )
+    docs = site_dir(settings) / "index.html"
     raise ValidationFailed(
         "\n".join(r.summary() for r in failed)
         + f"\nQuarantined copies and reports: {where}\nData Docs: {docs}\n"
@@ -193,22 +216,23 @@ def partition_profile(events: pd.DataFrame) -> pd.DataFrame:
 
 def validate_raw(settings: Settings, ds: date) -> list[SuiteReport]:
     """The raw events landed on ``ds`` (event dates up to ``ds``) and the catalog snapshot."""
-    events = _read_parquet(
-        settings.paths.raw_events_for(ds), **{S.EVENT_DATE: ("<=", ds.isoformat())}
-    )
+    paths = settings.paths
+    events = _read_parquet(paths.raw_events_for(ds), **{S.EVENT_DATE: ("<=", ds.isoformat())})
     events[S.EVENT_DATE] = events[S.EVENT_DATE].astype(str)
-    items = _read_parquet(settings.paths.raw_items_for(ds))
+    items = _read_parquet(paths.raw_items_for(ds))
+    events_table, items_table = (
+        _table(settings, paths.raw_events_for(ds)),
+        _table(settings, paths.raw_items_for(ds)),
+    )
     reports = [
-        validate_frame(settings, "raw_events", suites.raw_events(), events, S.EVENT_DATE),
-        validate_frame(
-            settings,
-            "raw_event_partitions",
-            suites.raw_event_partitions(),
-            partition_profile(events),
-            S.EVENT_DATE,
-        ),
-        validate_frame(settings, "raw_items", suites.raw_items(), items),
-    ]
+        validate_frame(settings, "raw_events", suites.raw_events(), events, S.EVENT_DATE,
+                       ds=ds, table=events_table),
+        validate_frame(settings, "raw_event_partitions", suites.raw_event_partitions(),
+                       partition_profile(events), S.EVENT_DATE, ds=ds,
+                       table=f"{events_table} (per {S.EVENT_DATE})"),
+        validate_frame(settings, "raw_items", suites.raw_items(), items, ds=ds,
+                       table=items_table),
+    ]  # fmt: skip
     _raise_on_failure(settings, ds, reports)
     return reports
 
@@ -221,7 +245,9 @@ def validate_features(settings: Settings, ds: date) -> list[SuiteReport]:
         ("item_features", suites.item_features, root / "item"),
     ]
     reports = [
-        validate_frame(settings, name, make(), _read_parquet(path)) for name, make, path in checks
-    ]
+        validate_frame(settings, name, make(), _read_parquet(path), ds=ds,
+                       table=_table(settings, path))
+        for name, make, path in checks
+    ]  # fmt: skip
     _raise_on_failure(settings, ds, reports)
     return reports
