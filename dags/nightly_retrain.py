@@ -100,11 +100,11 @@ PARAMS = {
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs" / "jobs.py"
 
 
-def _spark_config():
-    """The SparkConfig of the environment (pydantic only: no engine is touched at parse time)."""
+def _environment():
+    """The Settings of the environment (pydantic only: no engine is touched at parse time)."""
     from shopml.config import load_settings
 
-    return load_settings().spark
+    return load_settings()
 
 
 def _spark_submit(task_id: str, conn_id: str, *args: str):
@@ -146,7 +146,7 @@ def _day(ds: str):
 
 @dag(
     dag_id=Path(__file__).stem,
-    schedule="@daily",
+    schedule=_environment().schedule,  # SHOPML_SCHEDULE; 'none' makes the DAG manual-only
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -236,7 +236,7 @@ def nightly_retrain():
 
         print(run(_settings(params), _day(ds), params["precompute_k"], to_online=True))
 
-    spark = _spark_config()
+    spark = _environment().spark
     if spark.submit:
         spark_stages = (
             _spark_submit(

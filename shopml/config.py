@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shopml.paths import Paths
@@ -171,12 +171,23 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     mlflow_artifact_root: str | None = None
     model_name: str = "shopml-recommender"
+    schedule: str | None = Field(
+        "@daily",
+        description="The nightly DAG's Airflow schedule; 'none' for manual runs only (the "
+        "embedded demo's, set in scripts/env.sh: there 'Unpause on trigger' must not switch "
+        "nightly runs on)",
+    )
     land: LandConfig = LandConfig()
     spark: SparkConfig = SparkConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     feast: FeastConfig = FeastConfig()
     serving: ServingConfig = ServingConfig()
+
+    @field_validator("schedule")
+    @classmethod
+    def _no_schedule(cls, value: str | None) -> str | None:
+        return None if value is None or value.strip().lower() in ("", "none", "null") else value
 
     @model_validator(mode="after")
     def _profile_backends(self) -> Settings:

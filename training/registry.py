@@ -95,19 +95,25 @@ def log_model(
     import mlflow
 
     use_tracking(settings)
-    with mlflow.start_run(run_id=run_id):
-        # pickle, not pt2: the module carries its id vocabularies and `recommend` by raw ids.
-        info = mlflow.pytorch.log_model(
-            model,
-            name=name,
-            pip_requirements=PIP_REQUIREMENTS,
-            serialization_format="pickle",
-            extra_files=[str(f) for f in extra_files] if extra_files else None,
-            signature=served_signature(model),
-            input_example=input_example,
-            # pyfunc's tensor call is not how the model is served (see served_signature)
-            validate_serving_input=False,
-        )
+    # MLflow tries the example through pyfunc's tensor call, which is not how the model is
+    # served (see served_signature), and warns that it failed; that warning is muted.
+    checker = logging.getLogger("mlflow.models.model")
+    level = checker.level
+    checker.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            # pickle, not pt2: the module carries its id vocabularies and `recommend` by raw ids.
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                pip_requirements=PIP_REQUIREMENTS,
+                serialization_format="pickle",
+                extra_files=[str(f) for f in extra_files] if extra_files else None,
+                signature=served_signature(model),
+                input_example=input_example,
+            )
+    finally:
+        checker.setLevel(level)
     return info.model_uri
 
 

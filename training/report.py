@@ -47,7 +47,7 @@ def _figure(height: float, width: float = 8.0) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def metric_columns(table: pd.DataFrame, k: int) -> list[str]:
+def metric_columns(table: pd.DataFrame) -> list[str]:
     """The numeric columns every model's nested run logs, in a stable order."""
     skip = {"model", "role", "protocol"}
     return [c for c in table.columns if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
@@ -92,7 +92,7 @@ def segments_by_model(table: pd.DataFrame, k: int) -> Figure:
     for i, col in enumerate(cols):
         ys = [y + (i - (len(cols) - 1) / 2) * height for y in range(len(t))]
         label = "all" if col == f"ndcg_at_{k}" else col.split(".")[0]
-        ax.barh(ys, t[col].fillna(0.0).to_numpy(float), height=height, label=label)
+        ax.barh(ys, pd.to_numeric(t[col]).fillna(0.0).to_numpy(float), height=height, label=label)
     ax.set_yticks(range(len(t)), t["model"])
     ax.set_xlabel(f"NDCG@{k} per segment")
     ax.set_title("Segments per model (cold users, heavy users, long-tail items)")
@@ -163,7 +163,7 @@ def log_model_runs(
         tags = {"role": row.get("role", ""), "ds": ds, "model": name,
                 "protocol": str(row.get("protocol", ""))}  # fmt: skip
         with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
-            metrics = {c: float(row[c]) for c in metric_columns(table, k) if pd.notna(row.get(c))}
+            metrics = {c: float(row[c]) for c in metric_columns(table) if pd.notna(row.get(c))}
             mlflow.log_metrics(metrics)
             if config := configs.get(name):
                 mlflow.log_params({f"config.{p}": v for p, v in config.items()})
@@ -184,7 +184,7 @@ def log_evaluation(
 
     log_model_runs(table, k, ds, configs)
     row = table.set_index("model").loc[served]
-    mlflow.log_metrics({c: float(row[c]) for c in metric_columns(table, k) if pd.notna(row[c])})
+    mlflow.log_metrics({c: float(row[c]) for c in metric_columns(table) if pd.notna(row[c])})
     mlflow.log_table(compact_table(table, k), "evaluation.json")
     mlflow.log_figure(ndcg_by_model(table, k), f"{PLOTS}/ndcg_by_model.png")
     mlflow.log_figure(segments_by_model(table, k), f"{PLOTS}/segments_by_model.png")
