@@ -194,10 +194,32 @@ class Airflow:
         return RunResult(run_id, run["state"], run["start_date"], run["end_date"],
                          float(run.get("duration") or 0.0), tasks)  # fmt: skip
 
+    def failures(self, result: RunResult, tail: int = 3000) -> str:
+        """The end of every failed task's log (what to read when a run fails)."""
+        failed = [t["task_id"] for t in result.tasks if t["state"] == "failed"]
+        return "\n".join(f"--- {task} ---\n" + log_text(self.task_log(result.run_id, task))[-tail:]
+                         for task in failed)  # fmt: skip
+
     def task_log(self, run_id: str, task_id: str, dag_id: str = DAG_ID) -> Path:
         """The newest attempt's log file of a task (JSON lines, as the UI reads them)."""
         folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
         return sorted(folder.glob("attempt=*.log"))[-1]
+
+
+def log_text(log: Path) -> str:
+    """A task log as a person reads it in the UI: each record's message, and the exception
+    (type and message) of a failed try."""
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            out.append(line)
+            continue
+        out.append(str(record.get("event", "")))
+        for err in record.get("error_detail") or []:
+            out.append(f"{err.get('exc_type')}: {err.get('exc_value')}")
+    return "\n".join(out)
 
 
 def printed_lines(log: Path) -> Iterator[str]:

@@ -33,20 +33,28 @@ def spark():
     session.stop()
 
 
-def airflow_cli(env: dict[str, str], *args: str, timeout: int = 1200):
-    """Run the ``airflow`` CLI of this venv with ``env`` (ShopML/Airflow variables) on top of a
-    clean copy of the environment: the DAG runs the same way as under ``make demo``."""
-    import subprocess
+def clean_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` (ShopML/Airflow variables) on top of a copy of this environment without any
+    ShopML or Airflow variable, with this venv first on PATH: as under ``make demo``."""
     import sys
 
     bin_dir = Path(sys.executable).parent
-    full_env = {
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("SHOPML_", "AIRFLOW"))},
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         **env,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
     }
+
+
+def airflow_cli(env: dict[str, str], *args: str, timeout: int = 1200):
+    """Run the ``airflow`` CLI of this venv with ``env`` on a clean environment."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    full_env = clean_env(env)
     return subprocess.run(
         [str(bin_dir / "airflow"), *args],
         env=full_env,
@@ -55,3 +63,26 @@ def airflow_cli(env: dict[str, str], *args: str, timeout: int = 1200):
         cwd=REPO,
         timeout=timeout,
     )
+
+
+# The whole nightly DAG on a slice of the real Instacart data, run once per test session by a
+# real Airflow scheduler (cli/airflow_run.py, as `make demo` does) and shared by the end-to-end
+# and browser tests; the Airflow services stay up until the session ends.
+PIPELINE_DS = "2025-12-31"
+PIPELINE_CONF = {"max_users": 100, "epochs": 20, "workers": 2, "precompute_k": 5}
+
+
+@pytest.fixture(scope="session")
+def airflow_pipeline(tmp_path_factory):
+    """(home, the running Airflow, the run's result) after one successful DAG run."""
+    from cli.airflow_run import Airflow
+
+    home = tmp_path_factory.mktemp("shopml")
+    env = clean_env({"SHOPML_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow")})
+    airflow = Airflow(env).start()
+    try:
+        result = airflow.run(PIPELINE_DS, PIPELINE_CONF, timeout=1500)
+        assert result.state == "success", result.table() + "\n" + airflow.failures(result)
+        yield home, airflow, result
+    finally:
+        airflow.stop()

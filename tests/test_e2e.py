@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,31 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cli.airflow_run import log_text
 from shopml import schema as S
-from tests.conftest import airflow_cli
+from tests.conftest import PIPELINE_CONF, PIPELINE_DS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CONF = {"max_users": 100, "epochs": 20, "workers": 2, "precompute_k": 5}
-
-
-def _airflow(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"SHOPML_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow")}
-    return airflow_cli(env, *args)
-
-
-def _dag_test(home: Path, ds: str, conf: dict) -> subprocess.CompletedProcess:
-    return _airflow(home, "dags", "test", "nightly_retrain", ds, "-c", json.dumps(conf))
-
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    home = tmp_path_factory.mktemp("shopml")
-    assert _airflow(home, "db", "migrate").returncode == 0
-    proc = _dag_test(home, "2025-12-31", CONF)
-    log = proc.stdout + proc.stderr
-    assert "state=success" in log.split("DagRun Finished")[-1], log[-6000:]
-    return home, log
+def pipeline(airflow_pipeline):
+    home, airflow, result = airflow_pipeline
+    return home, airflow, result
 
 
 @pytest.fixture
@@ -49,10 +33,25 @@ def pipeline_settings(pipeline, monkeypatch):
     return load_settings()
 
 
+def test_airflow_records_the_true_run_and_every_task_log(pipeline):
+    """Not `airflow dags test`: a real start (not the logical date) and logs the UI reads."""
+    from datetime import datetime, timedelta
+
+    home, airflow, result = pipeline
+    started = datetime.fromisoformat(result.start_date.replace("Z", "+00:00"))
+    assert datetime.now(started.tzinfo) - started < timedelta(hours=2)
+    assert 0 < result.seconds < 3600
+    assert {t["task_id"] for t in result.tasks if t["state"] == "success"} >= {
+        "land", "validate_raw", "train", "evaluate", "promote", "batch_score"
+    }  # fmt: skip
+    evaluate_log = log_text(airflow.task_log(result.run_id, "evaluate"))
+    assert "two_stage" in evaluate_log and "served" in evaluate_log
+
+
 def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_settings):
     from training import registry
 
-    home, log = pipeline
+    home = pipeline[0]
     run = home / "runs" / "ds=2025-12-31"
     table = pd.DataFrame(json.loads((run / "evaluation.json").read_text())).set_index("model")
     assert {
@@ -96,7 +95,7 @@ def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings):
 
     from serving.app import create_app
 
-    train_users = pd.read_parquet(pipeline_settings.paths.run("2025-12-31") / "test_users.parquet")[
+    train_users = pd.read_parquet(pipeline_settings.paths.run(PIPELINE_DS) / "test_users.parquet")[
         S.USER_ID
     ]
     with TestClient(create_app(pipeline_settings)) as client:
@@ -126,13 +125,13 @@ def test_corrupted_input_stops_at_validation_and_keeps_champion(
 ):
     from training import registry
 
-    home, _ = pipeline
+    home, airflow, _ = pipeline
     source = tmp_path / "source"
     # a user's own export: Parquet files only, no Hadoop .crc side files or _SUCCESS markers
     plain = shutil.ignore_patterns("*.crc", "_SUCCESS")
     landed = pipeline_settings.paths
-    shutil.copytree(landed.raw_events_for("2025-12-31"), source / "events", ignore=plain)
-    shutil.copytree(landed.raw_items_for("2025-12-31"), source / "items", ignore=plain)
+    shutil.copytree(landed.raw_events_for(PIPELINE_DS), source / "events", ignore=plain)
+    shutil.copytree(landed.raw_items_for(PIPELINE_DS), source / "items", ignore=plain)
     # one day's file with null user ids, and a catalog with negative prices
     day_dir = sorted((source / "events").iterdir())[-5]
     for f in day_dir.glob("*.parquet"):
@@ -146,9 +145,12 @@ def test_corrupted_input_stops_at_validation_and_keeps_champion(
     (source / "items").mkdir()
     items.to_parquet(source / "items" / "part-0.parquet", index=False)
 
-    proc = _dag_test(home, "2026-01-01", {**CONF, "source": str(source)})
-    log = proc.stdout + proc.stderr
-    assert "state=success" not in log.split("DagRun Finished")[-1]
+    result = airflow.run("2026-01-01", {**PIPELINE_CONF, "source": str(source)}, timeout=900)
+    assert result.state == "failed"
+    states = {t["task_id"]: t["state"] for t in result.tasks}
+    assert states["land"] == "success" and states["validate_raw"] == "failed"
+    assert states["train"] == "upstream_failed"
+    log = log_text(airflow.task_log(result.run_id, "validate_raw"))
     assert "suite 'raw_event_partitions': FAILED" in log, log[-6000:]
     assert "expect_column_values_to_be_between on column 'user_id_null_share'" in log
     assert f"bad partitions: {day_dir.name.split('=')[1]}" in log
