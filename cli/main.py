@@ -137,6 +137,34 @@ def promote(ds: DsOption) -> None:
     _echo(run(load_settings(), _ds(ds)).__dict__)
 
 
+@app.command()
+def ledger(
+    as_json: Annotated[bool, typer.Option("--json", help="every field, as JSON")] = False,
+    last: Annotated[int | None, typer.Option(min=1, help="only the newest N entries")] = None,
+) -> None:
+    """Every gate decision and rollback of the served model, oldest first (MLflow experiment
+    shopml-promotions)."""
+    from training import ledger as book
+
+    settings = load_settings()
+    items = book.entries(settings, settings.model_name)[-last if last else None :]
+    typer.echo(book.as_json(items) if as_json else "\n".join(e.line() for e in items))
+
+
+@app.command()
+def rollback(
+    to: Annotated[
+        str | None, typer.Option(help="version to serve; default: the champion before this one")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="why, for the ledger")] = "",
+) -> None:
+    """Move the champion alias back (recorded in the ledger; no version is deleted)."""
+    from training import ledger as book
+
+    entry = book.rollback(load_settings(), to, reason)
+    typer.echo(entry.line())
+
+
 def _protocol(dataset: str):
     """The named benchmark protocol, or a usage error listing the known ones."""
     from zoo.compare import PROTOCOLS

@@ -70,6 +70,13 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     assert table.loc["two_stage", "ndcg_at_10"] > table.loc["two_tower", "ndcg_at_10"]
     assert table.loc["two_tower_int8", "size_mb"] < table.loc["two_tower", "size_mb"]
     assert registry.champion_version(pipeline_settings) == "1"
+    # the decision is in the ledger, with the gate's numbers
+    from training import ledger
+
+    (entry,) = ledger.entries(pipeline_settings)
+    assert (entry.action, entry.champion_before, entry.champion_after) == ("gate", None, "1")
+    assert entry.promoted and entry.metrics["diff_vs_baseline_ci_low"] > 0
+    assert entry.actor.startswith("airflow:nightly_retrain/")
     # the registered version carries what serving needs: index, ranker, candidate tables
     manifest = json.loads((run / "serving" / "serving_manifest.json").read_text())
     assert manifest["items"] == len(json.loads((run / "vocab.json").read_text())["items"])
@@ -161,3 +168,6 @@ def test_corrupted_input_stops_at_validation_and_keeps_champion(
     assert report["bad_partitions"] == [day_dir.name.split("=")[1]]
     assert not (home / "runs" / "ds=2026-01-01" / "mlflow_run_id").exists()  # never trained
     assert registry.champion_version(pipeline_settings) == "1"
+    from training import ledger
+
+    assert len(ledger.entries(pipeline_settings)) == 1  # no decision was taken

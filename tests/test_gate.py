@@ -136,3 +136,25 @@ def test_gate_errors_are_readable():
         gate.decide(_frame([]), _frame([]), segments=())
     with pytest.raises(ValueError, match="margin must be"):
         gate.decide(frame, frame, margin=-0.1, segments=())
+
+
+@pytest.mark.parametrize(
+    ("name", "shift", "promotes"),
+    [("worse", -0.05, False), ("equal", 0.0, False), ("better", 0.05, True)],
+)
+def test_only_a_better_challenger_replaces_the_champion(name, shift, promotes):
+    """Worse, equal and better challengers against one champion on the same 300 users."""
+    rng = np.random.default_rng(7)
+    champion = rng.uniform(0.1, 0.9, 300)
+    challenger = np.clip(champion + shift + rng.normal(0, 0.01, 300), 0, 1)
+    baseline = _frame(champion * 0.2)
+    d = gate.decide(_frame(challenger), _frame(champion), baseline, segments=(), n_boot=300)
+    assert d.promote is promotes, (name, d.reasons)
+
+
+def test_a_broken_challenger_never_promotes():
+    """NaN metrics (a broken model or evaluation) are refused, not averaged away."""
+    champion = _frame([0.3, 0.4, 0.5])
+    broken = _frame([0.9, np.nan, 0.9])
+    with pytest.raises(ValueError, match="NaN"):
+        gate.decide(broken, champion, segments=())

@@ -7,6 +7,7 @@ between them as a file there (``mlflow_run_id``), never through XCom.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
@@ -20,7 +21,7 @@ from mlkit.interactions import Interactions
 from shopml import schema as S
 from shopml.config import Settings
 from shopml.feast_store import point_in_time_features
-from training import gate, registry, report
+from training import gate, ledger, registry, report
 from training.compress import quantize_int8
 from training.evaluate import (
     ScorerFactory,
@@ -175,12 +176,15 @@ def promote(settings: Settings, ds: date) -> Decision:
     k = settings.eval.k
     table = pd.DataFrame(json.loads((run_dir / "evaluation.json").read_text())).set_index("model")
     per_user = pd.read_parquet(run_dir / "per_user.parquet")
-    # The candidate is what serving would answer with, and so is the reference: a champion
-    # registered before two-stage serving has no such row (it cannot be served either), so
-    # the gate then judges against the baseline, as on a first run.
+    # The candidate is what serving would answer with, and so is the reference. A champion
+    # registered before two-stage serving has no served-path row: it is then judged by the
+    # row it does have, re-evaluated on today's holdout, never replaced by the baseline.
     candidate = SERVED if SERVED in table.index else "two_tower"
-    champion = next((m for m in table.index if m.startswith("champion_v") and
-                     m.endswith(SERVED)), None)  # fmt: skip
+    evaluated = sorted(m for m in table.index if re.fullmatch(r"champion_v\d+(_.*)?", m))
+    champion = next(
+        (m for m in evaluated if m.endswith(SERVED)), evaluated[0] if evaluated else None
+    )
+    evaluated_against = re.match(r"champion_v(\d+)", champion).group(1) if champion else None
     verdict = gate.decide(
         segments_of(per_user, candidate),
         champion=segments_of(per_user, champion) if champion else None,
@@ -209,14 +213,35 @@ def promote(settings: Settings, ds: date) -> Decision:
     tags = {"ds": ds.isoformat(), "evaluated_as": candidate}
     version = registry.register(settings, uri, run_id, tags)
     ratio = ndcg / float(table.loc["personal_top_frequency", metric])
-    if verdict.promote:
-        registry.set_champion(settings, version)
-        reason = "promoted: " + "; ".join(verdict.reasons)
-    else:
-        reason = "NOT promoted: " + "; ".join(verdict.reasons)
-    decision = Decision(version, verdict.promote, reason, ndcg, ratio, verdict.to_dict())
+    with ledger.alias_lock(settings):  # read, decide and move as one step (training/ledger.py)
+        current = registry.champion_version(settings)
+        promoted = verdict.promote and current == evaluated_against
+        if promoted:
+            registry.set_champion(settings, version)
+            reason = "promoted: " + "; ".join(verdict.reasons)
+        elif verdict.promote:
+            reason = (f"NOT promoted: the champion moved from v{evaluated_against} to v{current} "
+                      "since this run's evaluation; rerun evaluate and promote for this date. "
+                      + "; ".join(verdict.reasons))  # fmt: skip
+        else:
+            reason = "NOT promoted: " + "; ".join(verdict.reasons)
+        entry = ledger.record(
+            settings,
+            ledger.Entry(
+                action="gate",
+                model=settings.model_name,
+                champion_before=current,
+                champion_after=version if promoted else current,
+                reason=reason,
+                ds=ds.isoformat(),
+                challenger=version,
+                promoted=promoted,
+                metrics=ledger.metrics_of(verdict.numbers),
+            ),
+        )
+    decision = Decision(version, promoted, reason, ndcg, ratio, verdict.to_dict())
     description = report.decision_markdown(
-        verdict, table.reset_index(), k, ds.isoformat(), candidate, version
+        verdict, table.reset_index(), k, ds.isoformat(), candidate, version, promoted
     )
     registry.describe_version(settings, version, description)
     with mlflow.start_run(run_id=run_id):
@@ -225,11 +250,12 @@ def promote(settings: Settings, ds: date) -> Decision:
         mlflow.set_tags({
             "promotion": "promoted" if decision.promoted else "not promoted",
             "model_version": version,
+            "ledger_run_id": entry.run_id,
             "mlflow.note.content": description,  # the run's description: the whole reason
         })  # fmt: skip
         mlflow.log_dict(verdict.to_dict(), "promotion.json")
         mlflow.log_figure(
-            report.gate_difference(verdict.numbers, verdict.promote, metric),
+            report.gate_difference(verdict.numbers, promoted, metric),
             f"{report.PLOTS}/gate_difference.png",
         )
     (run_dir / "promotion.json").write_text(json.dumps(decision.__dict__, indent=2, default=str))

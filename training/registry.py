@@ -162,6 +162,18 @@ def alias_version(settings: Settings, alias: str) -> str | None:
     return str(mv.version)
 
 
+def version_exists(settings: Settings, version: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    use_tracking(settings)
+    try:
+        MlflowClient().get_model_version(settings.model_name, version)
+    except MlflowException:
+        return False
+    return True
+
+
 def champion_version(settings: Settings) -> str | None:
     return alias_version(settings, CHAMPION)
 

@@ -193,14 +193,21 @@ def log_evaluation(
 
 
 def decision_markdown(
-    verdict: Any, table: pd.DataFrame, k: int, ds: str, candidate: str, version: str
+    verdict: Any,
+    table: pd.DataFrame,
+    k: int,
+    ds: str,
+    candidate: str,
+    version: str,
+    promoted: bool | None = None,
 ) -> str:
     """The gate's decision as a reviewer reads it on the registry version and the run page:
     the logical date, the verdict, the headline numbers with CIs, and every reason in full."""
     n = verdict.numbers
+    promoted = verdict.promote if promoted is None else promoted
     row = table.set_index("model").loc[candidate]
     lines = [
-        f"**{'Promoted to `champion`' if verdict.promote else 'Not promoted'}** — nightly run "
+        f"**{'Promoted to `champion`' if promoted else 'Not promoted'}** — nightly run "
         f"of logical date **{ds}**, version {version}, evaluated as `{candidate}`.",
         "",
         f"NDCG@{k} {row[f'ndcg_at_{k}']:.4f} (95% CI [{row[f'ndcg_at_{k}_ci_low']:.4f}, "
