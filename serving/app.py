@@ -29,10 +29,11 @@ from served_model.engine import Ranked, UnknownItem
 from served_model.features import FeaturesUnavailable
 from serving.models import Arm, ModelHolder
 from serving.observability import Metrics, configure_json_logging
+from shopml import schema as S
 from shopml.config import Settings, load_settings
 
 MAX_K = 1000
-MAX_ID_LENGTH = 128
+MAX_ID_LENGTH = S.MAX_ID_LENGTH
 MAX_BATCH_USERS = 1000
 ID_PATTERN = r"^[^\s/]+$"  # no whitespace, no slashes
 

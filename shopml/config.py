@@ -55,6 +55,11 @@ class LandConfig(BaseModel):
     max_users: int | None = Field(
         None, ge=1, description="keep only the N smallest user ids (quick runs); None = all"
     )
+    timestamp_unit: Literal["s", "ms", "us", "ns"] | None = Field(
+        None,
+        description="unit of an integer/float epoch `timestamp` column in the source (s, ms, "
+        "us, ns); Parquet timestamps and ISO-8601 strings need none",
+    )
 
 
 class TrainConfig(BaseModel):

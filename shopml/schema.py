@@ -23,6 +23,11 @@ BASKET_ID = "basket_id"
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "cart", "purchase", "search")
 PURCHASE = "purchase"
 
+# Ids longer than this are refused at ingestion and by serving (one limit for both).
+MAX_ID_LENGTH = 128
+# Integer or float epoch timestamps need their unit declared (LandConfig.timestamp_unit).
+TIMESTAMP_UNITS: tuple[str, ...] = ("s", "ms", "us", "ns")
+
 EVENT_COLUMNS: tuple[str, ...] = (USER_ID, ITEM_ID, EVENT_TYPE, TIMESTAMP, SESSION_ID, QUERY)
 EVENT_REQUIRED: tuple[str, ...] = (USER_ID, ITEM_ID, EVENT_TYPE, TIMESTAMP)
 

@@ -24,28 +24,45 @@ def _first_failing(rules: list[tuple[str, Column]]) -> Column:
     return reason
 
 
+def _bad_ids(*columns: str) -> list[tuple[str, Column]]:
+    """Ids that serving would refuse (too long) or that no person can read back (control
+    characters): flagged here rather than failing later in Feast, MLflow or the service."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    def any_of(conditions: list[Column]) -> Column:
+        return reduce(lambda a, b: a | b, conditions)
+
+    too_long = any_of([F.length(F.col(c)) > S.MAX_ID_LENGTH for c in columns])
+    control = any_of([F.col(c).rlike(r"\p{Cntrl}") for c in columns])
+    return [("id_too_long", too_long), ("id_control_characters", control)]
+
+
 def flag_events(events: DataFrame, max_timestamp: str) -> DataFrame:
-    """Add ``reject_reason``: null keys, unknown event types, out-of-range timestamps, dupes.
+    """Add ``reject_reason``: null timestamps and keys, bad ids, unknown event types,
+    timestamps before 2000 or after the run's day, duplicates.
 
     ``max_timestamp`` is the end of the run's logical date: an event after it is from the
-    future relative to the run and would leak into training.
+    future relative to the run and would leak into training (it is quarantined, not lost: a
+    later date's run lands it again from the source).
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    ids = [S.USER_ID, S.ITEM_ID]
     rules = [
+        ("null_timestamp", F.col(S.TIMESTAMP).isNull()),
         (
             "null_key",
             F.greatest(*[F.col(c).isNull() for c in S.EVENT_REQUIRED])
             | (F.trim(F.col(S.USER_ID)) == "")
             | (F.trim(F.col(S.ITEM_ID)) == ""),
         ),
+        *_bad_ids(*ids),
         ("unknown_event_type", ~F.col(S.EVENT_TYPE).isin(*S.EVENT_TYPES)),
-        (
-            "timestamp_out_of_range",
-            (F.col(S.TIMESTAMP) < F.to_timestamp(F.lit(MIN_TIMESTAMP)))
-            | (F.col(S.TIMESTAMP) >= F.to_timestamp(F.lit(max_timestamp))),
-        ),
+        ("timestamp_before_2000", F.col(S.TIMESTAMP) < F.to_timestamp(F.lit(MIN_TIMESTAMP))),
+        ("after_logical_date", F.col(S.TIMESTAMP) >= F.to_timestamp(F.lit(max_timestamp))),
     ]
     flagged = events.withColumn(S.REJECT_REASON, _first_failing(rules))
     key = [S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP, S.SESSION_ID]
@@ -61,13 +78,17 @@ def flag_events(events: DataFrame, max_timestamp: str) -> DataFrame:
 
 
 def flag_items(items: DataFrame) -> DataFrame:
-    """Add ``reject_reason`` to catalog rows: null ids, negative prices, duplicate ids."""
+    """Add ``reject_reason`` to catalog rows: null or bad ids, NaN/infinite or negative
+    prices, duplicate ids."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    price = F.col(S.PRICE)
     rules = [
         ("null_key", F.col(S.ITEM_ID).isNull() | (F.trim(F.col(S.ITEM_ID)) == "")),
-        ("negative_price", F.col(S.PRICE) < 0),
+        *_bad_ids(S.ITEM_ID),
+        ("non_finite_price", F.isnan(price) | (F.abs(price) == float("inf"))),
+        ("negative_price", price < 0),
     ]
     flagged = items.withColumn(S.REJECT_REASON, _first_failing(rules))
     rank = F.row_number().over(

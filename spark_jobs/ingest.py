@@ -97,36 +97,124 @@ def instacart_items(events: DataFrame) -> DataFrame:
     )
 
 
-def conform_events(df: DataFrame) -> DataFrame:
-    """Select the canonical event columns, adding optional ones as nulls, with canonical types."""
+class SourceSchemaError(ValueError):
+    """A source column cannot be read as the canonical schema. The message names the file,
+    the column, an example value (truncated) and the fix; nothing was landed."""
+
+
+# The raw value of a timestamp that did not parse, kept beside the row that ``land`` sends to
+# quarantine (a helper column: it never reaches the raw lake).
+RAW_TIMESTAMP = "timestamp_raw"
+
+
+def _example(df: DataFrame, column: str) -> str:
+    """One non-null value of ``column``, truncated (never a whole id or a long string)."""
+    from pyspark.sql import functions as F
+
+    row = df.where(F.col(column).isNotNull()).select(F.col(column).cast("string")).first()
+    value = "" if row is None else str(row[0])
+    return value if len(value) <= 24 else value[:24] + "…"
+
+
+def event_time(df: DataFrame, where: str, declared_unit: str | None, parquet_unit: str | None):
+    """The canonical timestamp column for what the source holds (why each branch: README,
+    'Canonical schema'): Parquet timestamps of any unit (nanoseconds arrive as longs, see
+    ``spark_jobs.session``), epoch numbers in the declared unit, ISO-8601 strings."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    col, kind = F.col(S.TIMESTAMP), df.schema[S.TIMESTAMP].dataType
+    if isinstance(kind, T.TimestampType | T.TimestampNTZType | T.DateType):
+        return col.cast("timestamp")
+    if isinstance(kind, T.StringType):
+        return F.try_to_timestamp(col)  # unparsable -> null, quarantined by land with its value
+    if isinstance(kind, T.NumericType):
+        unit = "ns" if parquet_unit == "ns" else declared_unit
+        if unit is None:
+            raise SourceSchemaError(
+                f"{where}: column '{S.TIMESTAMP}' holds numbers ({kind.simpleString()}, e.g. "
+                f"{_example(df, S.TIMESTAMP)}), not timestamps. Declare their epoch unit with "
+                f"SHOPML_LAND__TIMESTAMP_UNIT=s|ms|us|ns (or export a timestamp column). "
+                "Nothing was landed."
+            )
+        micros = {"s": 1e6, "ms": 1e3, "us": 1.0, "ns": 1e-3}[unit] * col.cast("double")
+        return F.timestamp_micros(F.floor(micros).cast("long"))
+    raise SourceSchemaError(
+        f"{where}: column '{S.TIMESTAMP}' has type {kind.simpleString()}; expected a Parquet "
+        "timestamp, an epoch number with SHOPML_LAND__TIMESTAMP_UNIT, or ISO-8601 strings"
+    )
+
+
+def canonical_id(df: DataFrame, column: str):
+    """One string form per id: integers as digits, floats holding integers without '.0',
+    surrounding whitespace trimmed (the same id must not become two users or items)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    col, kind = F.col(column), df.schema[column].dataType
+    if isinstance(kind, T.IntegralType):
+        return col.cast("long").cast("string")
+    if isinstance(kind, T.FractionalType):
+        whole = col == F.floor(col)
+        return F.when(whole, F.floor(col).cast("long").cast("string")).otherwise(col.cast("string"))
+    trimmed = F.regexp_replace(col.cast("string"), r"^\s+|\s+$", "")
+    return F.regexp_replace(trimmed, r"^(-?[0-9]+)\.0+$", "$1")
+
+
+def conform_events(
+    df: DataFrame,
+    where: str = "events",
+    declared_unit: str | None = None,
+    parquet_unit: str | None = None,
+) -> DataFrame:
+    """The canonical event columns with canonical types and ids, optional ones as nulls, plus
+    ``timestamp_raw`` (the source's value where it did not parse, else null)."""
     from pyspark.sql import functions as F
 
     missing = [c for c in S.EVENT_REQUIRED if c not in df.columns]
     if missing:
-        raise ValueError(
-            f"events are missing required column(s) {missing}; expected at least "
+        raise SourceSchemaError(
+            f"{where}: missing required column(s) {missing}; expected at least "
             f"{list(S.EVENT_REQUIRED)} (see README, 'Canonical schema')"
         )
+    ts = event_time(df, where, declared_unit, parquet_unit)
     cols = []
     for c in S.EVENT_COLUMNS:
-        col = F.col(c) if c in df.columns else F.lit(None)
-        cols.append((col.cast("timestamp") if c == S.TIMESTAMP else col.cast("string")).alias(c))
-    return df.select(*cols)
+        if c == S.TIMESTAMP:
+            cols.append(ts.alias(c))
+        elif c in (S.USER_ID, S.ITEM_ID):
+            cols.append(canonical_id(df, c).alias(c))
+        else:
+            cols.append((F.col(c) if c in df.columns else F.lit(None)).cast("string").alias(c))
+    unparsed = F.col(S.TIMESTAMP).isNotNull() & ts.isNull()
+    raw = F.when(unparsed, F.col(S.TIMESTAMP).cast("string")).otherwise(F.lit(None))
+    return df.select(*cols, raw.cast("string").alias(RAW_TIMESTAMP))
 
 
-def conform_items(df: DataFrame) -> DataFrame:
+def conform_items(df: DataFrame, where: str = "items") -> DataFrame:
     from pyspark.sql import functions as F
 
     if S.ITEM_ID not in df.columns:
-        raise ValueError(f"items are missing required column '{S.ITEM_ID}'")
-    return df.select(
-        *[
-            (F.col(c) if c in df.columns else F.lit(None))
-            .cast("double" if c == S.PRICE else "string")
-            .alias(c)
-            for c in S.ITEM_COLUMNS
-        ]
-    )
+        raise SourceSchemaError(f"{where}: missing required column '{S.ITEM_ID}'")
+    cols = []
+    for c in S.ITEM_COLUMNS:
+        if c == S.ITEM_ID:
+            cols.append(canonical_id(df, c).alias(c))
+        else:
+            col = F.col(c) if c in df.columns else F.lit(None)
+            cols.append(col.cast("double" if c == S.PRICE else "string").alias(c))
+    return df.select(*cols)
+
+
+def parquet_timestamp_unit(path: Path) -> str | None:
+    """The unit of a Parquet ``timestamp`` column (``ns`` for pandas' default export)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    schema = pads.dataset(str(path), format="parquet", partitioning="hive").schema
+    if S.TIMESTAMP in schema.names and pa.types.is_timestamp(schema.field(S.TIMESTAMP).type):
+        return str(schema.field(S.TIMESTAMP).type.unit)
+    return None
 
 
 def keep_first_users(events: DataFrame, max_users: int) -> DataFrame:
@@ -154,11 +242,17 @@ def with_event_date(events: DataFrame) -> DataFrame:
     return events.withColumn(S.EVENT_DATE, F.date_format(S.TIMESTAMP, "yyyy-MM-dd"))
 
 
-def read_source(spark: SparkSession, source: str, anchor_date: str) -> tuple[DataFrame, DataFrame]:
-    """Events and items of ``source`` (``instacart`` or a canonical Parquet directory)."""
+def read_source(
+    spark: SparkSession, source: str, anchor_date: str, timestamp_unit: str | None = None
+) -> tuple[DataFrame, DataFrame]:
+    """Events and items of ``source`` (``instacart`` or a canonical Parquet directory); events
+    carry ``timestamp_raw`` (see :func:`conform_events`)."""
+    from pyspark.sql import functions as F
+
     if source == INSTACART:
         raw = spark.read.csv(str(instacart_csv_path()), header=True, inferSchema=True)
         events = instacart_events(raw, anchor_date)
+        events = events.withColumn(RAW_TIMESTAMP, F.lit(None).cast("string"))
         return events, instacart_items(events)
     root = Path(source)
     if not (root / "events").exists() or not (root / "items").exists():
@@ -166,6 +260,16 @@ def read_source(spark: SparkSession, source: str, anchor_date: str) -> tuple[Dat
             f"source '{source}' is neither 'instacart' nor a directory with events/ and items/ "
             "Parquet in the canonical schema"
         )
-    events = spark.read.parquet(str(root / "events"))
+    where = str(root / "events")
+    events = spark.read.parquet(where)
+    if not events.columns or events.isEmpty():
+        raise SourceSchemaError(
+            f"{where}: no events (an empty export). Nothing was landed: check the export that "
+            "wrote it and rerun this date."
+        )
+    unit = parquet_timestamp_unit(root / "events")
     items = spark.read.parquet(str(root / "items"))
-    return conform_events(events), conform_items(items)
+    return (
+        conform_events(events, where, timestamp_unit, unit),
+        conform_items(items, str(root / "items")),
+    )

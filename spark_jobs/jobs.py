@@ -50,6 +50,19 @@ class SourceReadError(RuntimeError):
     """A source file cannot be read at all (before any data validation can look at it)."""
 
 
+class ConservationError(RuntimeError):
+    """Rows went missing between two stages: every row must be kept or quarantined."""
+
+
+def _conserve(stage: str, counts: dict[str, int], total: str, parts: tuple[str, ...]) -> None:
+    if counts[total] != sum(counts[p] for p in parts):
+        raise ConservationError(
+            f"{stage}: {counts[total]} {total} != "
+            + " + ".join(f"{counts[p]} {p}" for p in parts)
+            + "; rows were lost without a reason. Nothing downstream should run on this date."
+        )
+
+
 def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dict[str, int]:
     """Copy the source as it stands on ``ds`` into that date's raw partition.
 
@@ -57,38 +70,58 @@ def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dic
     ``lake/raw/items/ds=<ds>/``. The whole ``ds`` partition is replaced (a rerun leaves no
     stale ``event_date`` behind) and no other date's is touched, so a rerun or a backfill of
     one date is idempotent and independent. Source and slice come from ``settings.land``.
+    Events whose timestamp does not parse go to ``lake/quarantine/ds=<ds>/landed_rows`` with
+    the value; the counts must add up (``source_rows = landed + quarantined``).
     """
+    from pyspark.sql import functions as fn
+
     spark = spark or get_spark(settings.spark, "shopml-land")
     p, cfg = settings.paths, settings.land
     # Reading can fail at schema inference (a footer) or later at the write: both named.
     with _readable_source(cfg.source):
-        events, items = ingest.read_source(spark, cfg.source, settings.anchor_date)
+        events, items = ingest.read_source(
+            spark, cfg.source, settings.anchor_date, cfg.timestamp_unit
+        )
         if cfg.max_users:
             events = ingest.keep_first_users(events, cfg.max_users)
         events = ingest.with_event_date(events).cache()
+        unparsed = fn.col(ingest.RAW_TIMESTAMP).isNotNull()
         (
-            events.write.mode("overwrite")
+            events.where(~unparsed)
+            .drop(ingest.RAW_TIMESTAMP)
+            .write.mode("overwrite")
             .option("partitionOverwriteMode", "static")  # replace the whole ds snapshot
             .partitionBy(S.EVENT_DATE)
             .parquet(str(p.raw_events_for(ds)))
         )
+        (
+            events.where(unparsed)
+            .drop(S.EVENT_DATE)
+            .withColumn(S.REJECT_REASON, fn.lit("unparsable_timestamp"))
+            .write.mode("overwrite")
+            .parquet(str(p.quarantine_for(ds) / "landed_rows"))
+        )
         items.write.mode("overwrite").parquet(str(p.raw_items_for(ds)))
     counts = {
-        "events": events.count(),
+        "source_rows": events.count(),
+        "landed": spark.read.parquet(str(p.raw_events_for(ds))).count(),
+        "quarantined": spark.read.parquet(str(p.quarantine_for(ds) / "landed_rows")).count(),
         "items": spark.read.parquet(str(p.raw_items_for(ds))).count(),
     }
     events.unpersist()
-    return counts
+    _conserve("land", counts, "source_rows", ("landed", "quarantined"))
+    return {"events": counts["landed"], **counts}
 
 
 def clean(settings: Settings, ds: date, spark: SparkSession | None = None) -> dict[str, object]:
-    """Clean raw events up to ``ds`` and the catalog; rejected rows go to quarantine."""
+    """Clean the date's raw events and the catalog; every rejected row goes to quarantine
+    with its reason (events after the logical date too: they are not lost, only not yet due),
+    and the counts must add up (``landed = kept + quarantined``)."""
     from pyspark.sql import functions as fn
 
     spark = spark or get_spark(settings.spark, "shopml-clean")
     p = settings.paths
     raw = spark.read.parquet(str(p.raw_events_for(ds)))
-    raw = raw.filter(fn.col(S.EVENT_DATE) <= ds.isoformat())
     upper = end_of_day(ds).strftime("%Y-%m-%d %H:%M:%S")
     events_ok, events_bad = C.split_flagged(C.flag_events(raw.drop(S.EVENT_DATE), upper))
     items_ok, items_bad = C.split_flagged(
@@ -106,19 +139,33 @@ def clean(settings: Settings, ds: date, spark: SparkSession | None = None) -> di
     events_bad.unionByName(unknown).write.mode("overwrite").parquet(str(q / "event_rows"))
     items_bad.write.mode("overwrite").parquet(str(q / "item_rows"))
 
-    rejected = spark.read.parquet(str(q / "event_rows"), str(q / "item_rows"))
+    kept = spark.read.parquet(str(p.clean_events_for(ds))).count()
+    rejected = spark.read.parquet(str(q / "event_rows"))
+    counts = {
+        "landed": raw.count(),
+        "kept": kept,
+        "quarantined": rejected.count(),
+        "items_landed": spark.read.parquet(str(p.raw_items_for(ds))).count(),
+        "items_kept": spark.read.parquet(str(p.clean_items_for(ds))).count(),
+        "items_quarantined": spark.read.parquet(str(q / "item_rows")).count(),
+    }
+    both = rejected.select(S.REJECT_REASON).unionByName(
+        spark.read.parquet(str(q / "item_rows")).select(S.REJECT_REASON)
+    )
     report: dict[str, object] = {
         "ds": ds.isoformat(),
-        "events_kept": spark.read.parquet(str(p.clean_events_for(ds))).count(),
-        "items_kept": spark.read.parquet(str(p.clean_items_for(ds))).count(),
+        "events_kept": kept,
+        "items_kept": counts["items_kept"],
+        "counts": counts,
         "rejected_by_reason": {
-            r[S.REJECT_REASON]: r["count"]
-            for r in rejected.groupBy(S.REJECT_REASON).count().collect()
+            r[S.REJECT_REASON]: r["count"] for r in both.groupBy(S.REJECT_REASON).count().collect()
         },
     }
     run_dir = p.run(ds)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "clean_report.json").write_text(json.dumps(report, indent=2))
+    _conserve("clean (events)", counts, "landed", ("kept", "quarantined"))
+    _conserve("clean (items)", counts, "items_landed", ("items_kept", "items_quarantined"))
     return report
 
 

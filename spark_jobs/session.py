@@ -15,8 +15,10 @@ def get_spark(config: SparkConfig, app_name: str = "shopml") -> SparkSession:
     """Get or create the session. Under ``spark-submit`` the master comes from the launcher.
 
     Settings that matter for correctness are pinned here: UTC everywhere (Feast and the
-    model see the same instants), microsecond Parquet timestamps (INT96 is Spark-only), and
-    dynamic partition overwrite so a rerun replaces only the partitions it writes.
+    model see the same instants), microsecond Parquet timestamps (INT96 is Spark-only),
+    dynamic partition overwrite so a rerun replaces only the partitions it writes, and
+    nanosecond Parquet timestamps (pandas' default) read as longs, which Spark 4 otherwise
+    refuses (``PARQUET_TYPE_ILLEGAL``); ``spark_jobs.ingest.event_time`` converts them.
     """
     from pyspark.sql import SparkSession
 
@@ -26,6 +28,7 @@ def get_spark(config: SparkConfig, app_name: str = "shopml") -> SparkSession:
         .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
+        .config("spark.sql.legacy.parquet.nanosAsLong", "true")
         .config("spark.sql.shuffle.partitions", str(config.shuffle_partitions))
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")

@@ -38,8 +38,8 @@ def test_flag_events_names_each_rule(spark):
             "duplicate",
             "null_key",
             "unknown_event_type",
-            "timestamp_out_of_range",
-            "timestamp_out_of_range",
+            "timestamp_before_2000",
+            "after_logical_date",
         ]
     )
     ok, bad = clean.split_flagged(flagged)

@@ -65,7 +65,7 @@ def instacart(max_users: int | None = None, anchor_date: str | None = None) -> p
     ranks exactly the events the nightly DAG trains on; collected to pandas (150k rows).
     """
     from shopml.config import load_settings
-    from spark_jobs.ingest import INSTACART, keep_first_users, read_source
+    from spark_jobs.ingest import INSTACART, RAW_TIMESTAMP, keep_first_users, read_source
     from spark_jobs.session import get_spark
 
     settings = load_settings()
@@ -73,6 +73,6 @@ def instacart(max_users: int | None = None, anchor_date: str | None = None) -> p
     events, _ = read_source(spark, INSTACART, anchor_date or settings.anchor_date)
     if max_users:
         events = keep_first_users(events, max_users)
-    out = events.drop(S.QUERY).toPandas()
+    out = events.drop(S.QUERY, RAW_TIMESTAMP).toPandas()
     out[S.TIMESTAMP] = pd.to_datetime(out[S.TIMESTAMP]).dt.tz_localize("UTC")  # session is UTC
     return out.sort_values([S.USER_ID, S.TIMESTAMP], kind="stable").reset_index(drop=True)
