@@ -86,6 +86,41 @@ class TrainConfig(BaseModel):
     seed: int = 42
 
 
+class ValidationConfig(BaseModel):
+    """Thresholds of the recommender-specific checks on raw events (validation/behaviour.py).
+
+    Shares are judged only on days with at least ``min_users`` distinct users: on a quiet
+    day one shopper's basket is legitimately a large share."""
+
+    min_users: int = Field(20, ge=1, description="days with fewer users are not judged")
+    max_top_user_share: float = Field(
+        0.5, gt=0, le=1, description="one user's share of a day's events (bot flood)"
+    )
+    max_top_item_share: float = Field(
+        0.5, gt=0, le=1, description="one item's share of a day's events (popularity skew)"
+    )
+    max_top_timestamp_share: float = Field(
+        0.5, gt=0, le=1, description="one instant's share of a day's events (stuck clock)"
+    )
+    max_unknown_item_share: float = Field(
+        0.1, ge=0, le=1, description="share of a day's events whose item is not in the catalog"
+    )
+    max_new_user_share: float = Field(
+        0.9, gt=0, le=1, description="share of a day's events by first-time users (cold start)"
+    )
+    history_days: int = Field(
+        7, ge=0, description="the snapshot's first days are not judged for cold start"
+    )
+    volume_ratio: tuple[float, float] = Field(
+        (0.1, 10.0),
+        description="allowed range of a new day's event count over the previous run's median "
+        "day (day-over-day drift)",
+    )
+    max_feature_mean_change: float = Field(
+        1.0, gt=0, description="relative change of a feature's mean against the previous run"
+    )
+
+
 class EvalConfig(BaseModel):
     """How a run is evaluated and what the promotion gate asks (see training/gate.py)."""
 
@@ -186,6 +221,7 @@ class Settings(BaseSettings):
     spark: SparkConfig = SparkConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    validation: ValidationConfig = ValidationConfig()
     feast: FeastConfig = FeastConfig()
     serving: ServingConfig = ServingConfig()
 

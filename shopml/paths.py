@@ -121,6 +121,14 @@ class Paths:
     def quarantine_for(self, ds: date | str) -> Path:
         return partition(self.quarantine, ds)
 
+    @property
+    def profiles(self) -> Path:
+        """What validation measured on each date that passed (the next run's reference)."""
+        return self.lake / "profiles"
+
+    def profile_for(self, ds: date | str) -> Path:
+        return partition(self.profiles, ds)
+
 
 def _iso(ds: date | str) -> str:
     return ds if isinstance(ds, str) else ds.isoformat()

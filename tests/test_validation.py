@@ -116,3 +116,37 @@ def test_feature_suite_is_strict(settings, bad):
     assert validate_frame(settings, "user_features", suites.user_features(), ok).success
     broken = pd.DataFrame([row, {**row, S.USER_ID: "v", **bad}])
     assert not validate_frame(settings, "user_features", suites.user_features(), broken).success
+
+
+def test_volume_and_feature_drift_are_judged_against_the_previous_run(settings):
+    """Day-over-day: a new day at 20x the previous run's median day, and a feature whose mean
+    tripled overnight, each fail their suite; the same data without a previous run passes."""
+    import datetime
+
+    from validation import behaviour
+
+    cfg = settings.validation
+    events = _events(n=300)
+    items = pd.DataFrame({S.ITEM_ID: [f"i{i}" for i in range(300)]})
+    previous = {"ds": "2025-01-02", "median_rows": 5.0}
+    profile = behaviour.event_profile(events, items, cfg, previous)
+    assert profile.loc[profile[S.EVENT_DATE] == "2025-01-03", behaviour.VOLUME_RATIO].item() == 20
+    assert profile[behaviour.VOLUME_RATIO].isna().sum() == 2  # days the previous run had seen
+    report = validate_frame(settings, "raw_event_behaviour", behaviour.event_suite(cfg),
+                            profile, S.EVENT_DATE)  # fmt: skip
+    assert not report.success and report.bad_partitions == ["2025-01-03"]
+    fresh = behaviour.event_profile(events, items, cfg, None)
+    assert validate_frame(
+        settings, "raw_event_behaviour", behaviour.event_suite(cfg), fresh
+    ).success
+
+    features = pd.DataFrame({"n_events": [3.0, 6.0], "reorder_rate": [0.2, 0.4]})
+    means = {"user_features": {"n_events": 1.5, "reorder_rate": 0.3}}
+    behaviour.save_profile(settings, datetime.date(2025, 1, 1), feature_means=means)
+    before = behaviour.previous_profile(settings, datetime.date(2025, 1, 2))
+    assert behaviour.previous_profile(settings, datetime.date(2025, 1, 1)) is None  # not itself
+    drift = behaviour.feature_drift(features, before, "user_features").set_index("feature")
+    assert drift.loc["n_events", behaviour.FEATURE_MEAN_CHANGE] == pytest.approx(2.0)
+    report = validate_frame(settings, "user_features_drift", behaviour.drift_suite(cfg),
+                            drift.reset_index())  # fmt: skip
+    assert not report.success

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from shopml import schema as S
 from shopml.config import Settings
-from validation import suites
+from validation import behaviour, suites
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -233,7 +233,14 @@ def validate_raw(settings: Settings, ds: date) -> list[SuiteReport]:
         validate_frame(settings, "raw_items", suites.raw_items(), items, ds=ds,
                        table=items_table),
     ]  # fmt: skip
+    cfg = settings.validation
+    profile = behaviour.event_profile(events, items, cfg, behaviour.previous_profile(settings, ds))
+    reports.append(
+        validate_frame(settings, "raw_event_behaviour", behaviour.event_suite(cfg), profile,
+                       S.EVENT_DATE, ds=ds, table=f"{events_table} (behaviour per day)")
+    )  # fmt: skip
     _raise_on_failure(settings, ds, reports)
+    behaviour.save_profile(settings, ds, median_rows=float(profile["rows"].median()))
     return reports
 
 
@@ -244,10 +251,17 @@ def validate_features(settings: Settings, ds: date) -> list[SuiteReport]:
         ("user_features", suites.user_features, root / "user"),
         ("item_features", suites.item_features, root / "item"),
     ]
-    reports = [
-        validate_frame(settings, name, make(), _read_parquet(path), ds=ds,
-                       table=_table(settings, path))
-        for name, make, path in checks
-    ]  # fmt: skip
+    previous = behaviour.previous_profile(settings, ds)
+    reports, means = [], {}
+    for name, make, path in checks:
+        frame, table = _read_parquet(path), _table(settings, path)
+        reports.append(validate_frame(settings, name, make(), frame, ds=ds, table=table))
+        drift = behaviour.feature_drift(frame, previous, name)
+        reports.append(
+            validate_frame(settings, f"{name}_drift", behaviour.drift_suite(settings.validation),
+                           drift, ds=ds, table=f"{table} (means against the previous run)")
+        )  # fmt: skip
+        means[name] = dict(zip(drift["feature"], drift["mean"], strict=True))
     _raise_on_failure(settings, ds, reports)
+    behaviour.save_profile(settings, ds, feature_means=means)
     return reports
