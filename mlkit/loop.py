@@ -15,12 +15,16 @@ it reads top to bottom like Horovod's PyTorch example, every distributed step na
 4. the epochs; each epoch's mean loss averaged across ranks with ``allreduce``, printed by
    rank 0 only.
 
-Ready for Horovod Elastic: the loop's state (model, optimizer, epoch, loss curve, best
-validation weights) lives in an ``hvd.elastic.TorchState`` committed after every epoch, and
-the epochs are one function of that state (``run_epochs``) that resumes from ``state.epoch``.
-Surviving a lost worker is then ``hvd.elastic.run(run_epochs)`` under an elastic launch
-(``horovodrun --min-np ... --host-discovery-script ...``), which rolls every rank back to the
-last commit; that launch is not wired yet.
+Faults. The loop's state (model, optimizer, epoch, loss curve, best validation weights) lives
+in an ``hvd.elastic.TorchState`` committed after every epoch, and the epochs are one function
+of that state (``run_epochs``) that resumes from ``state.epoch``:
+
+* a lost worker: under an elastic launch (``mlkit.launch``, ``elastic=True``: ``horovodrun
+  --min-np/--max-np`` with a host discovery script) ``hvd.elastic.run(run_epochs)`` rolls the
+  surviving ranks back to the last commit, re-shards the data over them and goes on;
+* a lost task (a retried Airflow try): with ``LoopConfig.checkpoint`` rank 0 also writes the
+  committed state there after every epoch, and a new run of the loop with the same
+  configuration resumes from it (a checkpoint of another configuration is ignored).
 
 Run by :func:`mlkit.launch.train`: in process for one worker, else as
 ``horovodrun -np N --gloo python -m mlkit.loop SPEC OUT`` (this module's ``__main__``).
@@ -69,6 +73,12 @@ class LoopConfig:
     weight_decay: float = 0.0
     seed: int = 42
     name: str = "model"  # prefixes the allreduce names and the printed lines
+    checkpoint: str | None = None  # file rank 0 writes after every epoch; resumed from
+    data_version: str = ""  # identifies the training data: a checkpoint of other data is stale
+
+    def fingerprint(self) -> dict[str, object]:
+        """What a checkpoint must match to be resumed (not where it is written)."""
+        return {k: v for k, v in self.__dict__.items() if k != "checkpoint"}
 
 
 Curve = list[dict[str, float]]
@@ -101,6 +111,7 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
     state = hvd.elastic.TorchState(
         model=net, optimizer=optimizer, epoch=0, curve=[], best_loss=float("inf"), best=None
     )
+    resume(state, cfg)
     validate = getattr(task, "validation_loss", None)
 
     # --- loop ---------------------------------------------------------------------------------
@@ -133,12 +144,54 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
                 print(f"{cfg.name} epoch {epoch}: loss {epoch_loss:.4f}", flush=True)
             state.epoch = epoch + 1
             state.commit()  # the point a lost worker rolls back to
+            if hvd.rank() == 0:
+                save_checkpoint(state, cfg)  # the point a retried task resumes from
 
-    run_epochs(state)
+    if os.environ.get("HOROVOD_ELASTIC") == "1":
+        hvd.elastic.run(run_epochs)(state)
+    else:
+        run_epochs(state)
     if state.best is not None:
         net.load_state_dict(state.best)
     net.eval()
     return net, list(state.curve)
+
+
+def save_checkpoint(state, cfg: LoopConfig) -> None:
+    """The committed state, written atomically (a crash mid-write leaves the previous one)."""
+    if not cfg.checkpoint:
+        return
+    path = cfg.checkpoint
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    payload = {
+        "fingerprint": cfg.fingerprint(),
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "epoch": state.epoch,
+        "curve": list(state.curve),
+        "best_loss": state.best_loss,
+        "best": state.best,
+    }
+    torch.save(payload, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume(state, cfg: LoopConfig) -> bool:
+    """Load ``cfg.checkpoint`` into ``state`` when it was written by the same configuration;
+    every rank loads the same file, so they resume in step. Returns whether it resumed."""
+    if not cfg.checkpoint or not os.path.exists(cfg.checkpoint):
+        return False
+    saved = torch.load(cfg.checkpoint, weights_only=False)
+    if saved.get("fingerprint") != cfg.fingerprint():
+        print(f"{cfg.name}: checkpoint {cfg.checkpoint} is of another configuration; ignored")
+        return False
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.epoch, state.curve = saved["epoch"], saved["curve"]
+    state.best_loss, state.best = saved["best_loss"], saved["best"]
+    state.commit()
+    print(f"{cfg.name}: resumed from {cfg.checkpoint} after epoch {state.epoch - 1}", flush=True)
+    return True
 
 
 @torch.no_grad()

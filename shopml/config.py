@@ -67,6 +67,9 @@ class TrainConfig(BaseModel):
 
     epochs: int = Field(10, ge=1)
     workers: int = Field(2, ge=1, description="Horovod processes (horovodrun -np)")
+    elastic: bool = Field(
+        False, description="Horovod Elastic: a lost worker is dropped, the others go on"
+    )
     batch_size: int = Field(512, ge=8, description="per worker")
     lr: float = Field(2e-3, gt=0, description="base LR, scaled by the number of workers")
     dim: int = Field(64, ge=4)

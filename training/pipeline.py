@@ -29,7 +29,7 @@ from training.evaluate import (
     segments_of,
     write_results,
 )
-from training.train import train_two_tower
+from training.train import CHECKPOINT, train_two_tower
 
 SERVED = "two_stage"  # the evaluation row of the path `shopml serve` answers with
 
@@ -66,6 +66,8 @@ def train(settings: Settings, ds: date) -> dict[str, object]:
     (run_dir / "mlflow_run_id").write_text(run_id)
     model, curve = train_two_tower(settings, run_dir)
     torch.save(model, run_dir / "model.pt")
+    # the checkpoint served a retry of this task; a later rerun of the date trains afresh
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
     (run_dir / "loss_curve.json").write_text(json.dumps(curve))
     with mlflow.start_run(run_id=run_id):
         for point in curve:

@@ -48,8 +48,24 @@ class TwoTowerTask:
         return sampled_softmax_loss(net, users, feats, items, self.negatives, gen)
 
 
+CHECKPOINT = Path("checkpoints") / "two_tower.pt"
+
+
+def data_version(*files: Path) -> str:
+    """Identifies the training data a checkpoint belongs to (a rebuilt set is another one)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def train_two_tower(settings: Settings, run_dir: Path) -> tuple[TwoTower, Curve]:
-    """Train on ``settings.train.workers`` Horovod processes; rank 0's model and the curve."""
+    """Train on ``settings.train.workers`` Horovod processes; rank 0's model and the curve.
+
+    Every epoch is checkpointed under the run directory, so a retried task resumes from the
+    last one (``mlkit.loop``); with ``train.elastic`` a lost worker does not stop the job."""
     cfg = settings.train
     loop = LoopConfig(
         epochs=cfg.epochs,
@@ -58,6 +74,8 @@ def train_two_tower(settings: Settings, run_dir: Path) -> tuple[TwoTower, Curve]
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
         name="two_tower",
+        checkpoint=str(run_dir / CHECKPOINT),
+        data_version=data_version(run_dir / "train.parquet", run_dir / "vocab.json"),
     )
     task = TwoTowerTask(run_dir, cfg.dim, cfg.negatives)
-    return launch(task, loop, cfg.workers, env=service_environment(settings))
+    return launch(task, loop, cfg.workers, env=service_environment(settings), elastic=cfg.elastic)
