@@ -150,3 +150,27 @@ def test_volume_and_feature_drift_are_judged_against_the_previous_run(settings):
     report = validate_frame(settings, "user_features_drift", behaviour.drift_suite(cfg),
                             drift.reset_index())  # fmt: skip
     assert not report.success
+
+
+def test_a_feature_snapshot_that_counts_its_own_future_fails_point_in_time(settings):
+    from validation import behaviour
+
+    events = pd.DataFrame({
+        S.USER_ID: ["a", "a", "a", "b"],
+        S.TIMESTAMP: pd.to_datetime(["2025-01-01 10:00", "2025-01-02 09:00", "2025-01-02 23:59",
+                                     "2025-01-02 00:00"], utc=True),
+    })  # fmt: skip
+    features = pd.DataFrame({
+        S.USER_ID: ["a", "a", "b"],
+        S.FEATURE_TIMESTAMP: pd.to_datetime(["2025-01-02", "2025-01-03", "2025-01-02"], utc=True),
+        S.USER_N_EVENTS: [1, 3, 0],  # b's event at exactly midnight is not before valid-from
+    })  # fmt: skip
+    honest = behaviour.leakage(features, events, S.USER_ID, S.USER_N_EVENTS)
+    assert honest[behaviour.LEAKED_EVENTS].tolist() == [0, 0, 0]
+    leaky = features.assign(**{S.FEATURE_TIMESTAMP: features[S.FEATURE_TIMESTAMP]
+                               - pd.Timedelta(days=1)})  # fmt: skip
+    leaks = behaviour.leakage(leaky, events, S.USER_ID, S.USER_N_EVENTS)
+    assert leaks[behaviour.LEAKED_EVENTS].tolist() == [1, 2, 0]
+    report = validate_frame(settings, "user_features_point_in_time", behaviour.leakage_suite(),
+                            leaks)  # fmt: skip
+    assert not report.success and report.failures[0]["unexpected_count"] == 2

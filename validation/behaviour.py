@@ -132,3 +132,36 @@ def save_profile(settings: Settings, ds: date, **parts: object) -> None:
     profile = json.loads(path.read_text()) if path.exists() else {"ds": ds.isoformat()}
     profile.update(parts)
     path.write_text(json.dumps(profile, indent=2, default=float))
+
+
+LEAKED_EVENTS = "leaked_events"
+
+
+def leakage(features: pd.DataFrame, events: pd.DataFrame, key: str, count: str) -> pd.DataFrame:
+    """Point-in-time check of a feature table: each snapshot's event count (``count``) against
+    the events that happened strictly before the snapshot's valid-from time. A positive
+    ``leaked_events`` means the snapshot counted events from its own future (it would leak the
+    label into training); a negative one means events went missing. Both must be 0."""
+    import pandas as pd
+
+    happened = pd.DataFrame({key: events[key].to_numpy(), "t": pd.to_datetime(
+        events[S.TIMESTAMP], utc=True).to_numpy(), "event": 1})  # fmt: skip
+    snapshots = pd.DataFrame({
+        key: features[key].to_numpy(),
+        "t": pd.to_datetime(features[S.FEATURE_TIMESTAMP], utc=True).to_numpy(),
+        "event": 0, "row": range(len(features)),
+    })  # fmt: skip
+    both = pd.concat([happened, snapshots], ignore_index=True)
+    # at equal times the snapshot sorts first: an event at exactly valid-from is not before it
+    both = both.sort_values([key, "t", "event"], kind="stable")
+    both["before"] = both.groupby(key)["event"].cumsum()
+    seen = both[both["event"] == 0].set_index("row")["before"].sort_index()
+    out = features[[key, S.FEATURE_TIMESTAMP]].copy()
+    out[LEAKED_EVENTS] = features[count].to_numpy() - seen.to_numpy()
+    return out
+
+
+def leakage_suite() -> list[Expectation]:
+    import great_expectations.expectations as gxe
+
+    return [gxe.ExpectColumnValuesToBeBetween(column=LEAKED_EVENTS, min_value=0, max_value=0)]

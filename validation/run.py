@@ -252,6 +252,9 @@ def validate_features(settings: Settings, ds: date) -> list[SuiteReport]:
         ("item_features", suites.item_features, root / "item"),
     ]
     previous = behaviour.previous_profile(settings, ds)
+    events = _read_parquet(settings.paths.clean_events_for(ds))
+    counts = {"user_features": (S.USER_ID, S.USER_N_EVENTS),
+              "item_features": (S.ITEM_ID, S.ITEM_N_EVENTS)}  # fmt: skip
     reports, means = [], {}
     for name, make, path in checks:
         frame, table = _read_parquet(path), _table(settings, path)
@@ -262,6 +265,11 @@ def validate_features(settings: Settings, ds: date) -> list[SuiteReport]:
                            drift, ds=ds, table=f"{table} (means against the previous run)")
         )  # fmt: skip
         means[name] = dict(zip(drift["feature"], drift["mean"], strict=True))
+        leaks = behaviour.leakage(frame, events, *counts[name])
+        reports.append(
+            validate_frame(settings, f"{name}_point_in_time", behaviour.leakage_suite(), leaks,
+                           ds=ds, table=f"{table} (counts against the events before valid-from)")
+        )  # fmt: skip
     _raise_on_failure(settings, ds, reports)
     behaviour.save_profile(settings, ds, feature_means=means)
     return reports
