@@ -222,8 +222,9 @@ def promote(settings: Settings, ds: date) -> Decision:
             registry.set_champion(settings, version)
             reason = "promoted: " + "; ".join(verdict.reasons)
         elif verdict.promote:
-            reason = (f"NOT promoted: the champion moved from v{evaluated_against} to v{current} "
-                      "since this run's evaluation; rerun evaluate and promote for this date. "
+            was = f"v{evaluated_against}" if evaluated_against else "none"
+            reason = (f"NOT promoted: the champion moved from {was} to v{current} since this "
+                      "run's evaluation; rerun evaluate and promote for this date. "
                       + "; ".join(verdict.reasons))  # fmt: skip
         else:
             reason = "NOT promoted: " + "; ".join(verdict.reasons)
