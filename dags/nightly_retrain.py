@@ -21,6 +21,16 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, chain, dag, task
 
+
+def _environment():
+    """The Settings of the environment (pydantic only: no engine is touched at parse time)."""
+    from shopml.config import load_settings
+
+    return load_settings()
+
+
+_EVAL = _environment().eval  # the Params' defaults are the environment's settings
+
 PARAMS = {
     "source": Param(
         "instacart",
@@ -55,7 +65,7 @@ PARAMS = {
         "champion (first run: popularity) must exceed margin x its mean.",
     ),
     "models": Param(
-        ["user_knn", "item_knn"],
+        _EVAL.models,
         type="array",
         items={"type": "string"},
         title="Zoo models",
@@ -75,17 +85,7 @@ PARAMS = {
         "for retailers who precompute. Empty: skip (the service answers online).",
     ),
     "model_configs": Param(
-        # tuned on Instacart (repeat-aware): `python -m benchmarks.recsys --dataset instacart
-        # --tune 12` wrote them to benchmarks/configs/instacart.json (rounded here)
-        {
-            "user_knn": {
-                "neighbors": 42,
-                "shrink": 30.4,
-                "own_weight": 0.92,
-                "half_life_days": 33.4,
-            },
-            "item_knn": {"neighbors": 239, "shrink": 87.6, "repeat_weight": 2.8},
-        },  # fmt: skip
+        _EVAL.model_configs,  # tuned on Instacart: shopml.config.EvalConfig
         type="object",
         title="Zoo model configs",
         description="Per model, its config (`shopml tune` finds one). Models without an entry "
@@ -98,13 +98,6 @@ PARAMS = {
 # (production: SHOPML_SPARK__SUBMIT=true, i.e. SparkConfig.submit); same entry points either
 # way (spark_jobs/jobs.py).
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs" / "jobs.py"
-
-
-def _environment():
-    """The Settings of the environment (pydantic only: no engine is touched at parse time)."""
-    from shopml.config import load_settings
-
-    return load_settings()
 
 
 def _spark_submit(task_id: str, conn_id: str, *args: str):

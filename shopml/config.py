@@ -142,7 +142,19 @@ class EvalConfig(BaseModel):
         description="zoo models also fitted and evaluated on each run's holdout",
     )
     model_configs: dict[str, dict[str, object]] = Field(
-        default_factory=dict, description="per zoo model, its config (e.g. tuned by `shopml tune`)"
+        # tuned on Instacart (repeat-aware): `python -m benchmarks.recsys --dataset instacart
+        # --tune 12` wrote them to benchmarks/configs/instacart.json (rounded here); the DAG's
+        # Param defaults are these, so `shopml evaluate` and the DAG evaluate the same models
+        default_factory=lambda: {
+            "user_knn": {
+                "neighbors": 42,
+                "shrink": 30.4,
+                "own_weight": 0.92,
+                "half_life_days": 33.4,
+            },
+            "item_knn": {"neighbors": 239, "shrink": 87.6, "repeat_weight": 2.8},
+        },  # fmt: skip
+        description="per zoo model, its config (e.g. tuned by `shopml tune`)",
     )
 
 
