@@ -95,7 +95,7 @@ client = redis.Redis(host, int(port), db=db)
 keys = sum(1 for _ in client.scan_iter(match=b"*" + s.feast.project.encode(), count=1000))
 print(f"feast online: {keys} entity keys in redis {s.feast.redis_connection}")
 EOF
-if ! grep -q "DagRun Finished.*state=success" "$LOG"; then
+if ! grep -q "^DagRun .*: state=success" "$LOG"; then
   echo "prod_demo: DAG run failed, see $LOG"
   exit 1
 fi
