@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", nargs="*", default=["evaluate", "promote"],
                         help="tasks whose printed output to repeat here")  # fmt: skip
     args = parser.parse_args(argv)
+    # a SIGTERM (a closed terminal, `timeout`, a container stop) stops the services too: they
+    # run in their own sessions and would otherwise outlive this process
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     airflow = Airflow(os.environ, port=args.port).start()
     try:
         if not args.ds:
