@@ -141,17 +141,16 @@ def clean(settings: Settings, ds: date, spark: SparkSession | None = None) -> di
 
     kept = spark.read.parquet(str(p.clean_events_for(ds))).count()
     rejected = spark.read.parquet(str(q / "event_rows"))
+    items_rejected = spark.read.parquet(str(q / "item_rows"))
     counts = {
         "landed": raw.count(),
         "kept": kept,
         "quarantined": rejected.count(),
         "items_landed": spark.read.parquet(str(p.raw_items_for(ds))).count(),
         "items_kept": spark.read.parquet(str(p.clean_items_for(ds))).count(),
-        "items_quarantined": spark.read.parquet(str(q / "item_rows")).count(),
+        "items_quarantined": items_rejected.count(),
     }
-    both = rejected.select(S.REJECT_REASON).unionByName(
-        spark.read.parquet(str(q / "item_rows")).select(S.REJECT_REASON)
-    )
+    both = rejected.select(S.REJECT_REASON).unionByName(items_rejected.select(S.REJECT_REASON))
     report: dict[str, object] = {
         "ds": ds.isoformat(),
         "events_kept": kept,

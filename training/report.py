@@ -152,18 +152,19 @@ def _role_legend(ax: Any, table: pd.DataFrame) -> None:
 
 
 def log_model_runs(
-    table: pd.DataFrame, k: int, ds: str, configs: Mapping[str, Mapping[str, Any]]
+    table: pd.DataFrame, ds: str, configs: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, str]:
     """One nested run per evaluation row (the active run is the parent); returns name -> id."""
     import mlflow
 
     ids = {}
+    columns = metric_columns(table)
     for row in table.to_dict("records"):
         name = row["model"]
         tags = {"role": row.get("role", ""), "ds": ds, "model": name,
                 "protocol": str(row.get("protocol", ""))}  # fmt: skip
         with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
-            metrics = {c: float(row[c]) for c in metric_columns(table) if pd.notna(row.get(c))}
+            metrics = {c: float(row[c]) for c in columns if pd.notna(row.get(c))}
             mlflow.log_metrics(metrics)
             if config := configs.get(name):
                 mlflow.log_params({f"config.{p}": v for p, v in config.items()})
@@ -182,7 +183,7 @@ def log_evaluation(
     """Everything of the evaluation a person looks at, into the active (parent) run."""
     import mlflow
 
-    log_model_runs(table, k, ds, configs)
+    log_model_runs(table, ds, configs)
     row = table.set_index("model").loc[served]
     mlflow.log_metrics({c: float(row[c]) for c in metric_columns(table) if pd.notna(row[c])})
     mlflow.log_table(compact_table(table, k), "evaluation.json")
