@@ -61,9 +61,14 @@ def monkeypatch_module():
 
 
 def _wait(driver, condition, timeout: float = 60):
+    """Until ``condition`` holds; React and bootstrap-table re-render while a page settles, so
+    an element that went stale between finding and reading it means: look again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition)
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.5,
+                         ignored_exceptions=(StaleElementReferenceException,))  # fmt: skip
+    return wait.until(condition)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +132,8 @@ def test_data_docs_index_lists_the_validations_offline(browser, airflow_pipeline
 
     index = airflow_pipeline[0] / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site"
     browser.get((index / "index.html").as_uri())
-    rows = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "table tbody tr"))
-    text = "\n".join(r.text for r in rows)
+    text = _wait(browser, lambda d: "\n".join(
+        r.text for r in d.find_elements(By.CSS_SELECTOR, "table tbody tr")))  # fmt: skip
     for suite in ("raw_events", "raw_event_partitions", "raw_items", "user_features",
                   "item_features"):  # fmt: skip
         assert suite in text
