@@ -1,11 +1,14 @@
 # ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
-.PHONY: install demo test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
+.PHONY: install demo demo-search bench-search test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
 
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
 
 demo: install  ## Nightly DAG on the embedded profile, real Instacart data (a real Airflow scheduler)
 	bash scripts/demo.sh
+
+demo-search: install  ## Search DAG on the real Women's Clothing reviews (MiniLM, BM25, gate), then its benchmark
+	bash scripts/demo_search.sh
 
 test: install  ## The whole test suite (what .ci/run calls)
 	. scripts/env.sh && .venv/bin/ruff check . && .venv/bin/lint-imports && .venv/bin/pytest
@@ -27,6 +30,9 @@ serve:  ## Serve the champion on http://127.0.0.1:8000
 
 bench-serving:  ## Load benchmark of `shopml serve`: 100k-item catalog, open-loop load at 100/300/500 rps
 	. scripts/env.sh && python -m benchmarks.serving
+
+bench-search:  ## The search benchmark table (CIs, ratios) and /search latency of the last search run
+	. scripts/env.sh && python -m benchmarks.search
 
 airflow-ui:  ## Airflow UI on http://127.0.0.1:8080 over the demo's state (no login on loopback)
 	. scripts/env.sh && python -m cli.airflow_run --port 8080

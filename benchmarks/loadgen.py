@@ -130,17 +130,24 @@ def loadgen_main(argv: list[str]) -> None:
     p.add_argument("--unknown-share", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--users-file", type=Path, required=True, help="known user ids, one a line")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--users-file", type=Path, help="known user ids, one a line")
+    who.add_argument("--paths-file", type=Path, help="request paths (e.g. /search?q=...), "
+                     "one a line, sent in a seeded random order")  # fmt: skip
     args = p.parse_args(argv)
-    users = args.users_file.read_text().split()
     rng = random.Random(args.seed)
     n = int((WARMUP_S + args.duration) * args.rate)
-    paths = [
-        f"/recommendations/new-user-{rng.randrange(10**9)}?k={args.k}"
-        if rng.random() < args.unknown_share
-        else f"/recommendations/{rng.choice(users)}?k={args.k}"
-        for _ in range(n)
-    ]
+    if args.paths_file:
+        given = args.paths_file.read_text().split()
+        paths = [rng.choice(given) for _ in range(n)]
+    else:
+        users = args.users_file.read_text().split()
+        paths = [
+            f"/recommendations/new-user-{rng.randrange(10**9)}?k={args.k}"
+            if rng.random() < args.unknown_share
+            else f"/recommendations/{rng.choice(users)}?k={args.k}"
+            for _ in range(n)
+        ]
     result = asyncio.run(drive(args.url, args.rate, paths))
     args.out.write_text(json.dumps({"rate": args.rate, "warmup_s": WARMUP_S, **result}))
 

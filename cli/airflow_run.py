@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ds", help="logical date, YYYY-MM-DD (none: only serve the UI)")
     parser.add_argument("--conf", default="{}", help="the run's Params as JSON")
+    parser.add_argument("--dag", default=DAG_ID, help="nightly_retrain or search_retrain")
     parser.add_argument("--port", type=int, default=None, help="API server/UI port")
     parser.add_argument("--keep", action="store_true", help="leave the UI running afterwards")
     parser.add_argument("--show", nargs="*", default=["evaluate", "promote"],
@@ -256,15 +257,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"airflow: the UI is on {airflow.url} (Ctrl-C stops it)", flush=True)
             _serve_forever()
             return 0
-        print(f"airflow: UI and API on {airflow.url}; running {DAG_ID} for {args.ds}", flush=True)
-        result = airflow.run(args.ds, json.loads(args.conf))
+        print(f"airflow: UI and API on {airflow.url}; running {args.dag} for {args.ds}", flush=True)
+        result = airflow.run(args.ds, json.loads(args.conf), dag_id=args.dag)
         for task in args.show:
             with contextlib.suppress(IndexError, FileNotFoundError):
-                print("\n".join(printed_lines(airflow.task_log(result.run_id, task))))
+                print("\n".join(printed_lines(airflow.task_log(result.run_id, task, args.dag))))
         print(result.table())
         print(f"DagRun {result.run_id}: state={result.state}, {result.seconds:.0f} s "
               f"({result.start_date} -> {result.end_date}); task logs: "
-              f"{airflow.home / 'logs' / f'dag_id={DAG_ID}'}")  # fmt: skip
+              f"{airflow.home / 'logs' / f'dag_id={args.dag}'}")  # fmt: skip
         if args.keep:
             print(f"airflow: the UI stays up on {airflow.url} (Ctrl-C stops it)", flush=True)
             _serve_forever()

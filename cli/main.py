@@ -267,5 +267,66 @@ def serve(
                     port=port, access_log=access_log)  # fmt: skip
 
 
+# --- search (dags/search_retrain.py): `shopml search <stage> --ds ...` -------------------------
+search_app = typer.Typer(help="The product search pipeline's stages (the search_retrain DAG).")
+app.add_typer(search_app, name="search")
+
+
+@search_app.command("data")
+def search_data(ds: DsOption) -> None:
+    """Spark: product corpus, held-out queries and graded pairs with BM25 hard negatives."""
+    from spark_jobs.search_data import build_search_data
+
+    _echo(build_search_data(load_settings(), _ds(ds)))
+
+
+@search_app.command("validate")
+def search_validate(ds: DsOption) -> None:
+    """Great Expectations on the corpus, queries and pairs (leakage included)."""
+    from validation.search import validate_search
+
+    _echo([r.summary() for r in validate_search(load_settings(), _ds(ds))])
+
+
+@search_app.command("train-bi-encoder")
+def search_train_bi_encoder(ds: DsOption) -> None:
+    """MiniLM bi-encoder, in-batch + hard negatives, Horovod (SHOPML_SEARCH__WORKERS)."""
+    from training.search import train_bi_encoder
+
+    _echo(train_bi_encoder(load_settings(), _ds(ds)))
+
+
+@search_app.command("train-cross-encoder")
+def search_train_cross_encoder(ds: DsOption) -> None:
+    """MiniLM cross-encoder reranker on graded pairs, Horovod."""
+    from training.search import train_cross_encoder
+
+    _echo(train_cross_encoder(load_settings(), _ds(ds)))
+
+
+@search_app.command("index")
+def search_index(ds: DsOption) -> None:
+    """BM25 (bm25s) and faiss indexes: the bundle serving loads, and the zero-shot one."""
+    from training.search import build_index
+
+    _echo(build_index(load_settings(), _ds(ds)))
+
+
+@search_app.command("evaluate")
+def search_evaluate(ds: DsOption) -> None:
+    """Every configuration, chosen on validation queries, measured on test queries."""
+    from training.search import evaluate_search
+
+    evaluate_search(load_settings(), _ds(ds))
+
+
+@search_app.command("promote")
+def search_promote(ds: DsOption) -> None:
+    """Register shopml-search; move its champion alias only through the gate."""
+    from training.search import promote_search
+
+    _echo(promote_search(load_settings(), _ds(ds)))
+
+
 if __name__ == "__main__":
     app()

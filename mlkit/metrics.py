@@ -484,3 +484,53 @@ def evaluate(
     summary[f"{metric_key(headline, k)}_ci_high"] = ci.high
     result.summary = summary
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Graded relevance (search): one row per query
+# --------------------------------------------------------------------------------------------
+
+#: Per-query search metrics (columns of ``graded_per_query``), with their cut-offs.
+SEARCH_METRICS: tuple[str, ...] = ("ndcg_at_10", "mrr_at_10", "recall_at_100")
+
+
+def graded_per_query(
+    rankings: Mapping[str, Sequence[str]],
+    grades: Mapping[str, Mapping[str, int]],
+    k: int = 10,
+    recall_k: int = 100,
+    relevant_grade: int = 2,
+) -> pd.DataFrame:
+    """Per-query graded metrics of ranked item ids (one row per query of ``grades``).
+
+    * ``ndcg_at_{k}``: DCG with gain ``2**grade - 1`` and discount ``log2(rank + 1)`` over the
+      ideal DCG of the query's own grades sorted (TREC / LightGBM's definition);
+    * ``mrr_at_{k}``: 1 / rank of the first item graded ``>= relevant_grade`` (0 without one);
+    * ``recall_at_{recall_k}``: share of the items graded ``>= relevant_grade`` in the top
+      ``recall_k``.
+
+    A query without a ranking scores 0; an item ranked twice counts once, at its first place.
+    Grades not given are 0.
+    """
+    _check_k(k)
+    _check_k(recall_k)
+    discount = 1.0 / np.log2(np.arange(2, max(k, 1) + 2))
+    rows = []
+    for query, graded in grades.items():
+        ranked = list(dict.fromkeys(rankings.get(query, [])))
+        gains = np.array([2.0 ** graded.get(item, 0) - 1 for item in ranked[:k]])
+        dcg = float((gains * discount[: len(gains)]).sum())
+        ideal = np.sort(np.array([2.0**g - 1 for g in graded.values() if g > 0]))[::-1][:k]
+        idcg = float((ideal * discount[: len(ideal)]).sum())
+        relevant = {item for item, g in graded.items() if g >= relevant_grade}
+        first = next((r for r, item in enumerate(ranked[:k], 1) if item in relevant), None)
+        found = len(relevant & set(ranked[:recall_k]))
+        rows.append((
+            query,
+            dcg / idcg if idcg > 0 else 0.0,
+            1.0 / first if first else 0.0,
+            found / len(relevant) if relevant else 0.0,
+        ))  # fmt: skip
+    return pd.DataFrame(
+        rows, columns=["query_id", f"ndcg_at_{k}", f"mrr_at_{k}", f"recall_at_{recall_k}"]
+    )

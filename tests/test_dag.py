@@ -122,3 +122,42 @@ def test_production_spark_stages_are_spark_submit_of_the_same_entry_points(tmp_p
                                    "spark_cluster"]  # fmt: skip
     assert tasks["build_features"][2] == ["features", "--ds={{ ds }}"]
     assert tasks["build_features"][4] == ["validate_features"]
+
+
+SEARCH_EXPECTED = [
+    "search_data",
+    "validate_search",
+    "train_bi_encoder",
+    "train_cross_encoder",
+    "build_index",
+    "evaluate_search",
+    "promote_search",
+]
+
+
+def test_search_dag_is_a_chain_with_typed_params_and_parses_light(tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    dag = bag.dags["search_retrain"]
+    for upstream, downstream in zip(SEARCH_EXPECTED, SEARCH_EXPECTED[1:], strict=False):
+        assert dag.get_task(upstream).downstream_task_ids == {downstream}
+    assert dag.get_task("validate_search").retries == 0  # bad data is not retried
+    assert set(dag.params.keys()) == {
+        "search_source", "max_products", "search_workers", "bi_encoder_pairs",
+        "cross_encoder_pairs", "eval_queries", "search_promotion_margin",
+    }  # fmt: skip
+    code = (
+        "import runpy, sys, json;"
+        f"runpy.run_path({str(REPO / 'dags' / 'search_retrain.py')!r});"
+        "heavy=[m for m in ('pyspark','torch','mlflow','sentence_transformers','pandas')"
+        " if m in sys.modules];"
+        "print(json.dumps(heavy))"
+    )
+    env = {"AIRFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

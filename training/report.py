@@ -212,7 +212,8 @@ def decision_markdown(
         f"of logical date **{ds}**, version {version}, evaluated as `{candidate}`.",
         "",
         f"NDCG@{k} {row[f'ndcg_at_{k}']:.4f} (95% CI [{row[f'ndcg_at_{k}_ci_low']:.4f}, "
-        f"{row[f'ndcg_at_{k}_ci_high']:.4f}]), recall@{k} {row[f'recall_at_{k}']:.4f}.",
+        f"{row[f'ndcg_at_{k}_ci_high']:.4f}])"
+        + (f", recall@{k} {row[f'recall_at_{k}']:.4f}." if f"recall_at_{k}" in row else "."),
         "",
         "| reference | paired difference | 95% CI | threshold |",
         "|---|---:|---|---:|",

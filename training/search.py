@@ -1,0 +1,386 @@
+"""The search pipeline's stages after the data (``dags/search_retrain.py``, ``shopml search-*``).
+
+* :func:`train_bi_encoder`, :func:`train_cross_encoder`: MiniLM fine-tuned in the one Horovod
+  loop (``search.train``) on the ``ds`` pairs, on their step budgets;
+* :func:`build_index`: the bundle serving loads (``served_model.search``): BM25 (``bm25s``) over
+  the products' text, a faiss index of the fine-tuned bi-encoder's product vectors, both
+  encoders; and the zero-shot MiniLM's index beside it, for the benchmark row;
+* :func:`evaluate_search`: every configuration of the table, **chosen on validation queries**
+  (popularity weight, rerank depth and the cross-encoder's weight), then measured once on the
+  test queries, per view (product-overlapping / product-disjoint) and on cold products, with
+  bootstrap CIs;
+* :func:`promote_search`: ``shopml-search`` registered (bundle, encoders, indexes and query
+  config in the version) and ``champion`` moved by the same paired-bootstrap gate as the
+  recommender's (``training.gate``) against the champion (first run: BM25 + popularity).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlkit.bootstrap import bootstrap_ci
+from mlkit.metrics import graded_per_query
+from shopml import schema as S
+from shopml.config import Settings, service_environment
+from training import gate, ledger, registry, report
+
+EXPERIMENT = "shopml-search"
+SERVED = "hybrid_cross_encoder"
+BASELINE = "bm25_popularity"
+METRIC = "ndcg_at_10"
+POP_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+RERANK_DEPTHS = (10, 20)
+RERANK_WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def search_settings(settings: Settings) -> Settings:
+    """The same settings with the registry model of search (``training.registry`` reads it)."""
+    return settings.model_copy(update={"model_name": settings.search.model_name})
+
+
+def _tables(settings: Settings, ds: date) -> dict[str, Path]:
+    return {t: settings.paths.search_table_for(t, ds) for t in ("corpus", "queries", "pairs")}
+
+
+# --- training ---------------------------------------------------------------------------------
+def _train(settings: Settings, ds: date, name: str, task, budget: int) -> dict[str, object]:
+    import torch
+
+    from mlkit.launch import train as launch
+    from mlkit.loop import LoopConfig
+
+    cfg = settings.search
+    run_dir = settings.paths.search_run(ds)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop = LoopConfig(
+        epochs=1,  # one pass over exactly `budget` pairs (search.train._budgeted)
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=settings.train.seed,
+        name=name,
+        checkpoint=str(run_dir / "checkpoints" / f"{name}.pt"),
+        data_version=f"{ds}-{budget}",
+    )
+    started = time.perf_counter()
+    net, curve = launch(task, loop, cfg.workers, env=service_environment(settings))
+    seconds = time.perf_counter() - started
+    net.save(str(run_dir / name))
+    torch.save(curve, run_dir / f"{name}_curve.pt")
+    summary = {"model": name, "pairs": budget, "workers": cfg.workers, "seconds": seconds,
+               "pairs_per_second": budget / seconds, "loss": curve[-1]["loss"]}  # fmt: skip
+    (run_dir / f"{name}_training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_bi_encoder(settings: Settings, ds: date) -> dict[str, object]:
+    from search.train import BiEncoderTask, base_model_path
+
+    cfg, t = settings.search, _tables(settings, ds)
+    task = BiEncoderTask(t["pairs"], t["corpus"], base_model_path(), cfg.bi_encoder_pairs,
+                         cfg.product_max_tokens, settings.train.seed)  # fmt: skip
+    return _train(settings, ds, "bi_encoder", task, cfg.bi_encoder_pairs)
+
+
+def train_cross_encoder(settings: Settings, ds: date) -> dict[str, object]:
+    from search.train import CrossEncoderTask, base_model_path
+
+    cfg, t = settings.search, _tables(settings, ds)
+    task = CrossEncoderTask(t["pairs"], t["corpus"], base_model_path(), cfg.cross_encoder_pairs,
+                            cfg.query_max_tokens + cfg.product_max_tokens,
+                            settings.train.seed)  # fmt: skip
+    return _train(settings, ds, "cross_encoder", task, cfg.cross_encoder_pairs)
+
+
+# --- index ------------------------------------------------------------------------------------
+def _products(settings: Settings, ds: date) -> pd.DataFrame:
+    from served_model import search as sv
+
+    corpus = pd.read_parquet(_tables(settings, ds)["corpus"])
+    return corpus.rename(columns={S.CATEGORY: sv.CATEGORY})[
+        [sv.ITEM_ID, sv.CATEGORY, sv.DEPARTMENT, sv.SHORT_TEXT, sv.TEXT, sv.POPULARITY, "cold"]
+    ].sort_values(sv.ITEM_ID, key=lambda c: c.str.zfill(12), ignore_index=True)
+
+
+def build_index(settings: Settings, ds: date) -> dict[str, object]:
+    """The fine-tuned bundle (``bundle/``) and the zero-shot one (``zero_shot/``)."""
+    from search.train import base_model_path
+    from served_model import search as sv
+
+    cfg = settings.search
+    run_dir = settings.paths.search_run(ds)
+    products = _products(settings, ds)
+    lexical = sv.Lexical.build(products[sv.TEXT].tolist())
+    out = {}
+    for name, encoder_dir, reranker in (
+        ("bundle", run_dir / "bi_encoder", run_dir / "cross_encoder"),
+        ("zero_shot", base_model_path(), None),
+    ):
+        encoder = sv.load_bi_encoder(encoder_dir, cfg.product_max_tokens)
+        started = time.perf_counter()
+        vectors = sv.encode(encoder, products[sv.SHORT_TEXT].tolist())
+        bundle = sv.SearchBundle(
+            products=products,
+            lexical=lexical,
+            config=sv.QueryConfig(candidates=cfg.candidates, rrf_k=cfg.rrf_k,
+                                  rerank_depth=cfg.rerank_depth if reranker else 0),
+            bi_encoder=encoder,
+            cross_encoder=sv.load_cross_encoder(reranker, cfg.query_max_tokens
+                                                + cfg.product_max_tokens) if reranker else None,
+            dense=sv.dense_index(vectors),
+            manifest={"ds": ds.isoformat(), "encoded_seconds": time.perf_counter() - started},
+        )  # fmt: skip
+        bundle.save(run_dir / name)
+        out[name] = {"products": len(products), "dim": int(vectors.shape[1])}
+    return out
+
+
+# --- evaluation -------------------------------------------------------------------------------
+class _CachedReranker:
+    """The cross-encoder with its scores memoised per (query, product text): tuning tries
+    several depths and priors over the same candidates without scoring them again."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.cache: dict[tuple[str, str], float] = {}
+
+    def predict(self, pairs, **kwargs):
+        missing = [p for p in dict.fromkeys(map(tuple, pairs)) if p not in self.cache]
+        if missing:
+            scores = self.model.predict([list(p) for p in missing], **kwargs)
+            self.cache.update(zip(missing, np.asarray(scores).reshape(-1).tolist(), strict=True))
+        return np.array([self.cache[tuple(p)] for p in pairs])
+
+
+def grades_of(queries: pd.DataFrame, products: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Graded relevance per query: the reviewed product 2, the rest of its class 1."""
+    members = products.groupby("category")["item_id"].apply(list).to_dict()
+    grades = {}
+    for q in queries.itertuples(index=False):
+        graded = dict.fromkeys(members.get(q.category, []), 1)
+        graded[q.item_id] = 2
+        grades[q.query_id] = graded
+    return grades
+
+
+def _split(settings: Settings, ds: date, split: str) -> pd.DataFrame:
+    """The split's queries within the query budget (a seeded sample when over it)."""
+    queries = pd.read_parquet(_tables(settings, ds)["queries"])
+    queries = queries[queries["split"] == split].sort_values("query_id", ignore_index=True)
+    budget = settings.search.eval_queries
+    if len(queries) > budget:
+        queries = queries.sample(n=budget, random_state=0).sort_values("query_id")
+    return queries.reset_index(drop=True)
+
+
+def run_queries(engine, queries: pd.DataFrame, config=None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-query metrics of ``engine`` (under ``config``) and each query's latency (ms)."""
+    rankings, latency = {}, []
+    for q in queries.itertuples(index=False):
+        started = time.perf_counter()
+        result = engine.search(q.query, k=100, config=config)
+        latency.append((time.perf_counter() - started) * 1000)
+        rankings[q.query_id] = [item for item, _ in result.items]
+    grades = grades_of(queries, engine.bundle.products)
+    frame = graded_per_query(rankings, grades, k=10, recall_k=100)
+    frame = frame.merge(queries[["query_id", "view", "cold"]], on="query_id")
+    return frame, np.asarray(latency)
+
+
+def _tune(engine, queries: pd.DataFrame, base, grid: list[dict]) -> tuple[object, list[dict]]:
+    """The configuration of ``grid`` with the best validation NDCG@10 (first on a tie)."""
+    tried = []
+    for changes in grid:
+        config = replace(base, **changes)
+        frame, _ = run_queries(engine, queries, config)
+        tried.append({**changes, METRIC: float(frame[METRIC].mean())})
+    best = max(range(len(tried)), key=lambda i: (tried[i][METRIC], -i))
+    return replace(base, **grid[best]), tried
+
+
+def configurations(
+    engine, zero_shot, validation: pd.DataFrame, settings: Settings
+) -> tuple[dict, dict]:
+    """Each table row's engine and config, tuned on ``validation``; and what was tried.
+
+    Every row starts from the same neutral config of the settings (never from a bundle's
+    stored one, which is itself a tuning result)."""
+    from served_model.search import QueryConfig
+
+    cfg = settings.search
+    base = QueryConfig(candidates=cfg.candidates, rrf_k=cfg.rrf_k, rerank_depth=cfg.rerank_depth)
+    lexical = replace(base, use_dense=False, rerank_depth=0)
+    dense = replace(base, use_bm25=False, rerank_depth=0, typo_tolerance=False,
+                    min_dense_score=-1.0)  # fmt: skip
+    hybrid = replace(base, rerank_depth=0)
+    pop = [{"pop_weight": w} for w in POP_WEIGHTS]
+    bm25_pop, tried_bm25 = _tune(engine, validation, lexical, pop)
+    hybrid, tried_hybrid = _tune(engine, validation, hybrid, pop)
+    rerank = [{"rerank_depth": d, "rerank_weight": w}
+              for d in RERANK_DEPTHS for w in RERANK_WEIGHTS]  # fmt: skip
+    reranked = replace(hybrid, rerank_depth=base.rerank_depth)
+    served, tried_rerank = _tune(engine, validation, reranked, rerank)
+    rows = {
+        "bm25": (engine, lexical, "baseline"),
+        BASELINE: (engine, bm25_pop, "baseline"),
+        "minilm_zero_shot": (zero_shot, dense, "baseline"),
+        "bi_encoder": (engine, dense, "retrieval"),
+        "hybrid": (engine, hybrid, "retrieval"),
+        SERVED: (engine, served, "served"),
+    }
+    tried = {BASELINE: tried_bm25, "hybrid": tried_hybrid, SERVED: tried_rerank}
+    return rows, tried
+
+
+def _row(name: str, role: str, frame: pd.DataFrame, latency: np.ndarray) -> dict[str, object]:
+    ci = bootstrap_ci(frame[METRIC].to_numpy())
+    row: dict[str, object] = {
+        "model": name, "role": role, METRIC: ci.mean, f"{METRIC}_ci_low": ci.low,
+        f"{METRIC}_ci_high": ci.high, "mrr_at_10": float(frame["mrr_at_10"].mean()),
+        "recall_at_100": float(frame["recall_at_100"].mean()), "queries": len(frame),
+        "latency_ms": float(np.percentile(latency, 50)),
+        "latency_p99_ms": float(np.percentile(latency, 99)),
+    }  # fmt: skip
+    for seg, part in segments(frame).items():
+        if seg != "all":
+            row[f"{seg}.{METRIC}"] = float(part[METRIC].mean()) if len(part) else float("nan")
+    return row
+
+
+def segments(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``all``, the two views and the cold products' queries (the gate's protected one)."""
+    return {
+        "all": frame,
+        "overlapping": frame[frame["view"] == "overlapping"],
+        "disjoint": frame[frame["view"] == "disjoint"],
+        "cold": frame[frame["cold"]],
+    }
+
+
+def _engine(path: Path, cached: bool = True):
+    from served_model.search import SearchBundle, SearchEngine
+
+    bundle = SearchBundle.load(path)
+    if cached and bundle.cross_encoder is not None:
+        bundle.cross_encoder = _CachedReranker(bundle.cross_encoder)
+    return SearchEngine(bundle)
+
+
+def evaluate_search(settings: Settings, ds: date) -> pd.DataFrame:
+    """The benchmark table of ``ds`` (configs chosen on validation, measured on test); the
+    served configuration is written into the bundle's manifest."""
+    from served_model.search import MANIFEST
+
+    run_dir = settings.paths.search_run(ds)
+    engine, zero_shot = _engine(run_dir / "bundle"), _engine(run_dir / "zero_shot")
+    validation, test = _split(settings, ds, "validation"), _split(settings, ds, "test")
+    rows, tried = configurations(engine, zero_shot, validation, settings)
+    table, per_query = [], []
+    for name, (eng, config, role) in rows.items():
+        frame, latency = run_queries(eng, test, config)
+        table.append(_row(name, role, frame, latency))
+        per_query.append(frame.assign(model=name))
+    served = rows[SERVED][1]
+    manifest_path = run_dir / "bundle" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["query_config"] = served.to_dict()
+    manifest["tuned_on"] = f"{len(validation)} validation queries"
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+    result = pd.DataFrame(table).sort_values(METRIC, ascending=False, ignore_index=True)
+    result.to_json(run_dir / "evaluation.json", orient="records", indent=2)
+    pd.concat(per_query).to_parquet(run_dir / "per_query.parquet", index=False)
+    (run_dir / "tuning.json").write_text(json.dumps(
+        {"configs": {n: c.to_dict() for n, (_, c, _) in rows.items()}, "tried": tried,
+         "validation_queries": len(validation), "test_queries": len(test)}, indent=2))  # fmt: skip
+    print(report.compact_table(result, 10).to_string(index=False))
+    return result
+
+
+# --- registry and gate ------------------------------------------------------------------------
+def _champion_rows(settings: Settings, ds: date, version: str, dst: Path) -> pd.DataFrame:
+    """The search champion re-evaluated, with its own query config, on today's test queries."""
+    local = registry.download_version(search_settings(settings), version, dst)
+    frame, _ = run_queries(_engine(local / "artifacts" / "bundle"), _split(settings, ds, "test"))
+    return frame
+
+
+def promote_search(settings: Settings, ds: date) -> dict[str, object]:
+    """Register the bundle as a ``shopml-search`` version; move ``champion`` only if the gate
+    says so (paired bootstrap over test queries, cold products protected)."""
+    import tempfile
+
+    import mlflow
+
+    ss = search_settings(settings)
+    cfg = settings.search
+    run_dir = settings.paths.search_run(ds)
+    table = pd.read_json(run_dir / "evaluation.json")
+    per_query = pd.read_parquet(run_dir / "per_query.parquet")
+    of = lambda m: segments(per_query[per_query["model"] == m])  # noqa: E731
+    current = registry.champion_version(ss)
+    champion = None
+    if current:
+        with tempfile.TemporaryDirectory(dir=settings.paths.home) as tmp:
+            champion = segments(_champion_rows(settings, ds, current, Path(tmp)))
+    verdict = gate.decide(
+        of(SERVED), champion=champion, baseline=of(BASELINE), metric=METRIC,
+        margin=cfg.promotion_margin, segments=("cold",), tolerance=cfg.segment_tolerance,
+        user_col="query_id",
+    )  # fmt: skip
+    registry.use_tracking(ss)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=f"search-{ds}", tags={"ds": ds.isoformat()}) as run:
+        mlflow.log_params({f"search.{k}": v for k, v in cfg.model_dump().items()})
+        mlflow.log_params({f"served.{k}": v for k, v in json.loads(
+            (run_dir / "tuning.json").read_text())["configs"][SERVED].items()})  # fmt: skip
+        report.log_model_runs(table, ds.isoformat(), {})
+        row = table.set_index("model").loc[SERVED]
+        mlflow.log_metrics({c: float(row[c]) for c in report.metric_columns(table)
+                            if pd.notna(row[c])})  # fmt: skip
+        mlflow.log_table(report.compact_table(table, 10), "evaluation.json")
+        mlflow.log_figure(report.ndcg_by_model(table, 10), f"{report.PLOTS}/ndcg_by_model.png")
+        for f in ("tuning.json", "bi_encoder_training.json", "cross_encoder_training.json"):
+            if (run_dir / f).exists():
+                mlflow.log_artifact(str(run_dir / f))
+        from served_model.search_pyfunc import log_search_model
+
+        uri = log_search_model(run_dir / "bundle", test_example=_split(settings, ds, "test"))
+    version = registry.register(ss, uri, run.info.run_id, {"ds": ds.isoformat()})
+    with ledger.alias_lock(ss):
+        now = registry.champion_version(ss)
+        promoted = verdict.promote and now == current
+        if promoted:
+            registry.set_champion(ss, version)
+        reason = ("promoted: " if promoted else "NOT promoted: ") + "; ".join(verdict.reasons)
+        ledger.record(ss, ledger.Entry(
+            action="gate", model=ss.model_name, champion_before=now,
+            champion_after=version if promoted else now, reason=reason, ds=ds.isoformat(),
+            challenger=version, promoted=promoted, metrics=ledger.metrics_of(verdict.numbers),
+        ))  # fmt: skip
+    description = report.decision_markdown(
+        verdict, table, 10, ds.isoformat(), SERVED, version, promoted
+    )
+    registry.describe_version(ss, version, description)
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_metric("promoted", float(promoted))
+        mlflow.set_tags(
+            {
+                "promotion": "promoted" if promoted else "not promoted",
+                "model_version": version,
+                "mlflow.note.content": description,
+            }
+        )
+        mlflow.log_dict(verdict.to_dict(), "promotion.json")
+        mlflow.log_figure(report.gate_difference(verdict.numbers, promoted, METRIC),
+                          f"{report.PLOTS}/gate_difference.png")  # fmt: skip
+    decision = {"version": version, "promoted": promoted, "reason": reason,
+                METRIC: float(row[METRIC]), "gate": verdict.to_dict()}  # fmt: skip
+    (run_dir / "promotion.json").write_text(json.dumps(decision, indent=2, default=str))
+    print(f"search model version {version}: {reason}")
+    return decision
