@@ -43,7 +43,7 @@ PARAMS = {
         type=["null", "integer"],
         minimum=1,
         title="Max products",
-        description="Keep only the N smallest product ids (quick runs). Empty: all.",
+        description="Keep only the N most reviewed products (quick runs). Empty: all.",
     ),
     "search_workers": Param(
         _SEARCH.workers, type="integer", minimum=1, maximum=64, title="Horovod workers"

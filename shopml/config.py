@@ -206,7 +206,7 @@ class SearchConfig(BaseModel):
         "Parquet in the canonical schema",
     )
     max_products: int | None = Field(
-        None, ge=1, description="keep only the N smallest product ids (quick runs)"
+        None, ge=1, description="keep only the N most reviewed products (quick runs)"
     )
     query_share: int = Field(
         30,

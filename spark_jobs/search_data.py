@@ -123,9 +123,11 @@ def read_reviews(spark: SparkSession, max_products: int | None) -> DataFrame:
     )  # fmt: skip
     table[REVIEW_ID] = [f"r{i}" for i in range(len(table))]
     table[S.ITEM_ID] = table[S.ITEM_ID].astype(str)
-    if max_products:
-        keep = sorted(table[S.ITEM_ID].unique(), key=int)[:max_products]
-        table = table[table[S.ITEM_ID].isin(keep)]
+    if max_products:  # the most reviewed products: a slice that still has queries
+        counts = table.groupby(S.ITEM_ID).size().reset_index(name="n")
+        counts["key"] = counts[S.ITEM_ID].astype(int)
+        keep = counts.sort_values(["n", "key"], ascending=[False, True])[S.ITEM_ID][:max_products]
+        table = table[table[S.ITEM_ID].isin(set(keep))]
     cols = [REVIEW_ID, S.ITEM_ID, "title", "review_text", "division", "department", S.CATEGORY]
     return spark.createDataFrame(table[cols].astype(object).where(table[cols].notna(), None))
 

@@ -40,6 +40,13 @@ def test_every_dag_param_reaches_its_settings_field(monkeypatch):
         "promotion_margin": 0.02,
         "models": ["ease"],
         "model_configs": {"ease": {"l2": 10.0}},
+        "search_source": "/retailer/search-export",
+        "max_products": 50,
+        "search_workers": 1,
+        "bi_encoder_pairs": 64,
+        "cross_encoder_pairs": 96,
+        "eval_queries": 40,
+        "search_promotion_margin": 0.01,
     }
     assert set(params) == set(PARAM_FIELDS)  # a new Param needs its field here
     s = settings_from_params(params)
@@ -51,18 +58,20 @@ def test_every_dag_param_reaches_its_settings_field(monkeypatch):
         settings_from_params({"max_users": 0})
 
 
-def test_the_dag_declares_exactly_the_params_settings_read():
+def test_the_dags_declare_exactly_the_params_settings_read():
     import ast
     from pathlib import Path
 
     from shopml.config import PARAM_FIELDS
 
-    dag = Path(__file__).resolve().parents[1] / "dags" / "nightly_retrain.py"
-    tree = ast.parse(dag.read_text())
-    params = next(
-        n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "PARAMS"
-    )
-    declared = {k.value for k in params.keys}
+    declared: set[str] = set()
+    for name in ("nightly_retrain.py", "search_retrain.py"):
+        dag = Path(__file__).resolve().parents[1] / "dags" / name
+        tree = ast.parse(dag.read_text())
+        params = next(
+            n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "PARAMS"
+        )
+        declared |= {k.value for k in params.keys}
     assert declared - {"precompute_k"} == set(PARAM_FIELDS)  # precompute_k: the batch task's
 
 

@@ -158,3 +158,17 @@ def test_a_broken_challenger_never_promotes():
     broken = _frame([0.9, np.nan, 0.9])
     with pytest.raises(ValueError, match="NaN"):
         gate.decide(broken, champion, segments=())
+
+
+def test_baseline_non_inferiority_promotes_a_tie_but_not_a_loss_and_not_against_a_champion():
+    """Search's rule 5: the first version need only be no worse than the cheap peer."""
+    baseline = _frame([0.2, 0.4, 0.6])  # mean 0.4
+    tie = gate.decide(baseline, baseline=baseline, segments=(), n_boot=100,
+                      baseline_non_inferiority=0.05)  # fmt: skip
+    assert tie.promote and tie.numbers["threshold_vs_baseline"] == pytest.approx(-0.02)
+    worse = _frame([0.17, 0.37, 0.57])  # -0.03 for everyone: beyond -0.05 x 0.4
+    assert not gate.decide(worse, baseline=baseline, segments=(), n_boot=100,
+                           baseline_non_inferiority=0.05).promote  # fmt: skip
+    # against a champion the challenger must still be better (superiority)
+    assert not gate.decide(baseline, champion=baseline, baseline=baseline, segments=(),
+                           n_boot=100, baseline_non_inferiority=0.05).promote  # fmt: skip

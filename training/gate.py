@@ -24,6 +24,11 @@ Rules (``decide``):
 4. When both a champion and a baseline are given, the challenger must also clear the margin
    against the baseline (rule 2), so a champion that itself fell below popularity cannot let
    a weak challenger through.
+5. ``baseline_non_inferiority`` (optional, search's rule): against the *baseline* the
+   challenger need only be non-inferior: the CI's lower bound above ``-value x`` the
+   baseline's mean. The first version of a service that serves nothing yet is then promoted
+   when it is no worse than the cheap peer, while every later version must still beat the
+   champion (rule 2).
 """
 
 from __future__ import annotations
@@ -158,6 +163,7 @@ def decide(
     alpha: float = 0.05,
     seed: int = 0,
     user_col: str = USER_IDX,
+    baseline_non_inferiority: float | None = None,
 ) -> GateDecision:
     """Promote the challenger or not (module docstring: the rules), with reasons and numbers.
 
@@ -191,13 +197,18 @@ def decide(
     promote = True
     reasons: list[str] = []
     numbers: dict[str, float] = {}
+    if baseline_non_inferiority is not None and not 0 <= baseline_non_inferiority < 1:
+        raise ValueError(
+            f"baseline_non_inferiority must be in [0, 1), got {baseline_non_inferiority}"
+        )
     for name, ref_segments in references:
+        non_inferior = name == "baseline" and baseline_non_inferiority is not None
         ok, reason, nums = _headline(
             ch_segments["all"],
             ref_segments["all"],
             name,
             metric,
-            margin,
+            -baseline_non_inferiority if non_inferior else margin,
             user_col,
             n_boot,
             alpha,

@@ -11,7 +11,9 @@
   bootstrap CIs;
 * :func:`promote_search`: ``shopml-search`` registered (bundle, encoders, indexes and query
   config in the version) and ``champion`` moved by the same paired-bootstrap gate as the
-  recommender's (``training.gate``) against the champion (first run: BM25 + popularity).
+  recommender's (``training.gate``): it must beat the champion and be non-inferior (within
+  ``segment_tolerance``) to BM25 + popularity, so the first version, which replaces nothing,
+  is promoted when it is no worse than the cheap peer.
 """
 
 from __future__ import annotations
@@ -204,6 +206,10 @@ def _tune(engine, queries: pd.DataFrame, base, grid: list[dict]) -> tuple[object
     return replace(base, **grid[best]), tried
 
 
+def _best(tried: list[dict]) -> float:
+    return max(t[METRIC] for t in tried)
+
+
 def configurations(
     engine, zero_shot, validation: pd.DataFrame, settings: Settings
 ) -> tuple[dict, dict]:
@@ -224,8 +230,12 @@ def configurations(
     hybrid, tried_hybrid = _tune(engine, validation, hybrid, pop)
     rerank = [{"rerank_depth": d, "rerank_weight": w}
               for d in RERANK_DEPTHS for w in RERANK_WEIGHTS]  # fmt: skip
-    reranked = replace(hybrid, rerank_depth=base.rerank_depth)
-    served, tried_rerank = _tune(engine, validation, reranked, rerank)
+    # the served stack starts from the better retrieval on validation (it may be the lexical
+    # one) and may leave the reranker off: it can only add to what validation measured
+    retrieval = max((bm25_pop, hybrid), key=lambda c: _best(tried_bm25 if c is bm25_pop
+                                                            else tried_hybrid))  # fmt: skip
+    rerank = [{"rerank_depth": 0}, *rerank]
+    served, tried_rerank = _tune(engine, validation, retrieval, rerank)
     rows = {
         "bm25": (engine, lexical, "baseline"),
         BASELINE: (engine, bm25_pop, "baseline"),
@@ -280,6 +290,11 @@ def evaluate_search(settings: Settings, ds: date) -> pd.DataFrame:
     run_dir = settings.paths.search_run(ds)
     engine, zero_shot = _engine(run_dir / "bundle"), _engine(run_dir / "zero_shot")
     validation, test = _split(settings, ds, "validation"), _split(settings, ds, "test")
+    if validation.empty or test.empty:
+        raise ValueError(
+            f"no {'validation' if validation.empty else 'test'} queries in the {ds} data: the "
+            "slice is too small to evaluate (raise max_products, or query_share)"
+        )
     rows, tried = configurations(engine, zero_shot, validation, settings)
     table, per_query = [], []
     for name, (eng, config, role) in rows.items():
@@ -331,9 +346,11 @@ def promote_search(settings: Settings, ds: date) -> dict[str, object]:
     verdict = gate.decide(
         of(SERVED), champion=champion, baseline=of(BASELINE), metric=METRIC,
         margin=cfg.promotion_margin, segments=("cold",), tolerance=cfg.segment_tolerance,
-        user_col="query_id",
+        user_col="query_id", baseline_non_inferiority=cfg.segment_tolerance,
     )  # fmt: skip
     registry.use_tracking(ss)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:  # under the profile's artifact root
+        mlflow.create_experiment(EXPERIMENT, artifact_location=settings.artifact_root)
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name=f"search-{ds}", tags={"ds": ds.isoformat()}) as run:
         mlflow.log_params({f"search.{k}": v for k, v in cfg.model_dump().items()})
@@ -367,6 +384,7 @@ def promote_search(settings: Settings, ds: date) -> dict[str, object]:
         verdict, table, 10, ds.isoformat(), SERVED, version, promoted
     )
     registry.describe_version(ss, version, description)
+    mlflow.set_experiment(EXPERIMENT)  # the registry calls above set the nightly one
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_metric("promoted", float(promoted))
         mlflow.set_tags(
