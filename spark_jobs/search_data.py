@@ -109,6 +109,23 @@ def _hash_pct(spark_col: str, salt: str):
     return fn.pmod(fn.xxhash64(fn.col(spark_col).cast("string"), fn.lit(f"{SEED}-{salt}")), 100)
 
 
+def with_splits(queries: DataFrame, cfg: SearchConfig) -> DataFrame:
+    """``view`` and ``split`` of each query (module docstring, step 5), by seeded hashes."""
+    from pyspark.sql import functions as fn
+
+    heldout = _hash_pct(S.ITEM_ID, "product") < cfg.heldout_product_share
+    split_h = _hash_pct(REVIEW_ID, "split")
+    return queries.withColumn(
+        VIEW, fn.when(heldout, "disjoint").otherwise("overlapping")
+    ).withColumn(
+        SPLIT,
+        fn.when(heldout, fn.when(split_h < 50, "validation").otherwise("test"))
+        .when(split_h < 70, "train")
+        .when(split_h < 85, "validation")
+        .otherwise("test"),
+    )
+
+
 def read_reviews(spark: SparkSession, max_products: int | None) -> DataFrame:
     """The reviews as Spark rows: ``review_id`` (its row in the file), ``item_id``, texts."""
     import pyarrow.parquet as pq
@@ -192,22 +209,12 @@ def derive(spark: SparkSession, reviews: DataFrame, cfg: SearchConfig):
         .drop("_t", "_titles")
     )  # fmt: skip
 
-    heldout = _hash_pct(S.ITEM_ID, "product") < cfg.heldout_product_share
-    split_h = _hash_pct(REVIEW_ID, "split")
-    queries = (
+    queries = with_splits(
         scored.where(fn.col("_query"))
-        .select(REVIEW_ID, S.ITEM_ID, fn.col("title").alias(S.QUERY), S.CATEGORY, "_h")
+        .select(REVIEW_ID, S.ITEM_ID, fn.col("title").alias(S.QUERY), S.CATEGORY)
         .withColumn(QUERY_ID, fn.concat(fn.lit("q"), fn.substring(REVIEW_ID, 2, 20)))
-        .withColumn(VIEW, fn.when(heldout, "disjoint").otherwise("overlapping"))
-        .withColumn(
-            SPLIT,
-            fn.when(heldout, fn.when(split_h < 50, "validation").otherwise("test"))
-            .when(split_h < 70, "train")
-            .when(split_h < 85, "validation")
-            .otherwise("test"),
-        )
-        .drop("_h")
-        .join(corpus.select(S.ITEM_ID, COLD), S.ITEM_ID, "left")
+        .join(corpus.select(S.ITEM_ID, COLD), S.ITEM_ID, "left"),
+        cfg,
     )
     return corpus, queries
 
@@ -281,17 +288,12 @@ def read_canonical(spark: SparkSession, source: str, cfg: SearchConfig):
         .withColumn(COLD, fn.col("popularity") == 0)
         .drop(S.TITLE, S.TEXT)
     )  # fmt: skip
-    heldout = _hash_pct(S.ITEM_ID, "product") < cfg.heldout_product_share
-    split_h = _hash_pct(REVIEW_ID, "split")
-    queries = (
+    queries = with_splits(
         searches.select(REVIEW_ID, fn.col(S.ITEM_ID).cast("string"), S.QUERY)
         .join(corpus.select(S.ITEM_ID, S.CATEGORY, COLD), S.ITEM_ID, "inner")
-        .withColumn(QUERY_ID, fn.concat(fn.lit("q"), REVIEW_ID))
-        .withColumn(VIEW, fn.when(heldout, "disjoint").otherwise("overlapping"))
-        .withColumn(SPLIT, fn.when(heldout, fn.when(split_h < 50, "validation").otherwise("test"))
-                    .when(split_h < 70, "train").when(split_h < 85, "validation")
-                    .otherwise("test"))
-    )  # fmt: skip
+        .withColumn(QUERY_ID, fn.concat(fn.lit("q"), REVIEW_ID)),
+        cfg,
+    )
     return corpus, queries
 
 
