@@ -100,6 +100,7 @@ COPY shopml/ shopml/
 COPY served_model/ served_model/
 COPY mlkit/ mlkit/
 COPY zoo/ zoo/
+COPY search/ search/
 COPY spark_jobs/ spark_jobs/
 COPY training/ training/
 COPY validation/ validation/
