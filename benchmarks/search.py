@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.measure import summarize_load
-from benchmarks.serving import free_port, stop_server, wait_ready
+from benchmarks.serving import free_port, start_server, stop_server, wait_ready
 from mlkit.bootstrap import bootstrap_ci
 from shopml.config import load_settings
 
@@ -74,14 +73,8 @@ def latency(settings, run_dir: Path, rate: float, duration: float, rerank: bool)
         paths = tmp / "paths.txt"
         paths.write_text("\n".join(f"/search?q={urllib.parse.quote(q)}&k=10" for q in texts))
         log = tmp / "serve.log"
-        env = {**os.environ, "SHOPML_HOME": str(settings.paths.home), "PYTHONUNBUFFERED": "1",
-               "SHOPML_SEARCH__SERVE_RERANK": str(rerank).lower()}  # fmt: skip
-        shopml = Path(sys.executable).with_name("shopml")
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(
-                [str(shopml), "serve", "--host", "127.0.0.1", "--port", str(port)],
-                env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-            )  # fmt: skip
+        proc = start_server(port, log, {"SHOPML_SEARCH__SERVE_RERANK": str(rerank).lower()},
+                            home=settings.paths.home)  # fmt: skip
         try:
             wait_ready(proc, f"http://127.0.0.1:{port}", log, timeout=300)
             out = tmp / "load.json"

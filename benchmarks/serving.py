@@ -205,15 +205,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, max_candidates: int, workers: int, log: Path) -> subprocess.Popen:
-    """``shopml serve`` in its own process group (so it can be stopped as a whole), logging to
-    ``log`` (one JSON line per request: kept off the console)."""
-    env = {
-        **os.environ,
-        "SHOPML_HOME": str(HOME),
-        "PYTHONUNBUFFERED": "1",
-        "SHOPML_SERVING__MAX_CANDIDATES": str(max_candidates),
-    }
+def start_server(
+    port: int,
+    log: Path,
+    settings: dict[str, str],
+    workers: int = 1,
+    home: Path = HOME,
+) -> subprocess.Popen:
+    """``shopml serve`` over ``home`` with the ``SHOPML_…`` ``settings``, in its own process
+    group (so it can be stopped as a whole), logging to ``log`` (one JSON line per request:
+    kept off the console). ``benchmarks.search`` starts its server here too."""
+    env = {**os.environ, "SHOPML_HOME": str(home), "PYTHONUNBUFFERED": "1", **settings}
     shopml = Path(sys.executable).with_name("shopml")
     cmd = [str(shopml), "serve", "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(workers)]  # fmt: skip
@@ -449,7 +451,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), OUT / "serving-server.log"
     base = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.max_candidates, args.workers, log)
+    server = start_server(
+        port, log, {"SHOPML_SERVING__MAX_CANDIDATES": str(args.max_candidates)}, args.workers
+    )
     steps: list[dict] = []
     try:
         ready_s = wait_ready(server, base, log, READY_TIMEOUT_S)

@@ -194,6 +194,12 @@ class Lexical:
             return np.zeros(self.index.scores["num_docs"], dtype=np.float32)
         return np.asarray(self.index.get_scores(tokens), dtype=np.float32)
 
+    def top(self, query: str, n: int) -> np.ndarray:
+        """The (at most ``n``) products matching ``query``, best BM25 first."""
+        scores = self.scores(query)
+        top = np.argsort(-scores, kind="stable")[:n]
+        return top[scores[top] > 0]
+
     def correct(self, query: str, loose: bool = False) -> tuple[str, dict[str, str]]:
         """Unknown words replaced by the most frequent catalog word within edit distance
         1 (2 from 8 letters on; one more when ``loose``)."""
@@ -336,15 +342,17 @@ class SearchEngine:
         self._lock = threading.Lock()
         self._pos = {item: i for i, item in enumerate(self.item_ids)}
         self.categories = p[CATEGORY].fillna("").astype(str).to_numpy()
+        # as a ``category`` filter or a query names them (normalised once, not per request)
+        self._category_keys = np.array([normalize(c) for c in self.categories], dtype=object)
         self.short_text = p[SHORT_TEXT].fillna("").astype(str).tolist()
         pop = np.log1p(p[POPULARITY].fillna(0).to_numpy(dtype=np.float64))
         self.prior = pop / pop.max() if pop.max() > 0 else pop
         self.by_category: dict[str, np.ndarray] = {
-            normalize(c): np.flatnonzero(self.categories == c)[
-                np.argsort(-self.prior[self.categories == c], kind="stable")
+            key: np.flatnonzero(self._category_keys == key)[
+                np.argsort(-self.prior[self._category_keys == key], kind="stable")
             ]
-            for c in np.unique(self.categories)
-            if c
+            for key in np.unique(self._category_keys)
+            if key
         }
 
     def affinity(self, purchases: dict[str, float]) -> dict[str, float]:
@@ -422,15 +430,14 @@ class SearchEngine:
         fused: dict[int, float] = {}
         n_lexical = n_dense = 0
         if cfg.use_bm25:
-            bm = self.bundle.lexical.scores(text)
-            top = np.argsort(-bm, kind="stable")[: cfg.candidates]
-            top = top[bm[top] > 0]
+            top = self.bundle.lexical.top(text, cfg.candidates)
             n_lexical = len(top)
-            for rank, i in enumerate(top):
-                fused[int(i)] = fused.get(int(i), 0.0) + 1.0 / (cfg.rrf_k + rank + 1)
+            _fuse(fused, top, cfg.rrf_k)
         stages["bm25"] = time.perf_counter() - t
         t = time.perf_counter()
-        dense_ok = cfg.use_dense and self.bundle.dense is not None and self.bundle.bi_encoder
+        dense_ok = (
+            cfg.use_dense and self.bundle.dense is not None and self.bundle.bi_encoder is not None
+        )
         if cfg.use_dense and not dense_ok:
             fallback.append("dense_unavailable")
         if dense_ok:
@@ -440,15 +447,14 @@ class SearchEngine:
                 # close enough, or when the lexical side matched too
                 if fused or (len(sim) and sim[0] >= cfg.min_dense_score):
                     n_dense = len(idx)
-                    for rank, i in enumerate(idx):
-                        fused[int(i)] = fused.get(int(i), 0.0) + 1.0 / (cfg.rrf_k + rank + 1)
+                    _fuse(fused, idx, cfg.rrf_k)
             except Exception:
                 log.exception("dense retrieval failed; answering from BM25")
                 fallback.append("dense_unavailable")
         stages["dense"] = time.perf_counter() - t
 
         if not fused:  # zero results: relax, then popular in the inferred category
-            relaxed = self._relaxed(text)
+            relaxed = self._relaxed(text, cfg)
             if relaxed is not None:
                 fallback.append("relaxed_query")
                 text, fused = relaxed
@@ -466,8 +472,7 @@ class SearchEngine:
         ids, score = ids[order], score[order]
         facets = Counter(self.categories[ids[: cfg.facet_depth]].tolist())
         if category is not None:
-            keep = np.array([normalize(c) == normalize(category) for c in self.categories[ids]],
-                            dtype=bool)  # fmt: skip
+            keep = self._category_keys[ids] == normalize(category)
             ids, score = ids[keep], score[keep]
         stages["fuse"] = time.perf_counter() - t
 
@@ -506,7 +511,7 @@ class SearchEngine:
             candidates={"bm25": n_lexical, "dense": n_dense, "fused": len(fused)},
         )
 
-    def _relaxed(self, text: str) -> tuple[str, dict[int, float]] | None:
+    def _relaxed(self, text: str, cfg: QueryConfig) -> tuple[str, dict[int, float]] | None:
         """A looser typo distance, then each word's catalog words sharing its first 4 letters."""
         lexical = self.bundle.lexical
         loose, _ = lexical.correct(text, loose=True)
@@ -520,11 +525,8 @@ class SearchEngine:
             ]  # fmt: skip
             candidates.append(" ".join(w for w in extra if w))
         for cand in candidates:
-            scores = lexical.scores(cand)
-            top = np.argsort(-scores, kind="stable")[: self.config.candidates]
-            top = top[scores[top] > 0]
-            if len(top):
-                return cand, {int(i): 1.0 / (self.config.rrf_k + r + 1) for r, i in enumerate(top)}
+            if len(top := lexical.top(cand, cfg.candidates)):
+                return cand, _fuse({}, top, cfg.rrf_k)
         return None
 
     def _popular_for(self, text: str) -> np.ndarray:
@@ -537,7 +539,14 @@ class SearchEngine:
             try:
                 idx, _ = self._dense(text, 5)
                 if len(idx):
-                    return self.by_category[normalize(self.categories[idx[0]])][:100]
+                    return self.by_category[self._category_keys[idx[0]]][:100]
             except Exception:
                 log.exception("dense category inference failed")
         return np.argsort(-self.prior, kind="stable")[:100]
+
+
+def _fuse(fused: dict[int, float], ranked: np.ndarray, rrf_k: int) -> dict[int, float]:
+    """Add one ranked list to ``fused`` by reciprocal rank, ``1 / (rrf_k + rank)``."""
+    for rank, i in enumerate(ranked, start=1):
+        fused[int(i)] = fused.get(int(i), 0.0) + 1.0 / (rrf_k + rank)
+    return fused

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from served_model.engine import TwoStage
 from served_model.features import FeaturesUnavailable, OnlineFeatures
-from served_model.search import SearchEngine
+from served_model.search import SearchBundle, SearchEngine
 from serving.observability import Metrics
 from shopml.config import Settings
 from training import registry
@@ -86,19 +86,12 @@ class SearchArm:
     engine: SearchEngine
 
 
-def search_settings(settings: Settings) -> Settings:
-    """The settings whose registry model is search's (``training.registry`` reads it)."""
-    return settings.model_copy(update={"model_name": settings.search.model_name})
-
-
 def load_search(settings: Settings, version: str) -> SearchArm:
     """Download a ``shopml-search`` version and open its bundle (indexes and encoders in
     memory; a part that fails to load leaves the engine on BM25, see served_model.search)."""
-    from served_model.search import SearchBundle, SearchEngine
-
     settings.paths.home.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.paths.home, prefix=f"search-v{version}-") as tmp:
-        local = registry.download_version(search_settings(settings), version, Path(tmp))
+        local = registry.download_version(registry.search_settings(settings), version, Path(tmp))
         bundle = SearchBundle.load(local / "artifacts" / "bundle")
     engine = SearchEngine(bundle)
     if not settings.search.serve_rerank:
@@ -184,7 +177,7 @@ class ModelHolder:
 
     def _sync_search(self) -> list[str]:
         """Load search's champion when it moved (same rules: a failure keeps the old one)."""
-        ss = search_settings(self.settings)
+        ss = registry.search_settings(self.settings)
         version = registry.alias_version(ss, registry.CHAMPION)
         current = self._search
         if version is None or (current is not None and current.version == version):

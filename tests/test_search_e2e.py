@@ -39,9 +39,8 @@ def test_the_dag_registers_a_search_champion_through_the_gate(search_settings):
     import json
 
     from training import registry
-    from training.search import search_settings as of
 
-    ss = of(search_settings)
+    ss = registry.search_settings(search_settings)
     assert registry.champion_version(ss) == "1"
     run_dir = search_settings.paths.search_run(PIPELINE_DS)
     decision = json.loads((run_dir / "promotion.json").read_text())
@@ -82,9 +81,8 @@ def test_the_registered_version_is_a_working_pyfunc(search_settings):
     import pandas as pd
 
     from training import registry
-    from training.search import search_settings as of
 
-    ss = of(search_settings)
+    ss = registry.search_settings(search_settings)
     registry.use_tracking(ss)
     model = mlflow.pyfunc.load_model(f"models:/{ss.model_name}@champion")
     out = model.predict(pd.DataFrame({"query": ["warm wool sweater"]}), params={"k": 3})

@@ -174,6 +174,12 @@ def version_exists(settings: Settings, version: str) -> bool:
     return True
 
 
+def search_settings(settings: Settings) -> Settings:
+    """The same settings naming search's registered model (``SearchConfig.model_name``): every
+    function of this module then reads and moves ``shopml-search``'s versions and aliases."""
+    return settings.model_copy(update={"model_name": settings.search.model_name})
+
+
 def champion_version(settings: Settings) -> str | None:
     return alias_version(settings, CHAMPION)
 

@@ -42,11 +42,6 @@ RERANK_DEPTHS = (10, 20)
 RERANK_WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-def search_settings(settings: Settings) -> Settings:
-    """The same settings with the registry model of search (``training.registry`` reads it)."""
-    return settings.model_copy(update={"model_name": settings.search.model_name})
-
-
 def _tables(settings: Settings, ds: date) -> dict[str, Path]:
     return {t: settings.paths.search_table_for(t, ds) for t in ("corpus", "queries", "pairs")}
 
@@ -57,8 +52,10 @@ def _train(settings: Settings, ds: date, name: str, task, budget: int) -> dict[s
 
     from mlkit.launch import train as launch
     from mlkit.loop import LoopConfig
+    from training.train import data_version
 
-    cfg = settings.search
+    cfg, tables = settings.search, _tables(settings, ds)
+    files = sorted(f for t in ("pairs", "corpus") for f in tables[t].glob("*.parquet"))
     run_dir = settings.paths.search_run(ds)
     run_dir.mkdir(parents=True, exist_ok=True)
     loop = LoopConfig(
@@ -68,7 +65,7 @@ def _train(settings: Settings, ds: date, name: str, task, budget: int) -> dict[s
         seed=settings.train.seed,
         name=name,
         checkpoint=str(run_dir / "checkpoints" / f"{name}.pt"),
-        data_version=f"{ds}-{budget}",
+        data_version=f"{data_version(*files)}-{budget}",  # rebuilt pairs: a new checkpoint
     )
     started = time.perf_counter()
     net, curve = launch(task, loop, cfg.workers, env=service_environment(settings))
@@ -101,6 +98,15 @@ def train_cross_encoder(settings: Settings, ds: date) -> dict[str, object]:
 
 
 # --- index ------------------------------------------------------------------------------------
+def neutral_config(settings: Settings, rerank: bool = True):
+    """The query config every evaluated row starts from, and a bundle's until it is tuned."""
+    from served_model.search import QueryConfig
+
+    cfg = settings.search
+    return QueryConfig(candidates=cfg.candidates, rrf_k=cfg.rrf_k,
+                       rerank_depth=cfg.rerank_depth if rerank else 0)  # fmt: skip
+
+
 def _products(settings: Settings, ds: date) -> pd.DataFrame:
     from served_model import search as sv
 
@@ -130,8 +136,7 @@ def build_index(settings: Settings, ds: date) -> dict[str, object]:
         bundle = sv.SearchBundle(
             products=products,
             lexical=lexical,
-            config=sv.QueryConfig(candidates=cfg.candidates, rrf_k=cfg.rrf_k,
-                                  rerank_depth=cfg.rerank_depth if reranker else 0),
+            config=neutral_config(settings, rerank=reranker is not None),
             bi_encoder=encoder,
             cross_encoder=sv.load_cross_encoder(reranker, cfg.query_max_tokens
                                                 + cfg.product_max_tokens) if reranker else None,
@@ -195,19 +200,18 @@ def run_queries(engine, queries: pd.DataFrame, config=None) -> tuple[pd.DataFram
     return frame, np.asarray(latency)
 
 
-def _tune(engine, queries: pd.DataFrame, base, grid: list[dict]) -> tuple[object, list[dict]]:
-    """The configuration of ``grid`` with the best validation NDCG@10 (first on a tie)."""
+def _tune(
+    engine, queries: pd.DataFrame, base, grid: list[dict]
+) -> tuple[object, list[dict], float]:
+    """The configuration of ``grid`` with the best validation NDCG@10 (first on a tie), what
+    was tried, and that best NDCG@10."""
     tried = []
     for changes in grid:
         config = replace(base, **changes)
         frame, _ = run_queries(engine, queries, config)
         tried.append({**changes, METRIC: float(frame[METRIC].mean())})
     best = max(range(len(tried)), key=lambda i: (tried[i][METRIC], -i))
-    return replace(base, **grid[best]), tried
-
-
-def _best(tried: list[dict]) -> float:
-    return max(t[METRIC] for t in tried)
+    return replace(base, **grid[best]), tried, tried[best][METRIC]
 
 
 def configurations(
@@ -217,25 +221,21 @@ def configurations(
 
     Every row starts from the same neutral config of the settings (never from a bundle's
     stored one, which is itself a tuning result)."""
-    from served_model.search import QueryConfig
-
-    cfg = settings.search
-    base = QueryConfig(candidates=cfg.candidates, rrf_k=cfg.rrf_k, rerank_depth=cfg.rerank_depth)
+    base = neutral_config(settings)
     lexical = replace(base, use_dense=False, rerank_depth=0)
     dense = replace(base, use_bm25=False, rerank_depth=0, typo_tolerance=False,
                     min_dense_score=-1.0)  # fmt: skip
     hybrid = replace(base, rerank_depth=0)
     pop = [{"pop_weight": w} for w in POP_WEIGHTS]
-    bm25_pop, tried_bm25 = _tune(engine, validation, lexical, pop)
-    hybrid, tried_hybrid = _tune(engine, validation, hybrid, pop)
+    bm25_pop, tried_bm25, bm25_pop_ndcg = _tune(engine, validation, lexical, pop)
+    hybrid, tried_hybrid, hybrid_ndcg = _tune(engine, validation, hybrid, pop)
     rerank = [{"rerank_depth": d, "rerank_weight": w}
               for d in RERANK_DEPTHS for w in RERANK_WEIGHTS]  # fmt: skip
     # the served stack starts from the better retrieval on validation (it may be the lexical
     # one) and may leave the reranker off: it can only add to what validation measured
-    retrieval = max((bm25_pop, hybrid), key=lambda c: _best(tried_bm25 if c is bm25_pop
-                                                            else tried_hybrid))  # fmt: skip
+    retrieval = bm25_pop if bm25_pop_ndcg >= hybrid_ndcg else hybrid  # a tie: the cheaper
     rerank = [{"rerank_depth": 0}, *rerank]
-    served, tried_rerank = _tune(engine, validation, retrieval, rerank)
+    served, tried_rerank, _ = _tune(engine, validation, retrieval, rerank)
     rows = {
         "bm25": (engine, lexical, "baseline"),
         BASELINE: (engine, bm25_pop, "baseline"),
@@ -273,11 +273,12 @@ def segments(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     }
 
 
-def _engine(path: Path, cached: bool = True):
+def _engine(path: Path):
+    """The bundle's engine, its cross-encoder scores memoised for the tuning grid."""
     from served_model.search import SearchBundle, SearchEngine
 
     bundle = SearchBundle.load(path)
-    if cached and bundle.cross_encoder is not None:
+    if bundle.cross_encoder is not None:
         bundle.cross_encoder = _CachedReranker(bundle.cross_encoder)
     return SearchEngine(bundle)
 
@@ -320,7 +321,7 @@ def evaluate_search(settings: Settings, ds: date) -> pd.DataFrame:
 # --- registry and gate ------------------------------------------------------------------------
 def _champion_rows(settings: Settings, ds: date, version: str, dst: Path) -> pd.DataFrame:
     """The search champion re-evaluated, with its own query config, on today's test queries."""
-    local = registry.download_version(search_settings(settings), version, dst)
+    local = registry.download_version(registry.search_settings(settings), version, dst)
     frame, _ = run_queries(_engine(local / "artifacts" / "bundle"), _split(settings, ds, "test"))
     return frame
 
@@ -331,8 +332,9 @@ def promote_search(settings: Settings, ds: date) -> dict[str, object]:
     import tempfile
 
     import mlflow
+    import torch
 
-    ss = search_settings(settings)
+    ss = registry.search_settings(settings)
     cfg = settings.search
     run_dir = settings.paths.search_run(ds)
     table = pd.read_json(run_dir / "evaluation.json")
@@ -356,12 +358,13 @@ def promote_search(settings: Settings, ds: date) -> dict[str, object]:
         mlflow.log_params({f"search.{k}": v for k, v in cfg.model_dump().items()})
         mlflow.log_params({f"served.{k}": v for k, v in json.loads(
             (run_dir / "tuning.json").read_text())["configs"][SERVED].items()})  # fmt: skip
-        report.log_model_runs(table, ds.isoformat(), {})
+        curves = {
+            m: torch.load(run_dir / f"{m}_curve.pt")
+            for m in ("bi_encoder", "cross_encoder")
+            if (run_dir / f"{m}_curve.pt").exists()
+        }
+        report.log_evaluation(table, 10, ds.isoformat(), SERVED, {}, curves)  # fmt: skip
         row = table.set_index("model").loc[SERVED]
-        mlflow.log_metrics({c: float(row[c]) for c in report.metric_columns(table)
-                            if pd.notna(row[c])})  # fmt: skip
-        mlflow.log_table(report.compact_table(table, 10), "evaluation.json")
-        mlflow.log_figure(report.ndcg_by_model(table, 10), f"{report.PLOTS}/ndcg_by_model.png")
         for f in ("tuning.json", "bi_encoder_training.json", "cross_encoder_training.json"):
             if (run_dir / f).exists():
                 mlflow.log_artifact(str(run_dir / f))
