@@ -320,6 +320,14 @@ def search_evaluate(ds: DsOption) -> None:
     evaluate_search(load_settings(), _ds(ds))
 
 
+@search_app.command("compress")
+def search_compress(ds: DsOption) -> None:
+    """Distil, prune, quantize and export the cross-encoder; the gate picks what serves."""
+    from training.search import compress_search
+
+    _echo(compress_search(load_settings(), _ds(ds)))
+
+
 @search_app.command("promote")
 def search_promote(ds: DsOption) -> None:
     """Register shopml-search; move its champion alias only through the gate."""

@@ -7,7 +7,9 @@ corpus, the held-out queries and graded training pairs with BM25 hard negatives;
 Expectations checks them (a failure stops the run: the search champion stays); Horovod
 fine-tunes MiniLM twice in the project's one training loop, a bi-encoder (in-batch + hard
 negatives) and a cross-encoder reranker; BM25 (`bm25s`) and faiss indexes are built; every
-configuration is chosen on validation queries and measured on test queries; the bundle is
+configuration is chosen on validation queries and measured on test queries; the
+cross-encoder is compressed (distilled, pruned, int8, ONNX) and the fastest candidate within
+the tolerance of the teacher's validation NDCG@10 is what the bundle serves; the bundle is
 registered as `shopml-search` and its `champion` alias moves only through the same
 paired-bootstrap gate as the recommender's. Each task is also `shopml search <stage> --ds`.
 """
@@ -68,6 +70,30 @@ PARAMS = {
         minimum=10,
         title="Query budget",
         description="Validation and test queries evaluated per split (each reranked).",
+    ),
+    "student_layers": Param(
+        _SEARCH.student_layers,
+        type="integer",
+        minimum=1,
+        maximum=6,
+        title="Distilled student's layers",
+        description="Encoder layers the cross-encoder's student keeps (MiniLM has 6).",
+    ),
+    "distil_pairs": Param(
+        _SEARCH.distil_pairs,
+        type="integer",
+        minimum=8,
+        title="Distillation step budget",
+        description="Teacher-scored (query, product) pairs the student sees, all workers.",
+    ),
+    "compression_tolerance": Param(
+        _SEARCH.compression_tolerance,
+        type="number",
+        minimum=0,
+        maximum=0.5,
+        title="Compression tolerance",
+        description="Largest relative NDCG@10 loss on validation a compressed reranker may "
+        "have against the teacher; the fastest within it is served.",
     ),
     "search_promotion_margin": Param(
         _SEARCH.promotion_margin,
@@ -150,6 +176,12 @@ def search_retrain():
         run(_settings(params), _day(ds))
 
     @task
+    def compress_search(ds=None, params=None):
+        from training.search import compress_search as run
+
+        print(run(_settings(params), _day(ds)))
+
+    @task
     def promote_search(ds=None, params=None):
         from training.search import promote_search as run
 
@@ -162,6 +194,7 @@ def search_retrain():
         train_cross_encoder(),
         build_index(),
         evaluate_search(),
+        compress_search(),
         promote_search(),
     )
 

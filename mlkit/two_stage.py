@@ -179,28 +179,146 @@ def scorer(
     probability; every other item stays below them (ordered by popularity), as a served list
     would never show it. ``test_users`` holds each user's held-out moment (event_timestamp)
     and features then; ``engine`` carries the ranker and tables of the moment."""
+    return ranker_scorers(engine, train, test_users, features, {"": engine.bundle.ranker})[""]
+
+
+def ranker_scorers(
+    engine: TwoStage,
+    train: Interactions,
+    test_users: pd.DataFrame,
+    features: FeatureSource,
+    rankers: dict[str, nn.Module],
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """One :func:`scorer` per ranker (any format of ``served_model.ranker``), all over the same
+    candidate rows: each user's candidates are retrieved once and ranked by every ranker, so
+    comparing compressed rankers costs one replay, not one per ranker."""
     model = engine.model
     pos = pd.Index(train.item_ids).get_indexer(model.item_ids)
     popularity = np.asarray(train.matrix.sum(axis=0)).ravel()
     floor = (-1.0 + 1e-3 * popularity / max(popularity.max(), 1.0)).astype(np.float32)
+    cache: dict[str, pd.DataFrame] = {}
 
-    def score(users: np.ndarray) -> np.ndarray:
-        ids = train.user_ids[users].tolist()
-        out = np.tile(floor, (len(ids), 1))
-        at = test_users[S.ENTITY_TIMESTAMP].reindex(ids).dropna()
-        rows = candidate_rows(engine, at, test_users, features)
-        rows = rows[pos[rows[CAND].to_numpy(np.int64)] >= 0]  # items the run lacks
-        if rows.empty:
+    def rows_of(ids: list[str]) -> pd.DataFrame:
+        missing = [u for u in ids if u not in cache]
+        if missing:
+            at = test_users[S.ENTITY_TIMESTAMP].reindex(missing).dropna()
+            rows = candidate_rows(engine, at, test_users, features)
+            rows = rows[pos[rows[CAND].to_numpy(np.int64)] >= 0]  # items the run lacks
+            groups = dict(tuple(rows.groupby(S.USER_ID, sort=False)))
+            for u in missing:
+                cache[u] = groups.get(u, rows.iloc[:0])
+        return pd.concat([cache[u] for u in ids], ignore_index=True)
+
+    def make(ranker: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+        def score(users: np.ndarray) -> np.ndarray:
+            ids = train.user_ids[users].tolist()
+            out = np.tile(floor, (len(ids), 1))
+            rows = rows_of(ids)
+            if rows.empty:
+                return out
+            cand = rows[CAND].to_numpy(np.int64)
+            scores = engine.score(
+                cand,
+                rows[list(HISTORY_FEATURES)].to_numpy(np.float32),
+                rows[list(S.USER_FEATURES)].to_numpy(np.float32),
+                rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
+                ranker=ranker,
+            )
+            row_of = {u: i for i, u in enumerate(ids)}
+            out[rows[S.USER_ID].map(row_of).to_numpy(), pos[cand]] = scores
             return out
-        cand = rows[CAND].to_numpy(np.int64)
-        scores = engine.score(
-            cand,
-            rows[list(HISTORY_FEATURES)].to_numpy(np.float32),
-            rows[list(S.USER_FEATURES)].to_numpy(np.float32),
-            rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
-        )
-        row_of = {u: i for i, u in enumerate(ids)}
-        out[rows[S.USER_ID].map(row_of).to_numpy(), pos[cand]] = scores
-        return out
 
-    return score
+        return score
+
+    return {name: make(r) for name, r in rankers.items()}
+
+
+def init_student(student: Ranker, teacher: Ranker) -> Ranker:
+    """Start a smaller ranker from the teacher's layers where the shapes allow: the input
+    norm and the first cross layers as they are; of the deep MLP, the hidden units the
+    teacher leans on most (largest outgoing weights), with their weights; the head on those."""
+    s, t = student.net, teacher.net
+    s.norm.load_state_dict(t.norm.state_dict())
+    for mine, theirs in zip(s.cross, t.cross, strict=False):
+        mine.load_state_dict(theirs.state_dict())
+    n, h = t.norm.num_features, s.deep[0].out_features
+    th = t.deep[0].out_features
+    if h > th:
+        return student
+    with torch.no_grad():
+        head = t.heads.weight[:, n:]  # (heads, th): the deep part's weights in the head
+        keep2 = torch.argsort(head.abs().sum(0), descending=True)[:h].sort().values
+        keep1 = torch.argsort(t.deep[2].weight[keep2].abs().sum(0), descending=True)[:h]
+        keep1 = keep1.sort().values
+        s.deep[0].weight.copy_(t.deep[0].weight[keep1])
+        s.deep[0].bias.copy_(t.deep[0].bias[keep1])
+        s.deep[2].weight.copy_(t.deep[2].weight[keep2][:, keep1])
+        s.deep[2].bias.copy_(t.deep[2].bias[keep2])
+        s.heads.weight[:, :n].copy_(t.heads.weight[:, :n])
+        s.heads.weight[:, n:].copy_(head[:, keep2])
+        s.heads.bias.copy_(t.heads.bias)
+    return student
+
+
+@dataclass
+class DistilledRankerTask:
+    """A smaller ranker learning the teacher's logits (mean squared error) on the teacher's own
+    training rows, as a ``mlkit.loop.Trainable``; the epoch with the lowest validation
+    error (on the teacher's logits of the validation rows) is kept."""
+
+    x: np.ndarray
+    target: np.ndarray  # the teacher's logits of ``x``
+    teacher: Ranker
+    cross_layers: int = 1
+    hidden: int = 32
+    validation: tuple[np.ndarray, np.ndarray] | None = None
+
+    def build(self) -> Ranker:
+        return init_student(Ranker(self.cross_layers, self.hidden), self.teacher)
+
+    def dataset(self, net: nn.Module) -> torch.utils.data.Dataset:
+        return torch.utils.data.TensorDataset(
+            torch.from_numpy(self.x), torch.from_numpy(self.target)
+        )
+
+    def loss(self, net: nn.Module, batch: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        xb, tb = batch
+        return nn.functional.mse_loss(net(xb), tb)
+
+    @torch.no_grad()
+    def validation_loss(self, net: nn.Module) -> float | None:
+        if self.validation is None:
+            return None
+        xv, tv = (torch.from_numpy(a) for a in self.validation)
+        return nn.functional.mse_loss(net(xv), tv).item()
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, x: np.ndarray) -> np.ndarray:
+    return teacher.eval()(torch.from_numpy(x)).numpy().astype(np.float32)
+
+
+def distil_ranker(
+    teacher: Ranker,
+    x: np.ndarray,
+    epochs: int,
+    seed: int,
+    validation: np.ndarray | None = None,
+    cross_layers: int = 1,
+    hidden: int = 32,
+    batch_size: int = TrainConfig.model_fields["ranker_batch_size"].default,
+    lr: float = TrainConfig.model_fields["ranker_lr"].default,
+    workers: int = 1,
+) -> tuple[Ranker, Curve]:
+    """A student ranker distilled from ``teacher`` on rows ``x`` with the one loop."""
+    task = DistilledRankerTask(
+        x,
+        teacher_logits(teacher, x),
+        teacher.eval(),
+        cross_layers,
+        hidden,
+        None if validation is None else (validation, teacher_logits(teacher, validation)),
+    )
+    cfg = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, name="student")
+    student, curve = launch(task, cfg, workers=workers)
+    return student.eval(), curve

@@ -143,3 +143,33 @@ class CrossEncoderTask:
         features = net.preprocess([[q, p] for q, p in zip(queries, products, strict=True)])
         logits = net(features)["scores"].reshape(-1)
         return nn.functional.binary_cross_entropy_with_logits(logits, target.float())
+
+
+@dataclass(frozen=True)
+class DistilTask:
+    """A smaller cross-encoder (``init``: layers taken from the teacher, or the teacher pruned)
+    learning the teacher's logits: mean squared error on the raw logit of each (query, product)
+    pair of ``scores`` (columns ``query``, ``text``, ``teacher``), the candidates the reranker
+    sees at serving. Scores are the teacher's, never the labels: the student copies its ranking."""
+
+    scores: Path
+    init: Path
+    budget: int
+    max_tokens: int
+    seed: int = 42
+
+    def build(self) -> nn.Module:
+        from served_model.search import load_cross_encoder
+
+        return load_cross_encoder(self.init, self.max_tokens).train()
+
+    def dataset(self, net: nn.Module) -> torch.utils.data.Dataset:
+        rows = _budgeted(pd.read_parquet(self.scores), self.budget, self.seed)
+        return _Rows([rows["query"].tolist(), rows["text"].tolist(),
+                      rows["teacher"].astype(np.float32).tolist()])  # fmt: skip
+
+    def loss(self, net: nn.Module, batch: list, gen: torch.Generator) -> torch.Tensor:
+        queries, products, teacher = batch
+        features = net.preprocess([[q, p] for q, p in zip(queries, products, strict=True)])
+        logits = net(features)["scores"].reshape(-1)
+        return nn.functional.mse_loss(logits, teacher.float())

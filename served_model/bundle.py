@@ -20,6 +20,10 @@ version up to ``FORMAT_VERSION`` so a rollback to an older champion still serves
   module paths of the first layout (``training.model``, ``training.ranking``,
   ``training.recommenders.ranker``); :data:`LEGACY_MODULES` maps them to today's classes.
 * 2: the same files, classes under ``served_model``.
+* 3: the manifest's ``ranker`` entry names the ranker's file and format (``torch``,
+  ``torch_int8``: a pickled module in ``ranker.pt``; ``onnx``, ``onnx_int8``: ONNX in
+  ``ranker.onnx``, run by ONNX Runtime), its bytes and parameters: the candidate the
+  compression gate chose (``training.compress``). Without the entry, ``ranker.pt``.
 
 A bundle newer than this code is refused with a message rather than half-loaded.
 """
@@ -38,10 +42,11 @@ import pandas as pd
 import torch
 from scipy import sparse
 
+from served_model.ranker import OnnxRanker, ranker_format, ranker_params
 from served_model.two_tower import TwoTower
 from shopml import schema as S
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Where format 1 pickled the classes a bundle holds -> where they live now.
 LEGACY_MODULES: dict[str, str] = {
     "training.model": "served_model.two_tower",
@@ -50,9 +55,10 @@ LEGACY_MODULES: dict[str, str] = {
 }
 INDEX_FILE = "index.faiss"
 RANKER_FILE = "ranker.pt"
+ONNX_RANKER_FILE = "ranker.onnx"
 TABLES_FILE = "tables.npz"
 MANIFEST_FILE = "serving_manifest.json"
-ARTIFACT_FILES = (INDEX_FILE, RANKER_FILE, TABLES_FILE, MANIFEST_FILE)
+ARTIFACT_FILES = (INDEX_FILE, RANKER_FILE, TABLES_FILE, MANIFEST_FILE)  # ranker: or .onnx
 FLAT_INDEX_MAX_ITEMS = 20_000  # exact search is fast enough below this
 KNN_NEIGHBORS = 20
 RECENT_DAYS = 30
@@ -281,7 +287,13 @@ def write_artifacts(
     vectors = item_matrix(model)
     index = build_index(vectors)
     faiss.write_index(index, str(out_dir / INDEX_FILE))
-    torch.save(ranker, out_dir / RANKER_FILE)
+    ranker_path = out_dir / (ONNX_RANKER_FILE if isinstance(ranker, OnnxRanker) else RANKER_FILE)
+    for stale in (ONNX_RANKER_FILE, RANKER_FILE):
+        (out_dir / stale).unlink(missing_ok=True)
+    if isinstance(ranker, OnnxRanker):
+        ranker_path.write_bytes(ranker.model_bytes)
+    else:
+        torch.save(ranker, ranker_path)
     tables = build_tables(model, purchases, catalog)
     tables.save(out_dir / TABLES_FILE)
     manifest = {
@@ -292,9 +304,45 @@ def write_artifacts(
         "index_dim": int(vectors.shape[1]),
         "categories": len(tables.category_popular),
         "in_catalog": int(tables.in_catalog.sum()),
+        "ranker": {
+            "file": ranker_path.name,
+            "format": ranker_format(ranker),
+            "bytes": ranker_path.stat().st_size,
+            "params": ranker_params(ranker),
+        },
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    return [out_dir / f for f in ARTIFACT_FILES]
+    return [out_dir / f for f in (INDEX_FILE, ranker_path.name, TABLES_FILE, MANIFEST_FILE)]
+
+
+def manifest_of(files: Path) -> dict[str, Any]:
+    """A version's serving manifest (empty for format 1, which had none)."""
+    path = files / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def ranker_file(files: Path) -> Path:
+    """The ranker's file in a version's ``extra_files`` (``ranker.pt`` before format 3)."""
+    return files / manifest_of(files).get("ranker", {}).get("file", RANKER_FILE)
+
+
+def load_ranker(files: Path) -> torch.nn.Module | OnnxRanker:
+    """The ranker of a version's ``extra_files``, in the format it was registered in."""
+    path = ranker_file(files)
+    info = manifest_of(files).get("ranker", {})
+    if path.suffix == ".onnx":
+        return OnnxRanker(path.read_bytes(), info.get("format", "onnx"), info.get("params", 0))
+    return load_pickled(path).eval()
+
+
+def ranker_info(files: Path, ranker: torch.nn.Module | OnnxRanker) -> dict[str, Any]:
+    """Format, bytes and parameters of a loaded ranker (the manifest's, or measured)."""
+    path = ranker_file(files)
+    return {
+        "format": ranker_format(ranker),
+        "bytes": int(path.stat().st_size),
+        "params": ranker_params(ranker),
+    }
 
 
 @dataclass
@@ -307,6 +355,7 @@ class Bundle:
     index: object | None  # faiss index; None when it could not be loaded
     tables: Tables
     item_vectors: np.ndarray  # (n_items, dim + 1), the rows the index holds
+    ranker_info: dict[str, Any] | None = None  # format, bytes, params (serving reports them)
 
 
 def load_bundle(version: str, model: TwoTower, files: Path) -> Bundle:
@@ -323,7 +372,8 @@ def load_bundle(version: str, model: TwoTower, files: Path) -> Bundle:
         index = faiss.read_index(str(files / INDEX_FILE))
     except (RuntimeError, OSError):
         index = None
-    ranker = load_pickled(files / RANKER_FILE).eval()
+    ranker = load_ranker(files)
     model.eval()
     tables = Tables.load(files / TABLES_FILE)
-    return Bundle(version, model, ranker, index, tables, item_matrix(model))
+    info = ranker_info(files, ranker)
+    return Bundle(version, model, ranker, index, tables, item_matrix(model), info)

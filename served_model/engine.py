@@ -28,7 +28,7 @@ import torch
 
 from served_model.bundle import Bundle
 from served_model.features import FeaturesUnavailable, OnlineFeatures
-from served_model.ranker import HISTORY_FEATURES, NEVER_DAYS, ranker_inputs
+from served_model.ranker import HISTORY_FEATURES, NEVER_DAYS, ranker_inputs, ranker_scores
 from shopml import schema as S
 from shopml.config import ServingConfig
 
@@ -204,12 +204,17 @@ class TwoStage:
         return self.bundle.tables.in_catalog[cand] & ((history[:, 0] == 0) | reorderable)
 
     def score(
-        self, cand: np.ndarray, history: np.ndarray, user_features: np.ndarray, items: np.ndarray
+        self,
+        cand: np.ndarray,
+        history: np.ndarray,
+        user_features: np.ndarray,
+        items: np.ndarray,
+        ranker: object | None = None,
     ) -> np.ndarray:
-        """Stage 2: the ranker's probability for each candidate."""
+        """Stage 2: the ranker's probability for each candidate (the bundle's ranker, of any
+        format of ``served_model.ranker``, unless another is given)."""
         x = ranker_inputs(user_features, items, history)
-        with torch.no_grad():
-            return torch.sigmoid(self.bundle.ranker(torch.from_numpy(x))).numpy()
+        return ranker_scores(self.bundle.ranker if ranker is None else ranker, x)
 
     def purchases(self, user_id: str) -> dict[str, float]:
         """The user's purchase counts by item id (empty for an unknown user): what search's

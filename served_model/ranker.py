@@ -11,7 +11,10 @@ Serving retrieves a few hundred candidates and ranks them with this model. Its i
 * the item's co-purchase (item-kNN) affinity to the user's most bought items.
 
 :func:`ranker_inputs` is the one place a row is assembled, for training and serving alike.
-How the ranker learns is ``training.ranking``.
+How the ranker learns is ``training.ranking``; its compressed forms (``training.compress``)
+keep the same contract (raw features in, one logit per row out), so the engine swaps them
+freely: a torch module (fp32, a distilled student, dynamic int8) or an :class:`OnnxRanker`
+(an ONNX export, fp32 or int8, run by ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Ranker(nn.Module):
     def __init__(self, cross_layers: int = 2, hidden: int = 64) -> None:
         super().__init__()
         self.feature_names = RANKER_FEATURES
+        self.format = "torch"  # what serving reports (``ranker_info``); int8 copies say so
         self.net = DCNv2(len(RANKER_FEATURES), cross_layers, hidden, heads=1)
         self.register_buffer(
             "_log_mask",
@@ -90,3 +94,73 @@ def ranker_inputs(
         [user, item_features, history.reshape(n, len(HISTORY_FEATURES))], axis=1
     ).astype(np.float32)
     return np.nan_to_num(x, copy=False)
+
+
+class OnnxRanker:
+    """A ranker exported to ONNX and run by ONNX Runtime, with :class:`Ranker`'s contract:
+    ``ranker(x)`` takes raw features (a tensor or array, ``(n, len(RANKER_FEATURES))``) and
+    returns one logit per row as a tensor. ``eval()`` is a no-op, as for a torch module.
+
+    ``threads`` is ONNX Runtime's intra-op pool of this session: 1 by default, since serving
+    already answers several requests at once on its own threads (``serving.threads``).
+    ``InferenceSession.run`` is thread-safe. Pickles as the model's bytes.
+    """
+
+    feature_names = RANKER_FEATURES
+
+    def __init__(self, model: bytes, fmt: str = "onnx", params: int = 0, threads: int = 1) -> None:
+        self.model_bytes = bytes(model)
+        self.format = fmt
+        self.params = int(params)
+        self.threads = threads
+        self._open()
+
+    def _open(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._session = ort.InferenceSession(
+            self.model_bytes, opts, providers=["CPUExecutionProvider"]
+        )
+        self._input = self._session.get_inputs()[0].name
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_session", "_input")}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def eval(self) -> OnnxRanker:
+        return self
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        arr = x.numpy() if isinstance(x, torch.Tensor) else x
+        out = self._session.run(None, {self._input: np.ascontiguousarray(arr, np.float32)})[0]
+        return torch.from_numpy(out.reshape(-1))
+
+
+def ranker_scores(ranker: nn.Module | OnnxRanker, x: np.ndarray) -> np.ndarray:
+    """Probabilities (sigmoid of the logits) of rows ``x`` under any ranker format."""
+    with torch.no_grad():
+        return torch.sigmoid(ranker(torch.from_numpy(x))).numpy()
+
+
+def ranker_params(ranker: nn.Module | OnnxRanker) -> int:
+    """Parameters of the ranker (for an int8 torch copy: those of its packed weights)."""
+    if isinstance(ranker, OnnxRanker):
+        return ranker.params
+    count = sum(p.numel() for p in ranker.parameters())
+    for m in ranker.modules():  # dynamic-int8 Linear keeps its weights outside parameters()
+        if hasattr(m, "weight") and callable(m.weight) and hasattr(m, "bias"):
+            w, b = m.weight(), m.bias()
+            count += w.numel() + (b.numel() if b is not None else 0)
+    return int(count)
+
+
+def ranker_format(ranker: nn.Module | OnnxRanker) -> str:
+    """``torch``, ``torch_int8``, ``onnx``, ``onnx_int8`` (what serving reports)."""
+    return str(getattr(ranker, "format", "torch"))

@@ -301,11 +301,120 @@ def load_bi_encoder(path: Path | str, max_tokens: int | None = None) -> Any:
 
 
 def load_cross_encoder(path: Path | str, max_tokens: int | None = None) -> Any:
+    """The reranker in the format its directory holds (:data:`RERANKER_FORMATS`): a
+    sentence-transformers ``CrossEncoder`` (no ``reranker.json``), or a compressed one."""
+    path = Path(path)
+    info = reranker_info(path)
+    if info["format"] in ("onnx", "onnx-int8", "onnx-int8-static"):
+        return OnnxCrossEncoder(path)
+    if info["format"] == "torch-int8":
+        return QuantizedCrossEncoder.load(path)
     from sentence_transformers import CrossEncoder
 
     return CrossEncoder(
         str(path), device="cpu", local_files_only=True, num_labels=1, max_length=max_tokens
     ).eval()
+
+
+# --- compressed rerankers (made by ``search.compress``; chosen by ``training.search``) ------
+RERANKER_INFO = "reranker.json"  # format, weights file, max_length, params
+RERANKER_FORMATS = ("torch", "torch-int8", "onnx", "onnx-int8", "onnx-int8-static")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.onnx")
+
+
+def weights_file(path: Path) -> Path:
+    """The file that holds a reranker directory's weights (what "size" means in the tables)."""
+    for name in _WEIGHTS:
+        if (path / name).exists():
+            return path / name
+    raise FileNotFoundError(f"no reranker weights ({', '.join(_WEIGHTS)}) in {path}")
+
+
+def reranker_info(path: Path) -> dict[str, Any]:
+    """``reranker.json`` of a compressed reranker; a plain sentence-transformers directory is
+    ``{"format": "torch"}``."""
+    info_path = Path(path) / RERANKER_INFO
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"format": "torch"}
+    if info["format"] not in RERANKER_FORMATS:
+        raise RuntimeError(
+            f"reranker format {info['format']!r} in {path} is unknown to this code "
+            f"(known: {', '.join(RERANKER_FORMATS)}): upgrade shopml to serve it"
+        )
+    return info
+
+
+def _pair_batches(pairs: list, batch_size: int) -> Any:
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        yield [p[0] for p in chunk], [p[1] for p in chunk]
+
+
+class OnnxCrossEncoder:
+    """A cross-encoder exported to ONNX (fp32 or int8), run by ONNX Runtime.
+
+    ``predict`` takes and returns what ``CrossEncoder.predict`` does (pairs in, one logit per
+    pair out), so the engine and the evaluation use either without knowing which. Threads: as
+    many as torch uses, so a comparison with the torch model is like for like.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+        import torch
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        self.info = reranker_info(self.path)
+        self.max_length = int(self.info["max_length"])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(self.path / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def predict(self, pairs: list, batch_size: int = 64, **_: Any) -> np.ndarray:
+        out = []
+        for queries, texts in _pair_batches(list(pairs), batch_size):
+            enc = self.tokenizer(queries, texts, padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="np")  # fmt: skip
+            feed = {k: v.astype(np.int64) for k, v in enc.items() if k in self.inputs}
+            out.append(self.session.run(None, feed)[0].reshape(-1))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def save(self, path: str) -> None:
+        import shutil
+
+        if Path(path).resolve() != self.path.resolve():
+            shutil.copytree(self.path, path, dirs_exist_ok=True)
+
+
+class QuantizedCrossEncoder:
+    """A sentence-transformers ``CrossEncoder`` whose Linear layers are PyTorch dynamic int8
+    (``torch.ao``): saved whole with ``torch.save``, as quantized modules have no other
+    portable form."""
+
+    def __init__(self, model: Any, path: Path | None = None) -> None:
+        self.model = model
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path) -> QuantizedCrossEncoder:
+        import torch
+
+        return cls(torch.load(path / "model.pt", weights_only=False).eval(), path)
+
+    def predict(self, pairs: list, **kwargs: Any) -> np.ndarray:
+        return self.model.predict(pairs, **kwargs)
+
+    def save(self, path: str) -> None:
+        import shutil
+
+        if self.path is None:
+            raise RuntimeError("a quantized cross-encoder is saved by search.compress")
+        if Path(path).resolve() != self.path.resolve():
+            shutil.copytree(self.path, path, dirs_exist_ok=True)
 
 
 def encode(bi_encoder: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:

@@ -194,7 +194,12 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         """Readiness: the champion is loaded, so traffic may be routed here."""
         arm = champion()
         arms = {a.alias: a.version for a in holder.arms.values()}
-        return {"status": "ready", "model_version": arm.version, "arms": arms}
+        return {
+            "status": "ready",
+            "model_version": arm.version,
+            "arms": arms,
+            "models": holder.served_models(),  # each part's format, bytes and parameters
+        }
 
     @app.get("/metrics")
     async def prometheus() -> Response:

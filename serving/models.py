@@ -53,14 +53,14 @@ def load_arm(
     Feast unreachable at this moment does not refuse the version: it serves the popularity
     fallback (reason ``item_features_unavailable``) until a background refresh succeeds.
     """
-    from served_model.bundle import RANKER_FILE, TABLES_FILE, load_bundle, load_model_dir
+    from served_model.bundle import TABLES_FILE, load_bundle, load_model_dir, ranker_file
 
     # Everything is read into memory, so the download lives only as long as the load.
     settings.paths.home.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.paths.home, prefix=f"serving-v{version}-") as tmp:
         local = registry.download_version(settings, version, Path(tmp))
         files = local / "extra_files"
-        missing = [f for f in (RANKER_FILE, TABLES_FILE) if not (files / f).exists()]
+        missing = [p.name for p in (ranker_file(files), files / TABLES_FILE) if not p.exists()]
         if missing:
             raise RuntimeError(
                 f"version {version} of '{settings.model_name}' lacks its serving artifacts "
@@ -119,6 +119,7 @@ class ModelHolder:
         self._features: OnlineFeatures | None = None  # one Feast client for every arm
         self._failed: dict[str, str] = {}  # alias -> version that failed to load
         self._search: SearchArm | None = None  # search's champion, when one is registered
+        self._info_labels: set[tuple[str, str]] = set()  # shopml_model_info's label sets
 
     @property
     def arms(self) -> dict[str, Arm]:
@@ -173,7 +174,37 @@ class ModelHolder:
                 changed.append(f"{alias}: {current.version if current else None} -> {version}")
             self._arms = arms  # the atomic switch
             changed += self._sync_search()
+            if changed:
+                self._publish_model_info()
         return changed
+
+    def served_models(self) -> dict[str, dict[str, object]]:
+        """Each served model part with its version, format, bytes and parameters (what
+        ``/readyz`` shows and ``shopml_model_info`` carries): every arm's ranker and, when
+        search serves and its manifest says, its reranker."""
+        out: dict[str, dict[str, object]] = {}
+        for alias, arm in self._arms.items():
+            info = arm.engine.bundle.ranker_info or {}
+            out[f"{alias}.ranker"] = {"version": arm.version, **info}
+        search = self._search
+        if search is not None:
+            reranker = getattr(search.engine.bundle, "manifest", {}).get("reranker")
+            if reranker:
+                out["search.reranker"] = {"version": search.version, **reranker}
+        return out
+
+    def _publish_model_info(self) -> None:
+        gauge = self.metrics.model_info
+        now = {
+            (model, str(info["format"])): float(info.get("bytes", 0))
+            for model, info in self.served_models().items()
+            if "format" in info
+        }
+        for stale in self._info_labels - set(now):  # a part that changed format or left
+            gauge.remove(*stale)
+        for labels, size in now.items():
+            gauge.labels(*labels).set(size)
+        self._info_labels = set(now)
 
     def _sync_search(self) -> list[str]:
         """Load search's champion when it moved (same rules: a failure keeps the old one)."""

@@ -76,6 +76,11 @@ class Metrics:
             "shopml_model_version", "Registry version served under each alias",
             ["alias"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
+        self.model_info = Gauge(
+            "shopml_model_info", "Size in bytes of each served model part, labelled by the "
+            "model (alias and part) and the format it runs in (torch, torch_int8, onnx, "
+            "onnx_int8)", ["model", "format"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         self.reloads = Counter(
             "shopml_model_reloads_total", "Model loads by alias and outcome",
             ["alias", "outcome"], registry=r,

@@ -86,6 +86,13 @@ class TrainConfig(BaseModel):
     ranker_validation_share: float = Field(
         0.1, gt=0, lt=1, description="serving ranker: share of users that picks the best epoch"
     )
+    ranker_student_cross_layers: int = Field(
+        1, ge=0, description="distilled ranker (compress): cross layers (teacher: 2)"
+    )
+    ranker_student_hidden: int = Field(
+        32, ge=4, description="distilled ranker (compress): deep MLP width (teacher: 64)"
+    )
+    ranker_student_epochs: int = Field(6, ge=1, description="distilled ranker: most epochs")
     seed: int = 42
 
 
@@ -133,6 +140,15 @@ class EvalConfig(BaseModel):
         ge=0,
         description="relative: the lower bound of the paired-bootstrap NDCG@k gain must exceed "
         "margin x the reference's mean (champion, or popularity on a first run)",
+    )
+    compression_tolerance: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="compress: largest relative NDCG@10 loss (validation) of the served ranker",
+    )
+    compression_eval_users: int = Field(
+        0, ge=0, description="compress: seeded user sample per split for NDCG (0: all users)"
     )
     segment_tolerance: float = Field(
         0.05, ge=0, description="largest relative NDCG drop allowed in a protected segment"
@@ -255,6 +271,32 @@ class SearchConfig(BaseModel):
     max_query_chars: int = Field(256, ge=1)
     promotion_margin: float = Field(0.0, ge=0, description="relative, as EvalConfig's")
     segment_tolerance: float = Field(0.05, ge=0, description="largest drop on cold products")
+    # compression of the cross-encoder (training.search.compress_search, search.compress)
+    student_layers: int = Field(
+        3, ge=1, le=6, description="encoder layers of the distilled student (MiniLM has 6)"
+    )
+    distil_pairs: int = Field(
+        3200, ge=8, description="step budget of the student: teacher-scored pairs seen"
+    )
+    prune_ratio: float = Field(
+        0.5, gt=0, lt=1, description="share of every layer's feed-forward channels removed"
+    )
+    prune_finetune_pairs: int = Field(
+        1600, ge=8, description="step budget of the pruned model's distillation fine-tune"
+    )
+    calibration_pairs: int = Field(
+        400, ge=8, description="training queries' candidates that calibrate static int8"
+    )
+    compression_queries: int = Field(
+        300, ge=10, description="queries per split measured for each compressed candidate"
+    )
+    compression_tolerance: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="largest relative NDCG@10 loss (validation) a compressed "
+        "reranker may have against the teacher to be chosen",
+    )
 
 
 class FeastConfig(BaseModel):
@@ -408,6 +450,9 @@ PARAM_FIELDS: dict[str, tuple[str, str]] = {
     "cross_encoder_pairs": ("search", "cross_encoder_pairs"),
     "eval_queries": ("search", "eval_queries"),
     "search_promotion_margin": ("search", "promotion_margin"),
+    "student_layers": ("search", "student_layers"),
+    "distil_pairs": ("search", "distil_pairs"),
+    "compression_tolerance": ("search", "compression_tolerance"),
 }
 
 

@@ -44,7 +44,9 @@ def test_format_version_is_read_from_the_manifest(tmp_path):
     (tmp_path / bundle.MANIFEST_FILE).write_text(json.dumps({"items": 3}))
     assert bundle.format_version(tmp_path) == 1
     (tmp_path / bundle.MANIFEST_FILE).write_text(json.dumps({"format_version": 2}))
-    assert bundle.format_version(tmp_path) == bundle.FORMAT_VERSION == 2
+    assert bundle.format_version(tmp_path) == 2  # before the ranker's format was recorded
+    (tmp_path / bundle.MANIFEST_FILE).write_text(json.dumps({"format_version": 3}))
+    assert bundle.format_version(tmp_path) == bundle.FORMAT_VERSION == 3
     (tmp_path / bundle.MANIFEST_FILE).write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="newer than this ShopML reads"):
         bundle.format_version(tmp_path)

@@ -47,6 +47,9 @@ def test_every_dag_param_reaches_its_settings_field(monkeypatch):
         "cross_encoder_pairs": 96,
         "eval_queries": 40,
         "search_promotion_margin": 0.01,
+        "student_layers": 2,
+        "distil_pairs": 128,
+        "compression_tolerance": 0.03,
     }
     assert set(params) == set(PARAM_FIELDS)  # a new Param needs its field here
     s = settings_from_params(params)

@@ -131,6 +131,7 @@ SEARCH_EXPECTED = [
     "train_cross_encoder",
     "build_index",
     "evaluate_search",
+    "compress_search",
     "promote_search",
 ]
 
@@ -146,7 +147,8 @@ def test_search_dag_is_a_chain_with_typed_params_and_parses_light(tmp_path):
     assert dag.get_task("validate_search").retries == 0  # bad data is not retried
     assert set(dag.params.keys()) == {
         "search_source", "max_products", "search_workers", "bi_encoder_pairs",
-        "cross_encoder_pairs", "eval_queries", "search_promotion_margin",
+        "cross_encoder_pairs", "eval_queries", "search_promotion_margin", "student_layers",
+        "distil_pairs", "compression_tolerance",
     }  # fmt: skip
     code = (
         "import runpy, sys, json;"

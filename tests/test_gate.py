@@ -172,3 +172,39 @@ def test_baseline_non_inferiority_promotes_a_tie_but_not_a_loss_and_not_against_
     # against a champion the challenger must still be better (superiority)
     assert not gate.decide(baseline, champion=baseline, baseline=baseline, segments=(),
                            n_boot=100, baseline_non_inferiority=0.05).promote  # fmt: skip
+
+
+def _cand(name, ndcg, p50):
+    return {"name": name, "val_ndcg": ndcg, "p50_ms": p50}
+
+
+def test_compression_gate_refuses_fast_but_worse_and_picks_fastest_within_tolerance():
+    cands = [
+        _cand("teacher", 0.400, 4.0),
+        _cand("int8", 0.398, 2.0),  # -0.5%: within 1%
+        _cand("student", 0.380, 1.0),  # -5%: fastest but worse
+        _cand("onnx", 0.400, 2.5),
+    ]
+    c = gate.choose_compressed(cands, "teacher", "val_ndcg", 0.01)
+    assert c.chosen == "int8"
+    assert "beyond 1% tolerance" in c.reasons["student"] and "-5.0%" in c.reasons["student"]
+    assert c.reasons["onnx"].startswith("slower than int8")
+    assert c.reasons["teacher"].startswith("slower than int8")
+    assert set(c.reasons) == {"teacher", "student", "onnx"}
+    assert c.to_dict()["chosen"] == "int8"
+    # a wider tolerance lets the student through
+    assert gate.choose_compressed(cands, "teacher", "val_ndcg", 0.06).chosen == "student"
+
+
+def test_compression_gate_chooses_the_teacher_when_nothing_qualifies():
+    cands = [_cand("teacher", 0.5, 3.0), _cand("a", 0.4, 1.0), _cand("b", 0.49, 2.9)]
+    c = gate.choose_compressed(cands, "teacher", "val_ndcg", 0.01)
+    assert c.chosen == "teacher"
+    assert "beyond" in c.reasons["a"] and "beyond" in c.reasons["b"]
+    # a candidate slower than the teacher never wins even if better
+    c = gate.choose_compressed(
+        [_cand("teacher", 0.5, 1.0), _cand("big", 0.6, 2.0)], "teacher", "val_ndcg", 0.01
+    )
+    assert c.chosen == "teacher" and c.reasons["big"].startswith("slower than teacher")
+    with pytest.raises(ValueError, match="teacher"):
+        gate.choose_compressed([_cand("a", 0.1, 1.0)], "teacher", "val_ndcg", 0.01)

@@ -12,10 +12,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # a small slice and step budgets (the demo's are SearchConfig's defaults)
 SEARCH_CONF = {
     "max_products": 60,
-    "search_workers": 2,
+    "search_workers": 1,  # in process: Horovod's start-up is tested by test_horovod and e2e
     "bi_encoder_pairs": 48,
     "cross_encoder_pairs": 48,
     "eval_queries": 30,
+    "student_layers": 1,
+    "distil_pairs": 32,
 }
 
 

@@ -532,3 +532,15 @@ def test_shopml_serve_with_two_workers_answers_and_adds_up_their_metrics(deploym
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
+
+
+def test_readyz_and_metrics_show_each_served_models_format_and_size(client):
+    """The ranker's format, bytes and parameters as the bundle's manifest registered them."""
+    ready = client.get("/readyz").json()
+    ranker = ready["models"]["champion.ranker"]
+    engine = client.app.state.holder.arms["champion"].engine
+    assert ranker["format"] == engine.bundle.ranker_info["format"]
+    assert ranker["bytes"] > 0 and ranker["params"] > 0
+    assert ranker["version"] == ready["model_version"]
+    line = f'shopml_model_info{{format="{ranker["format"]}",model="champion.ranker"}}'
+    assert _metric(client, line) == ranker["bytes"]

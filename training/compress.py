@@ -1,18 +1,52 @@
-"""Compression: an int8 copy of the model by PyTorch dynamic quantization.
+"""Compression: smaller or faster copies of the served models, measured and chosen by a gate.
 
-Linear layers get int8 weights with dynamic activation quantization; embedding tables get
-per-row int8 weights (``float_qparams``), which is where a recommender's bytes are.
+* The two-tower: an int8 copy by PyTorch dynamic quantization (Linear layers int8 with dynamic
+  activation quantization; embedding tables per-row int8, ``float_qparams``), reported beside
+  the float model by ``evaluate``.
+* The served DCN-v2 ranker (``served_model.ranker``): candidates built from the trained
+  ranker (the *teacher*), all with the ranker's contract (raw features in, one logit per row
+  out, log-scaling inside), so the engine swaps them freely:
+
+  - ``teacher_fp32``: the reference;
+  - ``torch_int8``: ``torch.ao`` dynamic int8 of its Linear layers;
+  - ``onnx``: the dynamo ONNX export (``onnxscript``), run by ONNX Runtime, checked against
+    the teacher's outputs (max abs difference recorded);
+  - ``onnx_int8``: ONNX Runtime's dynamic int8 quantizer over that export;
+  - ``student``: a smaller DCN-v2 (``train.ranker_student_cross_layers`` /
+    ``ranker_student_hidden``) started from the teacher's layers and distilled on the
+    teacher's logits over the ranker's own training rows, with the one Horovod loop
+    (``mlkit.two_stage.distil_ranker``); ``student_onnx``: its ONNX export.
+
+  :func:`ranking_latency` times the ranking stage at the serving shape (one user, 200
+  candidates) for every candidate in one process, interleaved; ``training.pipeline.compress``
+  evaluates NDCG@10 of the served path with each candidate swapped in, on the validation
+  split (chooses, ``training.gate.choose_compressed``) and on the test split (reports).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from served_model.ranker import (
+    OnnxRanker,
+    Ranker,
+    ranker_inputs,
+    ranker_params,
+    ranker_scores,
+)
 from served_model.two_tower import TwoTower
+from shopml import schema as S
+
+TEACHER = "teacher_fp32"
+SERVING_ROWS = 200  # candidates ranked per request (serving.max_candidates' default)
 
 
 def quantize_int8(model: TwoTower) -> TwoTower:
@@ -30,3 +64,188 @@ def quantize_int8(model: TwoTower) -> TwoTower:
             dtype=torch.qint8,
         )
     return quantized
+
+
+def quantize_ranker_int8(ranker: nn.Module) -> nn.Module:
+    """Dynamic int8 of the ranker's Linear layers (BatchNorm stays float, in eval mode)."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = quantize_dynamic(
+            copy.deepcopy(ranker).eval(), {nn.Linear: default_dynamic_qconfig}, dtype=torch.qint8
+        )
+    quantized.format = "torch_int8"
+    return quantized
+
+
+def export_onnx(ranker: nn.Module, example: np.ndarray) -> bytes:
+    """The ranker as ONNX (dynamo exporter, dynamic batch), in eval mode (BatchNorm frozen)."""
+    ranker = copy.deepcopy(ranker).eval()
+    x = torch.from_numpy(np.ascontiguousarray(example[: max(2, min(len(example), 8))]))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            ranker,
+            (x,),
+            dynamo=True,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+            verbose=False,
+        )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # ONNXProgram.save writes to a path
+        path = Path(tmp) / "ranker.onnx"
+        program.save(str(path))
+        return path.read_bytes()
+
+
+def quantize_onnx_int8(model: bytes) -> bytes:
+    """ONNX Runtime's dynamic int8 quantization (weights int8, activations at run time)."""
+    import logging
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(model)
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" advice
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        finally:
+            logging.getLogger().setLevel(level)
+        return dst.read_bytes()
+
+
+def max_abs_diff(a: nn.Module | OnnxRanker, b: nn.Module | OnnxRanker, x: np.ndarray) -> float:
+    """Largest absolute difference of two rankers' logits on rows ``x``."""
+    with torch.no_grad():
+        return float((a(torch.from_numpy(x)) - b(torch.from_numpy(x))).abs().max())
+
+
+def save_ranker(ranker: nn.Module | OnnxRanker, path_stem: Path) -> Path:
+    """``<stem>.onnx`` (the ONNX bytes) or ``<stem>.pt`` (the pickled module)."""
+    if isinstance(ranker, OnnxRanker):
+        path = path_stem.with_suffix(".onnx")
+        path.write_bytes(ranker.model_bytes)
+    else:
+        path = path_stem.with_suffix(".pt")
+        torch.save(ranker, path)
+    return path
+
+
+def load_saved_ranker(path: Path, fmt: str, params: int = 0) -> nn.Module | OnnxRanker:
+    if path.suffix == ".onnx":
+        return OnnxRanker(path.read_bytes(), fmt, params)
+    return torch.load(path, weights_only=False).eval()
+
+
+def ranker_candidates(
+    teacher: Ranker,
+    x_train: np.ndarray,
+    x_val: np.ndarray,
+    *,
+    student_cross_layers: int,
+    student_hidden: int,
+    student_epochs: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    workers: int = 1,
+) -> tuple[dict[str, nn.Module | OnnxRanker], dict[str, dict[str, float]]]:
+    """(name -> candidate ranker, name -> facts: ONNX max abs diff, student curve end)."""
+    from mlkit.two_stage import distil_ranker
+
+    teacher = teacher.eval()
+    probe = x_val if len(x_val) else x_train[:1000]
+    out: dict[str, nn.Module | OnnxRanker] = {TEACHER: teacher}
+    facts: dict[str, dict[str, float]] = {TEACHER: {}}
+    out["torch_int8"] = quantize_ranker_int8(teacher)
+    params = ranker_params(teacher)
+    onnx = export_onnx(teacher, probe)
+    out["onnx"] = OnnxRanker(onnx, "onnx", params)
+    out["onnx_int8"] = OnnxRanker(quantize_onnx_int8(onnx), "onnx_int8", params)
+    student, curve = distil_ranker(
+        teacher,
+        x_train,
+        student_epochs,
+        seed,
+        x_val if len(x_val) else None,
+        cross_layers=student_cross_layers,
+        hidden=student_hidden,
+        batch_size=batch_size,
+        lr=lr,
+        workers=workers,
+    )
+    student.format = "torch"
+    out["student"] = student
+    facts["student"] = {"distil_mse": float(curve[-1].get("val_loss", curve[-1]["loss"]))}
+    out["student_onnx"] = OnnxRanker(export_onnx(student, probe), "onnx", ranker_params(student))
+    for name, ranker in out.items():
+        facts.setdefault(name, {})
+        reference = student if name.startswith("student") else teacher
+        facts[name]["max_abs_diff"] = max_abs_diff(ranker, reference, probe[:2000])
+    return out, facts
+
+
+def serving_rows(x: np.ndarray, n: int = SERVING_ROWS, seed: int = 0) -> np.ndarray:
+    """``n`` rows of one user's request shape: one user's features broadcast, candidates'
+    item and history features drawn from real rows (seeded)."""
+    rng = np.random.default_rng(seed)
+    rows = x[rng.choice(len(x), size=n, replace=len(x) < n)].copy()
+    rows[:, : len(S.USER_FEATURES)] = rows[0, : len(S.USER_FEATURES)]
+    return rows
+
+
+def ranking_latency(
+    rankers: dict[str, nn.Module | OnnxRanker],
+    rows: np.ndarray,
+    repeats: int = 300,
+    k: int = 10,
+) -> dict[str, np.ndarray]:
+    """Wall times (ms) of the serving ranking stage (assemble the rows, score, top-k) per
+    ranker, one thread, interleaved round-robin so every ranker sees the same machine state."""
+    nu, ni = len(S.USER_FEATURES), len(S.ITEM_FEATURES)
+    user, items, history = rows[0, :nu], rows[:, nu : nu + ni], rows[:, nu + ni :]
+
+    def stage(ranker: nn.Module | OnnxRanker) -> Callable[[], None]:
+        def run() -> None:
+            scores = ranker_scores(ranker, ranker_inputs(user, items, history))
+            np.argsort(-scores, kind="stable")[:k]
+
+        return run
+
+    runs = {name: stage(r) for name, r in rankers.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as serving (serving/app.py)
+    try:
+        for run in runs.values():
+            for _ in range(10):
+                run()  # warm-up
+        for _ in range(repeats):
+            for name, run in runs.items():
+                t = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - t) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: np.asarray(v) for name, v in times.items()}
+
+
+def latency_summary(times: np.ndarray, n_boot: int = 500, seed: int = 0) -> dict[str, float]:
+    """p50 / p99 (ms) and a percentile-bootstrap 95% CI of the p50."""
+    rng = np.random.default_rng(seed)
+    boots = np.median(rng.choice(times, size=(n_boot, len(times)), replace=True), axis=1)
+    return {
+        "p50_ms": float(np.percentile(times, 50)),
+        "p99_ms": float(np.percentile(times, 99)),
+        "p50_ms_ci_low": float(np.percentile(boots, 2.5)),
+        "p50_ms_ci_high": float(np.percentile(boots, 97.5)),
+    }
+
+
+def artifact_bytes(path: Path) -> int:
+    return path.stat().st_size

@@ -263,3 +263,84 @@ def decide(
 
     reasons.insert(0, ("PROMOTE" if promote else "REJECT") + f" against the {primary_name}")
     return GateDecision(promote, primary_name, metric, margin, tolerance, reasons, numbers)
+
+
+@dataclass(frozen=True)
+class CompressionChoice:
+    """Which compressed candidate serves, and why each other candidate did not.
+
+    ``numbers`` has, per candidate, the validation metric, the latency and the relative
+    change of the metric against the teacher, so the decision can be re-read from the run.
+    """
+
+    chosen: str
+    teacher: str
+    metric: str
+    tolerance: float
+    latency: str
+    reasons: dict[str, str]
+    numbers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_compressed(
+    candidates: Sequence[Mapping[str, Any]],
+    teacher: str,
+    metric: str,
+    tolerance: float,
+    latency: str = "p50_ms",
+) -> CompressionChoice:
+    """The fastest candidate whose validation ``metric`` is within ``tolerance`` of the teacher.
+
+    ``candidates``: dicts with ``name``, ``metric`` (higher is better, measured on the
+    validation split) and ``latency`` (lower is better), the teacher among them. A candidate
+    qualifies when ``metric >= teacher_metric * (1 - tolerance)`` (relative, on the point
+    estimate); the teacher always qualifies, so when nothing else does the teacher is chosen.
+    Ties on latency go to the better metric, then to the teacher, then by name. Every other
+    candidate gets a reason: why it did not qualify, or which faster qualifying one beat it.
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1) (relative), got {tolerance}")
+    rows: dict[str, tuple[float, float]] = {}
+    for c in candidates:
+        for key in ("name", metric, latency):
+            if key not in c:
+                raise ValueError(f"candidate {c.get('name', c)!r} has no '{key}'")
+        name = str(c["name"])
+        if name in rows:
+            raise ValueError(f"candidate '{name}' is given twice")
+        value, lat = float(c[metric]), float(c[latency])
+        if not math.isfinite(value) or not math.isfinite(lat) or lat < 0:
+            raise ValueError(f"candidate '{name}': {metric}={value}, {latency}={lat} not usable")
+        rows[name] = (value, lat)
+    if teacher not in rows:
+        raise ValueError(f"teacher '{teacher}' is not among the candidates {sorted(rows)}")
+    t_value = rows[teacher][0]
+    floor = t_value * (1 - tolerance)
+
+    def change(name: str) -> float:
+        return (rows[name][0] - t_value) / t_value if t_value > 0 else 0.0
+
+    qualified = [n for n, (v, _) in rows.items() if n == teacher or v >= floor]
+    chosen = min(qualified, key=lambda n: (rows[n][1], -rows[n][0], n != teacher, n))
+    reasons: dict[str, str] = {}
+    for name, (value, lat) in rows.items():
+        if name == chosen:
+            continue
+        if name not in qualified:
+            reasons[name] = (
+                f"{metric} {change(name):+.1%} vs {teacher} ({value:.4f} vs {t_value:.4f}) "
+                f"beyond {tolerance:.0%} tolerance"
+            )
+        else:
+            reasons[name] = (
+                f"slower than {chosen} ({latency} {lat:.3f} vs {rows[chosen][1]:.3f})"
+                if lat > rows[chosen][1]
+                else f"ties {chosen} on {latency} ({lat:.3f}) with a lower {metric}"
+            )
+    numbers = {
+        n: {metric: v, latency: lat, "relative_change": change(n)} for n, (v, lat) in rows.items()
+    }
+    return CompressionChoice(chosen, teacher, metric, tolerance, latency, reasons, numbers)

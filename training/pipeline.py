@@ -76,12 +76,203 @@ def train(settings: Settings, ds: date) -> dict[str, object]:
     return {"run_id": run_id, "final_loss": curve[-1]["loss"], "epochs": len(curve)}
 
 
+COMPRESSION_DIR = "compression"  # the ranker's candidates and compression.json
+COMPRESSION_FILE = "compression.json"
+
+
 def compress(settings: Settings, ds: date) -> dict[str, object]:
-    """The int8 copy, saved beside the float model (evaluate measures both)."""
+    """The two-tower's int8 copy (``evaluate`` reports it), and the served ranker's compressed
+    candidates, measured and chosen (``training.compress``; the gate is
+    ``training.gate.choose_compressed``). Writes ``compression/`` (each candidate and
+    ``compression.json``: the table, the choice, the reasons) and logs the table and the
+    Pareto plot to the run."""
+    import mlflow
+
     run_dir = settings.paths.run(ds)
     model = torch.load(run_dir / "model.pt", weights_only=False)
     torch.save(quantize_int8(model), run_dir / "model_int8.pt")
-    return {"int8": str(run_dir / "model_int8.pt")}
+    table, choice = compress_ranker(settings, ds)
+    with mlflow.start_run(run_id=_run_id(settings, ds)):
+        report.log_compression(table, choice, settings.eval.k)
+    cols = ["candidate", "format", "bytes", "params", "p50_ms", "p99_ms", "val_ndcg",
+            "test_ndcg", "test_diff_ci_low", "test_diff_ci_high", "verdict"]  # fmt: skip
+    print(table[cols].to_string(index=False))
+    print(f"ranker served as: {choice['chosen']}")
+    return {"int8": str(run_dir / "model_int8.pt"), "ranker": choice["chosen"],
+            "table": str(run_dir / COMPRESSION_DIR / COMPRESSION_FILE)}  # fmt: skip
+
+
+def _ranker_rows(settings: Settings, ds: date, teacher: torch.nn.Module):
+    """The ranker's rows (x) and validation mask as ``train_ranker`` saved them; runs from
+    before it saved them replay the rows again (same seed, same split)."""
+    import numpy as np
+
+    from training.ranking import RANKER_ROWS, RANKER_VALIDATION_USERS
+
+    run_dir = settings.paths.run(ds)
+    if not (run_dir / RANKER_ROWS).exists():
+        from training.ranking import train_ranker
+
+        train_ranker(settings, ds)  # writes the rows (and refits the same seeded ranker)
+    with np.load(run_dir / RANKER_ROWS) as z:
+        x, val = z["x"], z["validation"]
+    users = set(json.loads((run_dir / RANKER_VALIDATION_USERS).read_text()))
+    return x, val, users
+
+
+def _sample(users, n: int, seed: int):
+    import numpy as np
+
+    users = sorted(users)
+    if not n or n >= len(users):
+        return users
+    return sorted(np.random.default_rng(seed).choice(users, size=n, replace=False).tolist())
+
+
+def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, dict]:
+    """Per-user NDCG@k of the served path with each ranker swapped in, on the validation
+    split (each ranker-validation user's last training basket, tables and features before
+    it: users no candidate learnt from) and on the run's test split (the holdout).
+    ``eval.compression_eval_users`` > 0 evaluates a seeded sample of users per split."""
+    from mlkit.interactions import from_events, index_like
+    from mlkit.metrics import evaluate as evaluate_scores
+    from mlkit.splits import split_last_basket
+    from mlkit.two_stage import offline_engine, ranker_scorers
+    from training.data import PROTOCOL, read_vocab
+    from training.evaluate import run_interactions
+
+    run_dir = settings.paths.run(ds)
+    k, n, seed = settings.eval.k, settings.eval.compression_eval_users, settings.train.seed
+    model = torch.load(run_dir / "model.pt", weights_only=False)
+    features = partial(point_in_time_features, settings)
+    events = pd.read_parquet(run_dir / "train_events.parquet")
+    _, _, val_users = _ranker_rows(settings, ds, rankers[next(iter(rankers))])
+    out: dict[str, dict] = {}
+
+    # validation: the last basket of the training part, for the ranker's validation users
+    inner = split_last_basket(events)
+    users = _sample(set(inner.test_time.index) & val_users, n, seed)
+    catalog = pd.DataFrame({S.ITEM_ID: read_vocab(run_dir)["items"]})
+    train = from_events(inner.train, catalog)
+    test = index_like(train, inner.test[inner.test[S.USER_ID].isin(users)])
+    at = inner.test_time.reindex(users)
+    moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at.values})
+    val_features = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
+    purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
+    engine = offline_engine(purchases, model, None, settings.serving)
+    scorers = ranker_scorers(engine, train, val_features, features, rankers)
+    out["val"] = {
+        name: evaluate_scores(f, train, test, k, exclude_seen=False, split=PROTOCOL)
+        for name, f in scorers.items()
+    }
+
+    # test: the run's holdout, tables from every training purchase (as evaluate's SERVED row)
+    train, test, test_features = run_interactions(run_dir)
+    users = _sample(set(test.user_ids[test.matrix.getnnz(axis=1) > 0]), n, seed)
+    if n:
+        test = index_like(
+            train, pd.read_parquet(run_dir / "test.parquet").query(f"{S.USER_ID} in @users")
+        )
+    purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
+    engine = offline_engine(purchases, model, None, settings.serving)
+    scorers = ranker_scorers(engine, train, test_features, features, rankers)
+    out["test"] = {
+        name: evaluate_scores(f, train, test, k, exclude_seen=False, split=PROTOCOL)
+        for name, f in scorers.items()
+    }
+    return out
+
+
+def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[str, object]]:
+    """Build, measure and choose the served ranker's compressed candidates (module doc)."""
+    import numpy as np
+
+    from mlkit.bootstrap import bootstrap_ci
+    from served_model.ranker import ranker_format, ranker_params
+    from training import compress as C
+
+    run_dir = settings.paths.run(ds)
+    out_dir = run_dir / COMPRESSION_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, k = settings.train, settings.eval.k
+    teacher = torch.load(run_dir / "ranker.pt", weights_only=False).eval()
+    x, val, _ = _ranker_rows(settings, ds, teacher)
+    rankers, facts = C.ranker_candidates(
+        teacher,
+        x[~val],
+        x[val],
+        student_cross_layers=cfg.ranker_student_cross_layers,
+        student_hidden=cfg.ranker_student_hidden,
+        student_epochs=cfg.ranker_student_epochs,
+        seed=cfg.seed,
+        batch_size=cfg.ranker_batch_size,
+        lr=cfg.ranker_lr,
+    )
+    paths = {name: C.save_ranker(r, out_dir / name) for name, r in rankers.items()}
+    times = C.ranking_latency(rankers, C.serving_rows(x[val] if val.any() else x, seed=cfg.seed))
+    evaluated = compression_ndcg(settings, ds, rankers)
+    metric = "ndcg"
+
+    def per_user(split: str, name: str) -> pd.Series:
+        frame = evaluated[split][name].segments["all"]
+        return frame.set_index("user_idx")[metric].sort_index()
+
+    rows = []
+    for name, ranker in rankers.items():
+        row = {"candidate": name, "format": ranker_format(ranker),
+               "file": paths[name].name, "bytes": C.artifact_bytes(paths[name]),
+               "params": ranker_params(ranker), **C.latency_summary(times[name]),
+               **facts.get(name, {})}  # fmt: skip
+        for split in ("val", "test"):
+            mine, ref = per_user(split, name), per_user(split, C.TEACHER)
+            ci = bootstrap_ci((mine - ref).to_numpy(), n_boot=1000, seed=cfg.seed)
+            row |= {f"{split}_ndcg": float(mine.mean()), f"{split}_users": len(mine),
+                    f"{split}_diff": ci.mean, f"{split}_diff_ci_low": ci.low,
+                    f"{split}_diff_ci_high": ci.high}  # fmt: skip
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    choice = gate.choose_compressed(
+        [{**r, "name": r["candidate"]} for r in table.to_dict("records")],
+        C.TEACHER,
+        "val_ndcg",
+        settings.eval.compression_tolerance,
+        latency="p50_ms",
+    )
+    table["verdict"] = [
+        "CHOSEN" if n == choice.chosen else choice.reasons.get(n, "") for n in table["candidate"]
+    ]
+    teacher_row = table.set_index("candidate").loc[C.TEACHER]
+    table["size_ratio"] = teacher_row["bytes"] / table["bytes"]
+    table["speed_ratio"] = teacher_row["p50_ms"] / table["p50_ms"]
+    record = {
+        "k": k,
+        "metric": f"ndcg_at_{k}",
+        "serving_rows": C.SERVING_ROWS,
+        "chosen": choice.chosen,
+        "chosen_file": paths[choice.chosen].name,
+        "chosen_format": ranker_format(rankers[choice.chosen]),
+        "chosen_params": ranker_params(rankers[choice.chosen]),
+        "choice": choice.to_dict(),
+        "table": table.replace({np.nan: None}).to_dict("records"),
+    }
+    (out_dir / COMPRESSION_FILE).write_text(json.dumps(record, indent=2, default=float))
+    return table, record
+
+
+def served_ranker(run_dir: Path) -> torch.nn.Module:
+    """The ranker the run serves: the compression gate's choice when ``compress`` made one,
+    else the trained ranker."""
+    from training.compress import load_saved_ranker
+
+    record = run_dir / COMPRESSION_DIR / COMPRESSION_FILE
+    if not record.exists():
+        return torch.load(run_dir / "ranker.pt", weights_only=False).eval()
+    chosen = json.loads(record.read_text())
+    return load_saved_ranker(
+        run_dir / COMPRESSION_DIR / chosen["chosen_file"],
+        chosen["chosen_format"],
+        chosen["chosen_params"],
+    )
 
 
 def served_path(
@@ -112,7 +303,7 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
         "two_tower": torch.load(run_dir / "model.pt", weights_only=False),
         "two_tower_int8": torch.load(run_dir / "model_int8.pt", weights_only=False),
     }
-    ranker = torch.load(run_dir / "ranker.pt", weights_only=False)
+    ranker = served_ranker(run_dir)  # the compression gate's choice: what serving runs
     events = pd.read_parquet(run_dir / "train_events.parquet")
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]  # the tables know no held-out basket
     # the path `shopml serve` answers with: retrieval + ranker, point-in-time features
@@ -154,8 +345,7 @@ def serving_artifacts(settings: Settings, ds: date, model: torch.nn.Module) -> l
     run_dir = settings.paths.run(ds)
     events, items = load_clean(settings, ds)
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
-    ranker = torch.load(run_dir / "ranker.pt", weights_only=False)
-    return write_artifacts(run_dir / "serving", model, ranker, purchases, items)
+    return write_artifacts(run_dir / "serving", model, served_ranker(run_dir), purchases, items)
 
 
 @dataclass

@@ -29,6 +29,9 @@ from shopml import schema as S
 from shopml.config import Settings
 from shopml.feast_store import point_in_time_features
 
+RANKER_ROWS = "ranker_rows.npz"  # x, y and the validation mask of the ranker's rows
+RANKER_VALIDATION_USERS = "ranker_validation_users.json"
+
 
 def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
     """Fit the ranker on replayed candidate lists; writes ``ranker.pt`` and its curve.
@@ -56,6 +59,12 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
         lr=cfg.ranker_lr,
     )
     torch.save(ranker, run_dir / "ranker.pt")
+    # the rows it learnt from and its validation users: what ``compress`` distils on and
+    # where it chooses a compressed ranker (training/compress.py)
+    np.savez_compressed(run_dir / RANKER_ROWS, x=x, y=y, validation=val)
+    (run_dir / RANKER_VALIDATION_USERS).write_text(
+        json.dumps(sorted(map(str, rows.loc[val, S.USER_ID].unique())))
+    )
     record = {"positive_rate": float(y.mean()), "curve": curve}
     (run_dir / "ranker_loss.json").write_text(json.dumps(record))
     return {"rows": len(rows), "positives": int(y.sum()), "users": len(users), "curve": curve}

@@ -197,11 +197,11 @@ def load_servable(
     settings: Settings, version: str, dst: Path
 ) -> tuple[TwoTower, torch.nn.Module | None]:
     """A version's two-tower and the ranker registered with it (None when it has none)."""
-    from served_model.bundle import RANKER_FILE, load_model_dir, load_pickled
+    from served_model.bundle import load_model_dir, load_ranker, ranker_file
 
     local = download_version(settings, version, dst)
-    ranker_file = local / "extra_files" / RANKER_FILE
-    ranker = load_pickled(ranker_file) if ranker_file.exists() else None
+    files = local / "extra_files"
+    ranker = load_ranker(files) if ranker_file(files).exists() else None
     return load_model_dir(local), ranker
 
 

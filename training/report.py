@@ -227,3 +227,63 @@ def decision_markdown(
             )
     lines += ["", "Reasons:", *(f"- {r}" for r in verdict.reasons)]
     return "\n".join(lines)
+
+
+def compression_pareto(
+    table: pd.DataFrame,
+    chosen: str,
+    k: int,
+    quality: str = "test_ndcg",
+    name: str = "candidate",
+    teacher: str | None = None,
+) -> Figure:
+    """Quality against p50 latency of a model's compressed candidates (one point each, the
+    chosen one marked, the Pareto front joined): where the speed is bought and at what price.
+    Shared by every compression stage (``name`` column, ``quality`` column, ``p50_ms``)."""
+    fig = _figure(4.2, 7.0)
+    ax = fig.subplots()
+    points = table.sort_values("p50_ms")
+    front, best = [], -float("inf")
+    for _, row in points.iterrows():
+        if row[quality] > best:
+            front.append(row)
+            best = row[quality]
+    ax.plot([r["p50_ms"] for r in front], [r[quality] for r in front], color="#bbbbbb",
+            zorder=1, label="Pareto front")  # fmt: skip
+    for _, row in points.iterrows():
+        is_chosen = row[name] == chosen
+        colour = ROLE_COLOURS["served"] if is_chosen else ROLE_COLOURS["compressed"]
+        if teacher is not None and row[name] == teacher:
+            colour = ROLE_COLOURS["champion"]
+        ax.scatter(row["p50_ms"], row[quality], s=90 if is_chosen else 40, color=colour,
+                   edgecolor="black" if is_chosen else "none", zorder=2)  # fmt: skip
+        ax.annotate(f" {row[name]}" + (" (chosen)" if is_chosen else ""),
+                    (row["p50_ms"], row[quality]), fontsize=8)  # fmt: skip
+    ax.set_xlabel("p50 latency of the ranking stage, ms (lower is better)")
+    ax.set_ylabel(f"{quality.replace('_ndcg', '')} NDCG@{k}")
+    ax.set_title("Compression: quality vs latency")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def log_compression(table: pd.DataFrame, record: Mapping[str, Any], k: int) -> None:
+    """The served ranker's compression table, choice and Pareto plot, into the active run."""
+    import mlflow
+
+    chosen = str(record["chosen"])
+    teacher = str(record["choice"]["teacher"])
+    shown = table.drop(columns=["file"], errors="ignore").round(4)
+    mlflow.log_table(shown, "compression/ranker_candidates.json")
+    mlflow.log_dict(dict(record["choice"]), "compression/ranker_choice.json")
+    mlflow.log_figure(
+        compression_pareto(table, chosen, k, teacher=teacher), f"{PLOTS}/ranker_compression.png"
+    )
+    row = table.set_index("candidate").loc[chosen]
+    mlflow.log_metrics({
+        "ranker.p50_ms": float(row["p50_ms"]),
+        "ranker.p99_ms": float(row["p99_ms"]),
+        "ranker.bytes": float(row["bytes"]),
+        "ranker.speed_ratio": float(row["speed_ratio"]),
+        "ranker.size_ratio": float(row["size_ratio"]),
+    })  # fmt: skip
+    mlflow.set_tag("ranker_compressed", chosen)

@@ -47,7 +47,12 @@ def _tables(settings: Settings, ds: date) -> dict[str, Path]:
 
 
 # --- training ---------------------------------------------------------------------------------
-def _train(settings: Settings, ds: date, name: str, task, budget: int) -> dict[str, object]:
+def _train(
+    settings: Settings, ds: date, name: str, task, budget: int, inputs: list[Path] | None = None
+) -> dict[str, object]:
+    """``task`` trained on ``budget`` pairs by the one Horovod launcher; saved as
+    ``<search run>/<name>`` with its loss curve and a summary. ``inputs``: the files its data
+    comes from (default: the pairs and corpus), whose version keys the checkpoint."""
     import torch
 
     from mlkit.launch import train as launch
@@ -55,7 +60,7 @@ def _train(settings: Settings, ds: date, name: str, task, budget: int) -> dict[s
     from training.train import data_version
 
     cfg, tables = settings.search, _tables(settings, ds)
-    files = sorted(f for t in ("pairs", "corpus") for f in tables[t].glob("*.parquet"))
+    files = inputs or sorted(f for t in ("pairs", "corpus") for f in tables[t].glob("*.parquet"))
     run_dir = settings.paths.search_run(ds)
     run_dir.mkdir(parents=True, exist_ok=True)
     loop = LoopConfig(
@@ -141,11 +146,23 @@ def build_index(settings: Settings, ds: date) -> dict[str, object]:
             cross_encoder=sv.load_cross_encoder(reranker, cfg.query_max_tokens
                                                 + cfg.product_max_tokens) if reranker else None,
             dense=sv.dense_index(vectors),
-            manifest={"ds": ds.isoformat(), "encoded_seconds": time.perf_counter() - started},
+            manifest={"ds": ds.isoformat(), "encoded_seconds": time.perf_counter() - started,
+                      "reranker": _reranker_summary(reranker, "teacher") if reranker else None},
         )  # fmt: skip
         bundle.save(run_dir / name)
         out[name] = {"products": len(products), "dim": int(vectors.shape[1])}
     return out
+
+
+def _reranker_summary(path: Path, candidate: str) -> dict[str, object]:
+    """What ``/readyz`` and the metrics say of the served reranker: format, size, parameters."""
+    from search.compress import parameters, size_bytes
+    from served_model.search import load_cross_encoder, reranker_info
+
+    info = reranker_info(path)
+    params = info.get("params") or parameters(load_cross_encoder(path).model)
+    return {"candidate": candidate, "format": info["format"], "bytes": size_bytes(path),
+            "params": int(params)}  # fmt: skip
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -176,11 +193,12 @@ def grades_of(queries: pd.DataFrame, products: pd.DataFrame) -> dict[str, dict[s
     return grades
 
 
-def _split(settings: Settings, ds: date, split: str) -> pd.DataFrame:
-    """The split's queries within the query budget (a seeded sample when over it)."""
+def _split(settings: Settings, ds: date, split: str, budget: int | None = None) -> pd.DataFrame:
+    """The split's queries within the query budget (default ``eval_queries``; a seeded sample
+    when over it)."""
     queries = pd.read_parquet(_tables(settings, ds)["queries"])
     queries = queries[queries["split"] == split].sort_values("query_id", ignore_index=True)
-    budget = settings.search.eval_queries
+    budget = budget or settings.search.eval_queries
     if len(queries) > budget:
         queries = queries.sample(n=budget, random_state=0).sort_values("query_id")
     return queries.reset_index(drop=True)
@@ -318,6 +336,305 @@ def evaluate_search(settings: Settings, ds: date) -> pd.DataFrame:
     return result
 
 
+# --- compression ------------------------------------------------------------------------------
+TEACHER = "teacher"
+COMPRESSION = "compression"  # <search run>/compression/<candidate>/ and its tables
+
+
+def rerank_config(settings: Settings, ds: date):
+    """The config candidates are measured under: the served one, or, when validation left the
+    reranker off, the best reranking config tried on validation (so a reranker is measured at
+    all); and which of the two it is."""
+    from served_model.search import QueryConfig
+
+    tuning = json.loads((settings.paths.search_run(ds) / "tuning.json").read_text())
+    served = QueryConfig.from_dict(tuning["configs"][SERVED])
+    if served.rerank_depth > 0:
+        return served, "the served config"
+    tried = [t for t in tuning["tried"][SERVED] if t.get("rerank_depth", 0) > 0]
+    best = max(tried, key=lambda t: t[METRIC])
+    config = replace(served, rerank_depth=best["rerank_depth"], rerank_weight=best["rerank_weight"])
+    return config, "the best reranking config on validation (the served one reranks nothing)"
+
+
+def _rerank_lists(engine, queries: pd.DataFrame, config) -> list[list[list[str]]]:
+    """Per query, the (query, product text) pairs the reranker scores at serving: the top
+    ``rerank_depth`` fused candidates (the serving shape: 1 query x the rerank depth)."""
+    from served_model.search import SHORT_TEXT, normalize
+
+    text = dict(zip(engine.bundle.products["item_id"], engine.bundle.products[SHORT_TEXT],
+                    strict=True))  # fmt: skip
+    retrieval = replace(config, rerank_depth=0)
+    lists = []
+    for q in queries.itertuples(index=False):
+        result = engine.search(q.query, k=config.rerank_depth, config=retrieval)
+        query = normalize(q.query)
+        lists.append([[query, text[item]] for item, _ in result.items])
+    return [pairs for pairs in lists if pairs]
+
+
+def _teacher_scores(settings: Settings, ds: date, engine, config, out: Path) -> list[list[str]]:
+    """The teacher's logits on training queries' rerank candidates (what the students learn,
+    ``search.train.DistilTask``), as Parquet; returns the pairs (calibration reuses them)."""
+    queries = pd.read_parquet(_tables(settings, ds)["queries"])
+    train = queries[queries["split"] == "train"].sort_values("query_id")
+    per_query = max(config.rerank_depth, 1)
+    wanted = -(-settings.search.distil_pairs // per_query)
+    train = train.sample(n=min(wanted, len(train)), random_state=settings.train.seed)
+    pairs = [p for lst in _rerank_lists(engine, train, config) for p in lst]
+    teacher = engine.bundle.cross_encoder
+    logits = teacher.predict(pairs, batch_size=64)
+    frame = pd.DataFrame({"query": [p[0] for p in pairs], "text": [p[1] for p in pairs],
+                          "teacher": np.asarray(logits, dtype=np.float32).reshape(-1)})  # fmt: skip
+    frame.to_parquet(out, index=False)
+    return pairs
+
+
+def _distil(settings: Settings, ds: date, name: str, init: Path, scores: Path, budget: int):
+    from search.train import DistilTask
+
+    cfg = settings.search
+    task = DistilTask(scores, init, budget, cfg.query_max_tokens + cfg.product_max_tokens,
+                      settings.train.seed)  # fmt: skip
+    files = [scores, *sorted(p for p in init.rglob("*") if p.is_file())]
+    return _train(settings, ds, name, task, budget, inputs=files)
+
+
+def make_candidates(settings: Settings, ds: date, engine, config) -> dict[str, dict]:
+    """Every compressed reranker of the teacher, as served directories, and how each was made
+    (ONNX exports carry their max abs difference to PyTorch)."""
+    from search import compress as c
+
+    cfg = settings.search
+    tokens = cfg.query_max_tokens + cfg.product_max_tokens
+    run_dir = settings.paths.search_run(ds)
+    teacher, out = run_dir / "cross_encoder", run_dir / COMPRESSION
+    if out.exists():  # a rerun of the date rebuilds every candidate
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    pairs = _teacher_scores(settings, ds, engine, config, out / "teacher_scores.parquet")
+    check, calibration = pairs[:32], pairs[: cfg.calibration_pairs]
+    made: dict[str, dict] = {TEACHER: {"path": teacher, "made": "fine-tuned cross-encoder"}}
+
+    def onnx_family(prefix: str, source: Path, static: bool = False) -> None:
+        diff = c.export_onnx(source, out / f"{prefix}_onnx", tokens, check)
+        made[f"{prefix}_onnx"] = {"path": out / f"{prefix}_onnx", "max_abs_diff": diff,
+                                  "made": f"{prefix} exported to ONNX"}  # fmt: skip
+        c.quantize_onnx(out / f"{prefix}_onnx", out / f"{prefix}_onnx_int8")
+        made[f"{prefix}_onnx_int8"] = {"path": out / f"{prefix}_onnx_int8",
+                                       "made": f"{prefix}, ONNX Runtime dynamic int8"}  # fmt: skip
+        if static:
+            c.quantize_onnx(out / f"{prefix}_onnx", out / f"{prefix}_onnx_int8_static", calibration)
+            made[f"{prefix}_onnx_int8_static"] = {
+                "path": out / f"{prefix}_onnx_int8_static",
+                "made": f"{prefix}, ONNX Runtime static int8, {len(calibration)} pairs calibrate",
+            }
+
+    c.quantize_torch(teacher, out / "teacher_torch_int8", tokens)
+    made["teacher_torch_int8"] = {"path": out / "teacher_torch_int8",
+                                  "made": "teacher, PyTorch dynamic int8"}  # fmt: skip
+    onnx_family(TEACHER, teacher, static=True)
+    scores = out / "teacher_scores.parquet"
+    c.student_from_teacher(teacher, out / "student_init", cfg.student_layers, tokens)
+    summary = _distil(settings, ds, "student", out / "student_init", scores, cfg.distil_pairs)
+    made["student"] = {
+        "path": run_dir / "student",
+        "made": f"{cfg.student_layers}-layer student distilled on {cfg.distil_pairs} pairs",
+        "training": summary,
+    }
+    onnx_family("student", run_dir / "student")
+    c.prune_ffn(teacher, out / "pruned_init", cfg.prune_ratio, tokens)
+    summary = _distil(settings, ds, "pruned", out / "pruned_init", scores,
+                      cfg.prune_finetune_pairs)  # fmt: skip
+    made["pruned"] = {"path": run_dir / "pruned", "made": f"{cfg.prune_ratio:.0%} of FFN "
+                      f"channels removed, fine-tuned on {cfg.prune_finetune_pairs} pairs",
+                      "training": summary}  # fmt: skip
+    onnx_family("pruned", run_dir / "pruned")
+    for intermediate in ("student_onnx", "pruned_onnx"):  # steps to int8, not candidates
+        made.pop(intermediate)
+    return made
+
+
+def latency_ms(
+    models: dict[str, object], lists: list[list[list[str]]], rounds: int = 1
+) -> dict[str, np.ndarray]:
+    """Each model's ``predict`` times (ms) on each query's rerank pairs, interleaved (query by
+    query, model by model) so drift of the machine hits every model alike."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up: first calls allocate
+            model.predict(lists[0], batch_size=64)
+        for _ in range(rounds):
+            for pairs in lists:
+                for name, model in models.items():
+                    started = time.perf_counter()
+                    model.predict(pairs, batch_size=64)
+                    times[name].append((time.perf_counter() - started) * 1000)
+    return {n: np.asarray(t) for n, t in times.items()}
+
+
+def measure_candidates(
+    settings: Settings, ds: date, made: dict[str, dict], engine, config
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Size, parameters, p50/p99 at the serving shape and NDCG@10 on validation and test of
+    every candidate, in one process; and each candidate's per-query test frame."""
+    from search.compress import size_bytes
+    from served_model.search import load_cross_encoder, reranker_info
+    from training.compress import latency_summary
+
+    cfg = settings.search
+    run_dir = settings.paths.search_run(ds)
+    validation = _split(settings, ds, "validation", cfg.compression_queries)
+    test = _split(settings, ds, "test", cfg.compression_queries)
+    models = {n: load_cross_encoder(m["path"]) for n, m in made.items()}
+    lists = _rerank_lists(engine, validation.head(60), config)
+    latency = {n: latency_summary(t) for n, t in latency_ms(models, lists).items()}
+    rows, frames = [], {}
+    for name, model in models.items():
+        engine.bundle.cross_encoder = model
+        val, _ = run_queries(engine, validation, config)
+        frames[name], _ = run_queries(engine, test, config)
+        frames[name] = frames[name].assign(validation_ndcg=float(val[METRIC].mean()))
+        info = reranker_info(made[name]["path"])
+        rows.append({"candidate": name, "format": info["format"],
+                     "bytes": size_bytes(made[name]["path"]),
+                     "params": int(info.get("params") or sum(
+                         p.numel() for p in model.model.parameters())),
+                     **latency[name], "path": str(made[name]["path"].relative_to(run_dir)),
+                     "val_ndcg": float(val[METRIC].mean()), "val_frame": val,
+                     "max_abs_diff": made[name].get("max_abs_diff", float("nan")),
+                     "made": made[name]["made"]})  # fmt: skip
+    table = pd.DataFrame(rows)
+    teacher_val = table.set_index("candidate").loc[TEACHER, "val_frame"]
+    ref = frames[TEACHER].set_index("query_id")[METRIC]
+    for col, split_frames in (("val", dict(zip(table["candidate"], table["val_frame"],
+                                                strict=True))), ("test", frames)):  # fmt: skip
+        base = teacher_val.set_index("query_id")[METRIC] if col == "val" else ref
+        lows, highs, means = [], [], []
+        for name in table["candidate"]:
+            diff = split_frames[name].set_index("query_id")[METRIC] - base
+            ci = bootstrap_ci(diff.loc[base.index].to_numpy())
+            means.append(ci.mean), lows.append(ci.low), highs.append(ci.high)
+        table[f"{col}_diff"], table[f"{col}_diff_low"], table[f"{col}_diff_high"] = (
+            means,
+            lows,
+            highs,
+        )
+    table["test_ndcg"] = [float(frames[n][METRIC].mean()) for n in table["candidate"]]
+    t = table.set_index("candidate").loc[TEACHER]
+    table["size_ratio"] = t["bytes"] / table["bytes"]
+    table["speed_ratio"] = t["p50_ms"] / table["p50_ms"]
+    table["val_queries"], table["test_queries"] = len(validation), len(test)
+    return table.drop(columns=["val_frame"]), frames
+
+
+def compress_search(settings: Settings, ds: date) -> dict[str, object]:
+    """Distil, prune, quantize and export the cross-encoder; measure every candidate; the
+    fastest within ``compression_tolerance`` of the teacher's validation NDCG@10 becomes the
+    bundle's reranker (``gate.choose_compressed``); the served row of the evaluation is then
+    re-measured with it, so the promotion gate judges what will be served."""
+    import shutil
+
+    from served_model.search import CROSS_ENCODER, MANIFEST, load_cross_encoder
+
+    cfg = settings.search
+    run_dir = settings.paths.search_run(ds)
+    engine = _engine(run_dir / "bundle")
+    # the fine-tuned teacher (a rerun finds the bundle already holding an earlier choice)
+    engine.bundle.cross_encoder = load_cross_encoder(
+        run_dir / "cross_encoder", cfg.query_max_tokens + cfg.product_max_tokens
+    )
+    config, config_reason = rerank_config(settings, ds)
+    started = time.perf_counter()
+    made = make_candidates(settings, ds, engine, config)
+    built = time.perf_counter() - started
+    table, frames = measure_candidates(settings, ds, made, engine, config)
+    choice = gate.choose_compressed(
+        [{"name": r.candidate, METRIC: r.val_ndcg, "p50_ms": r.p50_ms}
+         for r in table.itertuples()], TEACHER, METRIC, cfg.compression_tolerance,
+    )  # fmt: skip
+    table["chosen"] = table["candidate"] == choice.chosen
+    table["why"] = [("chosen: the fastest within tolerance" if n == choice.chosen
+                     else choice.reasons.get(n, "")) for n in table["candidate"]]  # fmt: skip
+    out = run_dir / COMPRESSION
+    table.to_json(out / "candidates.json", orient="records", indent=2)
+    record = {"chosen": choice.chosen, "choice": choice.to_dict(), "config": config.to_dict(),
+              "config_is": config_reason, "build_seconds": built}  # fmt: skip
+    (out / "choice.json").write_text(json.dumps(record, indent=2, default=str))
+    # the bundle serves the chosen reranker
+    bundle_dir = run_dir / "bundle"
+    shutil.rmtree(bundle_dir / CROSS_ENCODER)
+    shutil.copytree(made[choice.chosen]["path"], bundle_dir / CROSS_ENCODER)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["reranker"] = _reranker_summary(bundle_dir / CROSS_ENCODER, choice.chosen)
+    manifest["reranker"]["teacher_bytes"] = int(table.set_index("candidate").loc[TEACHER, "bytes"])
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    _served_with(settings, ds, bundle_dir, compressed=choice.chosen != TEACHER)
+    print(table[["candidate", "format", "bytes", "p50_ms", "p99_ms", "val_ndcg", "test_ndcg",
+                 "chosen"]].round(4).to_string(index=False))  # fmt: skip
+    return {"chosen": choice.chosen, "reasons": choice.reasons,
+            "speed_ratio": float(table.loc[table["chosen"], "speed_ratio"].iloc[0]),
+            "size_ratio": float(table.loc[table["chosen"], "size_ratio"].iloc[0])}  # fmt: skip
+
+
+def _served_with(settings: Settings, ds: date, bundle_dir: Path, compressed: bool) -> None:
+    """The evaluation's served row made true to the bundle: with a compressed reranker it is
+    measured again (same test queries) and the teacher's row stays beside it, renamed; with
+    the teacher it is the teacher's row. Reruns start from what ``evaluate_search`` wrote."""
+    run_dir = settings.paths.search_run(ds)
+    table = pd.read_json(run_dir / "evaluation.json")
+    per_query = pd.read_parquet(run_dir / "per_query.parquet")
+    teacher_row = f"{SERVED}_teacher"
+    if (table["model"] == teacher_row).any():  # an earlier compression's rows: undo them
+        table = table[table["model"] != SERVED]
+        per_query = per_query[per_query["model"] != SERVED]
+        table.loc[table["model"] == teacher_row, ["model", "role"]] = [SERVED, "served"]
+        per_query.loc[per_query["model"] == teacher_row, "model"] = SERVED
+    if compressed:
+        table.loc[table["model"] == SERVED, ["model", "role"]] = [teacher_row, "retrieval"]
+        per_query.loc[per_query["model"] == SERVED, "model"] = teacher_row
+        frame, latency = run_queries(_engine(bundle_dir), _split(settings, ds, "test"))
+        table = pd.concat([table, pd.DataFrame([_row(SERVED, "served", frame, latency)])])
+        per_query = pd.concat([per_query, frame.assign(model=SERVED)])
+    table = table.sort_values(METRIC, ascending=False, ignore_index=True)
+    table.to_json(run_dir / "evaluation.json", orient="records", indent=2)
+    per_query.to_parquet(run_dir / "per_query.parquet", index=False)
+
+
+def _log_compression(out: Path) -> None:
+    """The reranker's candidate table, the choice and the quality/latency plot, into the run."""
+    import mlflow
+
+    if not (out / "candidates.json").exists():
+        return
+    table = pd.read_json(out / "candidates.json")
+    record = json.loads((out / "choice.json").read_text())
+    mlflow.log_table(table, "compression/reranker_candidates.json")
+    mlflow.log_dict(record, "compression/reranker_choice.json")
+    mlflow.log_figure(report.compression_pareto(table, record["chosen"], 10, teacher=TEACHER),
+                      f"{report.PLOTS}/reranker_compression.png")  # fmt: skip
+    row = table.set_index("candidate").loc[record["chosen"]]
+    mlflow.log_metrics(
+        {
+            f"reranker.{k}": float(row[k])
+            for k in (
+                "p50_ms",
+                "p99_ms",
+                "bytes",
+                "speed_ratio",
+                "size_ratio",
+                "val_ndcg",
+                "test_ndcg",
+            )
+        }
+    )
+    mlflow.set_tag("reranker_compressed", record["chosen"])
+
+
 # --- registry and gate ------------------------------------------------------------------------
 def _champion_rows(settings: Settings, ds: date, version: str, dst: Path) -> pd.DataFrame:
     """The search champion re-evaluated, with its own query config, on today's test queries."""
@@ -365,7 +682,9 @@ def promote_search(settings: Settings, ds: date) -> dict[str, object]:
         }
         report.log_evaluation(table, 10, ds.isoformat(), SERVED, {}, curves)  # fmt: skip
         row = table.set_index("model").loc[SERVED]
-        for f in ("tuning.json", "bi_encoder_training.json", "cross_encoder_training.json"):
+        _log_compression(run_dir / COMPRESSION)
+        for f in ("tuning.json", "bi_encoder_training.json", "cross_encoder_training.json",
+                  "student_training.json", "pruned_training.json"):  # fmt: skip
             if (run_dir / f).exists():
                 mlflow.log_artifact(str(run_dir / f))
         from served_model.search_pyfunc import log_search_model

@@ -1,0 +1,169 @@
+"""The served ranker's compression (training/compress.py) on tiny seeded models: distillation,
+ONNX export, int8, the gate's choice and the engine serving an ONNX ranker from a bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from served_model.ranker import RANKER_FEATURES, OnnxRanker, Ranker, ranker_params
+from shopml import schema as S
+from training import compress as C
+from training import gate
+
+N_FEATURES = len(RANKER_FEATURES)
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    """Raw feature rows: counts (log-normal) and rates in [0, 1], as serving reads them."""
+    rng = np.random.default_rng(seed)
+    return rng.lognormal(0.0, 1.0, size=(n, N_FEATURES)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> Ranker:
+    """A teacher trained on a planted rule: two features decide the label."""
+    from mlkit.two_stage import fit_ranker
+
+    x = _rows(4000, 0)
+    rng = np.random.default_rng(0)
+    logit = 2.0 * np.log1p(x[:, 0]) - 1.5 * np.log1p(x[:, 3]) + rng.normal(0, 0.3, len(x))
+    y = (logit > np.median(logit)).astype(np.float32)
+    net, _ = fit_ranker(x, y, epochs=6, seed=0, batch_size=256, lr=1e-2)
+    return net.eval()
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_student_learns_the_teachers_ranking(teacher):
+    from mlkit.two_stage import distil_ranker, init_student, teacher_logits
+
+    x, held = _rows(3000, 1), _rows(500, 2)
+    target = teacher_logits(teacher, held)
+    torch.manual_seed(0)
+    start = init_student(Ranker(1, 16), teacher).eval()
+    student, curve = distil_ranker(
+        teacher, x, epochs=20, seed=0, validation=held, cross_layers=1, hidden=16,
+        batch_size=128, lr=1e-2,
+    )  # fmt: skip
+    assert len(student.net.cross) == 1 and student.net.deep[0].out_features == 16
+    assert ranker_params(student) < ranker_params(teacher) / 2
+    learnt = teacher_logits(student, held)
+    before = teacher_logits(start, held)
+    mse_before, mse_after = np.mean((before - target) ** 2), np.mean((learnt - target) ** 2)
+    assert mse_after < 0.5 * mse_before  # distillation, not the initialisation, did this
+    assert _spearman(learnt, target) > 0.95
+    # top-10 of a 200-row list mostly agrees with the teacher's
+    top = lambda s: set(np.argsort(-s[:200])[:10])  # noqa: E731
+    assert len(top(learnt) & top(target)) >= 7
+    assert curve[-1]["loss"] < curve[0]["loss"]
+
+
+def test_onnx_export_matches_torch_and_keeps_the_contract(teacher, tmp_path):
+    x = _rows(200, 3)
+    onnx = OnnxRanker(C.export_onnx(teacher, x), "onnx", ranker_params(teacher))
+    assert C.max_abs_diff(onnx, teacher, x) < 1e-4
+    assert tuple(onnx(torch.from_numpy(x[:1])).shape) == (1,)  # dynamic batch
+    assert tuple(onnx(x).shape) == (200,)
+    # round trip through the file the bundle carries and through pickle
+    path = C.save_ranker(onnx, tmp_path / "r")
+    assert path.suffix == ".onnx"
+    again = C.load_saved_ranker(path, "onnx", onnx.params)
+    assert np.array_equal(again(x).numpy(), onnx(x).numpy())
+    import pickle
+
+    assert np.array_equal(pickle.loads(pickle.dumps(onnx))(x).numpy(), onnx(x).numpy())
+    q = OnnxRanker(C.quantize_onnx_int8(onnx.model_bytes), "onnx_int8", onnx.params)
+    assert tuple(q(x).shape) == (200,)
+    assert len(q.model_bytes) < len(onnx.model_bytes)
+    assert C.max_abs_diff(q, teacher, x) < 0.5  # int8 moves the logits a little, not a lot
+
+
+def test_torch_int8_keeps_the_output_shape_and_ranking(teacher):
+    x = _rows(200, 4)
+    q = C.quantize_ranker_int8(teacher)
+    assert q.format == "torch_int8" and teacher.format == "torch"
+    with torch.no_grad():
+        out, ref = q(torch.from_numpy(x)), teacher(torch.from_numpy(x))
+    assert out.shape == ref.shape == (200,)
+    assert _spearman(out.numpy(), ref.numpy()) > 0.98
+    assert ranker_params(q) == ranker_params(teacher)  # packed weights are still counted
+
+
+def test_latency_is_measured_for_every_candidate_and_the_gate_uses_it(teacher):
+    x = _rows(500, 5)
+    rankers = {C.TEACHER: teacher, "torch_int8": C.quantize_ranker_int8(teacher)}
+    times = C.ranking_latency(rankers, C.serving_rows(x), repeats=20)
+    assert set(times) == set(rankers) and all(len(t) == 20 for t in times.values())
+    rows = C.serving_rows(x)
+    assert rows.shape == (C.SERVING_ROWS, N_FEATURES)
+    assert (rows[:, : len(S.USER_FEATURES)] == rows[0, : len(S.USER_FEATURES)]).all()
+    summary = C.latency_summary(times[C.TEACHER])
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["p50_ms_ci_low"] <= summary["p50_ms"] <= summary["p50_ms_ci_high"]
+    # the gate: a fast candidate beyond tolerance is refused; nothing qualifies -> teacher
+    cands = [
+        {"name": C.TEACHER, "val_ndcg": 0.30, "p50_ms": 1.0},
+        {"name": "student", "val_ndcg": 0.28, "p50_ms": 0.2},
+    ]
+    choice = gate.choose_compressed(cands, C.TEACHER, "val_ndcg", 0.01)
+    assert choice.chosen == C.TEACHER and "beyond 1% tolerance" in choice.reasons["student"]
+
+
+def test_the_engine_serves_an_onnx_ranker_from_its_bundle(teacher, tmp_path):
+    from served_model import bundle as B
+    from served_model.engine import TwoStage
+    from served_model.two_tower import TwoTower
+    from shopml.config import ServingConfig
+
+    torch.manual_seed(0)
+    users, items = [f"u{i}" for i in range(20)], [f"i{j}" for j in range(80)]
+    model = TwoTower(users, items, items[:5], dim=8).eval()
+    ts = pd.Timestamp("2025-01-01", tz="UTC")
+    rng = np.random.default_rng(0)
+    purchases = pd.DataFrame({
+        S.USER_ID: rng.choice(users, 300), S.ITEM_ID: rng.choice(items, 300),
+        S.TIMESTAMP: ts + pd.to_timedelta(rng.integers(0, 60, 300), unit="D"),
+    })  # fmt: skip
+    catalog = pd.DataFrame({S.ITEM_ID: items})
+    onnx = OnnxRanker(C.export_onnx(teacher, _rows(16, 6)), "onnx", ranker_params(teacher))
+    files = B.write_artifacts(tmp_path / "v", model, onnx, purchases, catalog)
+    assert (tmp_path / "v" / B.ONNX_RANKER_FILE) in files
+    assert not (tmp_path / "v" / B.RANKER_FILE).exists()
+    loaded = B.load_bundle("7", model, tmp_path / "v")
+    assert isinstance(loaded.ranker, OnnxRanker)
+    assert loaded.ranker_info == {
+        "format": "onnx",
+        "bytes": (tmp_path / "v" / B.ONNX_RANKER_FILE).stat().st_size,
+        "params": ranker_params(teacher),
+    }
+    engine = TwoStage(loaded, features=None, cfg=ServingConfig())
+    engine.item_features = _rows(len(items), 7)[:, : len(S.ITEM_FEATURES)]
+    user_features = _rows(1, 8)[0, : len(S.USER_FEATURES)]
+    ranked = engine.rank("u3", user_features, k=10)
+    assert ranked.fallback is None and len(ranked.items) == 10
+    # the same answer as the torch teacher, up to float rounding
+    torch_engine = TwoStage(
+        B.Bundle("7", model, teacher, loaded.index, loaded.tables, loaded.item_vectors),
+        features=None,
+        cfg=ServingConfig(),
+    )
+    torch_engine.item_features = engine.item_features
+    expected = torch_engine.rank("u3", user_features, k=10)
+    assert [i for i, _ in ranked.items] == [i for i, _ in expected.items]
+    assert np.allclose([s for _, s in ranked.items], [s for _, s in expected.items], atol=1e-5)
+    # a bundle without a ranker entry (format 2) still loads its ranker.pt
+    import json
+
+    torch.save(teacher, tmp_path / "v" / B.RANKER_FILE)
+    manifest = json.loads((tmp_path / "v" / B.MANIFEST_FILE).read_text())
+    manifest.pop("ranker")
+    manifest["format_version"] = 2
+    (tmp_path / "v" / B.MANIFEST_FILE).write_text(json.dumps(manifest))
+    old = B.load_bundle("6", model, tmp_path / "v")
+    assert isinstance(old.ranker, Ranker) and old.ranker_info["format"] == "torch"
