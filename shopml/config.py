@@ -276,19 +276,22 @@ class SearchConfig(BaseModel):
         3, ge=1, le=6, description="encoder layers of the distilled student (MiniLM has 6)"
     )
     distil_pairs: int = Field(
-        3200, ge=8, description="step budget of the student: teacher-scored pairs seen"
+        3200,
+        ge=8,
+        description="step budget of the student: teacher-scored pairs seen (the pruned "
+        "model's fine-tune sees half)",
     )
     prune_ratio: float = Field(
         0.5, gt=0, lt=1, description="share of every layer's feed-forward channels removed"
-    )
-    prune_finetune_pairs: int = Field(
-        1600, ge=8, description="step budget of the pruned model's distillation fine-tune"
     )
     calibration_pairs: int = Field(
         400, ge=8, description="training queries' candidates that calibrate static int8"
     )
     compression_queries: int = Field(
-        300, ge=10, description="queries per split measured for each compressed candidate"
+        300,
+        ge=10,
+        description="queries per split measured for each compressed candidate (at most "
+        "eval_queries)",
     )
     compression_tolerance: float = Field(
         0.02,

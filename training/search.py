@@ -446,10 +446,10 @@ def make_candidates(settings: Settings, ds: date, engine, config) -> dict[str, d
     }
     onnx_family("student", run_dir / "student")
     c.prune_ffn(teacher, out / "pruned_init", cfg.prune_ratio, tokens)
-    summary = _distil(settings, ds, "pruned", out / "pruned_init", scores,
-                      cfg.prune_finetune_pairs)  # fmt: skip
+    finetune = max(cfg.distil_pairs // 2, 8)
+    summary = _distil(settings, ds, "pruned", out / "pruned_init", scores, finetune)
     made["pruned"] = {"path": run_dir / "pruned", "made": f"{cfg.prune_ratio:.0%} of FFN "
-                      f"channels removed, fine-tuned on {cfg.prune_finetune_pairs} pairs",
+                      f"channels removed, fine-tuned on {finetune} pairs",
                       "training": summary}  # fmt: skip
     onnx_family("pruned", run_dir / "pruned")
     for intermediate in ("student_onnx", "pruned_onnx"):  # steps to int8, not candidates
@@ -488,8 +488,9 @@ def measure_candidates(
 
     cfg = settings.search
     run_dir = settings.paths.search_run(ds)
-    validation = _split(settings, ds, "validation", cfg.compression_queries)
-    test = _split(settings, ds, "test", cfg.compression_queries)
+    budget = min(cfg.compression_queries, cfg.eval_queries)
+    validation = _split(settings, ds, "validation", budget)
+    test = _split(settings, ds, "test", budget)
     models = {n: load_cross_encoder(m["path"]) for n, m in made.items()}
     lists = _rerank_lists(engine, validation.head(60), config)
     latency = {n: latency_summary(t) for n, t in latency_ms(models, lists).items()}
