@@ -48,11 +48,38 @@ def test_the_dag_registers_a_search_champion_through_the_gate(search_settings):
     decision = json.loads((run_dir / "promotion.json").read_text())
     assert decision["promoted"] is True and decision["gate"]["reference"] == "baseline"
     table = json.loads((run_dir / "evaluation.json").read_text())
+    choice = json.loads((run_dir / "compression" / "choice.json").read_text())
+    compressed = choice["chosen"] != "teacher"  # then the teacher's served row stays beside
     assert {r["model"] for r in table} == {
         "bm25", "bm25_popularity", "minilm_zero_shot", "bi_encoder", "hybrid",
-        "hybrid_cross_encoder",
+        "hybrid_cross_encoder", *(["hybrid_cross_encoder_teacher"] if compressed else []),
     }  # fmt: skip
     assert all(0 <= r["ndcg_at_10"] <= 1 and r["queries"] == 30 for r in table)
+
+
+def test_the_compression_gate_chose_among_measured_candidates(search_settings):
+    import json
+
+    import pandas as pd
+
+    from served_model.search import MANIFEST, reranker_info
+
+    run_dir = search_settings.paths.search_run(PIPELINE_DS)
+    candidates = pd.read_json(run_dir / "compression" / "candidates.json")
+    assert set(candidates["candidate"]) == {
+        "teacher", "teacher_torch_int8", "teacher_onnx", "teacher_onnx_int8",
+        "teacher_onnx_int8_static", "student", "student_onnx_int8", "pruned",
+        "pruned_onnx_int8",
+    }  # fmt: skip
+    assert (candidates["p50_ms"] > 0).all() and candidates["val_ndcg"].between(0, 1).all()
+    assert candidates.loc[candidates["candidate"] == "teacher_onnx", "max_abs_diff"].iloc[0] < 1e-3
+    chosen = candidates[candidates["chosen"]]
+    assert len(chosen) == 1 and (candidates[~candidates["chosen"]]["why"] != "").all()
+    # what the bundle serves is the chosen candidate, in its format
+    manifest = json.loads((run_dir / "bundle" / MANIFEST).read_text())
+    assert manifest["reranker"]["candidate"] == chosen["candidate"].iloc[0]
+    served = reranker_info(run_dir / "bundle" / "cross_encoder")["format"]
+    assert served == manifest["reranker"]["format"] == chosen["format"].iloc[0]
 
 
 def test_search_answers_with_the_champion_and_refuses_bad_queries(search_settings):
@@ -76,6 +103,8 @@ def test_search_answers_with_the_champion_and_refuses_bad_queries(search_setting
         assert client.get("/search", params={"q": "dress", "k": 0}).status_code == 422
         metrics = client.get("/metrics").text
         assert 'stage="search_rerank"' in metrics and 'alias="search"' in metrics
+        reranker = client.get("/readyz").json()["models"]["search.reranker"]
+        assert reranker["format"] in metrics and reranker["bytes"] > 0
 
 
 def test_the_registered_version_is_a_working_pyfunc(search_settings):

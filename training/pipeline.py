@@ -92,6 +92,7 @@ def compress(settings: Settings, ds: date) -> dict[str, object]:
     model = torch.load(run_dir / "model.pt", weights_only=False)
     torch.save(quantize_int8(model), run_dir / "model_int8.pt")
     table, choice = compress_ranker(settings, ds)
+    registry.use_tracking(settings)
     with mlflow.start_run(run_id=_run_id(settings, ds)):
         report.log_compression(table, choice, settings.eval.k)
     cols = ["candidate", "format", "bytes", "params", "p50_ms", "p99_ms", "val_ndcg",
