@@ -7,7 +7,7 @@ install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopm
 demo: install  ## Nightly DAG on the embedded profile, real Instacart data (a real Airflow scheduler)
 	bash scripts/demo.sh
 
-demo-search: install  ## Search DAG on the real Women's Clothing reviews (MiniLM, BM25, gate), then its benchmark
+demo-search: install  ## Search DAG on the real Women's Clothing reviews (MiniLM, BM25, compression, gate), then its benchmarks
 	bash scripts/demo_search.sh
 
 test: install  ## The whole test suite (what .ci/run calls)
