@@ -1,5 +1,5 @@
 # ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
-.PHONY: install demo demo-search bench-search test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
+.PHONY: install demo demo-search bench-search bench-compression test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
 
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
@@ -33,6 +33,9 @@ bench-serving:  ## Load benchmark of `shopml serve`: 100k-item catalog, open-loo
 
 bench-search:  ## The search benchmark table (CIs, ratios) and /search latency of the last search run
 	. scripts/env.sh && python -m benchmarks.search
+
+bench-compression:  ## Teacher and compressed candidates side by side (search cross-encoder, recommender ranker)
+	. scripts/env.sh && python -m benchmarks.compression
 
 airflow-ui:  ## Airflow UI on http://127.0.0.1:8080 over the demo's state (no login on loopback)
 	. scripts/env.sh && python -m cli.airflow_run --port 8080

@@ -91,7 +91,7 @@ def prune_ffn(teacher: Path, out: Path, ratio: float, max_tokens: int) -> Path:
 
 
 def quantize_torch(source: Path, out: Path, max_tokens: int) -> Path:
-    """PyTorch dynamic int8 of the Linear layers, saved whole (format ``torch-int8``)."""
+    """PyTorch dynamic int8 of the Linear layers, saved whole (format ``torch_int8``)."""
     from torch.ao.quantization import quantize_dynamic
 
     ce = load_cross_encoder(source, max_tokens)
@@ -100,7 +100,7 @@ def quantize_torch(source: Path, out: Path, max_tokens: int) -> Path:
         quantized = quantize_dynamic(copy.deepcopy(ce).eval(), {nn.Linear}, dtype=torch.qint8)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(quantized, out / "model.pt")
-    _write_info(out, "torch-int8", max_tokens, parameters(_hf(ce)), source=source.name)
+    _write_info(out, "torch_int8", max_tokens, parameters(_hf(ce)), source=source.name)
     return out
 
 
@@ -167,8 +167,8 @@ class _Calibration:
 
 def quantize_onnx(source: Path, out: Path, static_pairs: list[list[str]] | None = None) -> Path:
     """int8 of an ONNX reranker directory: dynamic (``static_pairs`` None, format
-    ``onnx-int8``), or static with activation ranges calibrated on ``static_pairs``
-    (format ``onnx-int8-static``, QDQ, per-channel weights)."""
+    ``onnx_int8``), or static with activation ranges calibrated on ``static_pairs``
+    (format ``onnx_int8_static``, QDQ, per-channel weights)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from transformers import AutoTokenizer
 
@@ -180,7 +180,7 @@ def quantize_onnx(source: Path, out: Path, static_pairs: list[list[str]] | None 
     src, dst = str(source / "model.onnx"), str(out / "model.onnx")
     if static_pairs is None:
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
-        fmt = "onnx-int8"
+        fmt = "onnx_int8"
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
         reader = _Calibration(tokenizer, static_pairs, int(info["max_length"]))
@@ -189,7 +189,7 @@ def quantize_onnx(source: Path, out: Path, static_pairs: list[list[str]] | None 
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm"],
         )  # fmt: skip
-        fmt = "onnx-int8-static"
+        fmt = "onnx_int8_static"
     _write_info(out, fmt, int(info["max_length"]), int(info["params"]), source=source.name,
                 calibration_pairs=len(static_pairs or []))  # fmt: skip
     return out

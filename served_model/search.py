@@ -305,9 +305,9 @@ def load_cross_encoder(path: Path | str, max_tokens: int | None = None) -> Any:
     sentence-transformers ``CrossEncoder`` (no ``reranker.json``), or a compressed one."""
     path = Path(path)
     info = reranker_info(path)
-    if info["format"] in ("onnx", "onnx-int8", "onnx-int8-static"):
+    if info["format"] in ("onnx", "onnx_int8", "onnx_int8_static"):
         return OnnxCrossEncoder(path)
-    if info["format"] == "torch-int8":
+    if info["format"] == "torch_int8":
         return QuantizedCrossEncoder.load(path)
     from sentence_transformers import CrossEncoder
 
@@ -318,7 +318,7 @@ def load_cross_encoder(path: Path | str, max_tokens: int | None = None) -> Any:
 
 # --- compressed rerankers (made by ``search.compress``; chosen by ``training.search``) ------
 RERANKER_INFO = "reranker.json"  # format, weights file, max_length, params
-RERANKER_FORMATS = ("torch", "torch-int8", "onnx", "onnx-int8", "onnx-int8-static")
+RERANKER_FORMATS = ("torch", "torch_int8", "onnx", "onnx_int8", "onnx_int8_static")
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.onnx")
 
 

@@ -95,9 +95,9 @@ def test_int8_formats_are_smaller_and_rank_like_the_float_model(tiny, onnx_dir, 
     onnx = onnx_dir[0]
     reference = logits(sv.load_cross_encoder(tiny, TOKENS))
     made = {
-        "onnx-int8": c.quantize_onnx(onnx, tmp_path / "d"),
-        "onnx-int8-static": c.quantize_onnx(onnx, tmp_path / "s", PAIRS * 3),
-        "torch-int8": c.quantize_torch(tiny, tmp_path / "t", TOKENS),
+        "onnx_int8": c.quantize_onnx(onnx, tmp_path / "d"),
+        "onnx_int8_static": c.quantize_onnx(onnx, tmp_path / "s", PAIRS * 3),
+        "torch_int8": c.quantize_torch(tiny, tmp_path / "t", TOKENS),
     }
     for fmt, path in made.items():
         assert sv.reranker_info(path)["format"] == fmt
