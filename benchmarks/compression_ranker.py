@@ -92,7 +92,7 @@ def main() -> None:
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(t.round(4).to_string(index=False))
     chosen = t.set_index("candidate").loc[t.attrs["chosen"]]
-    teacher = t.sort_values("params", ascending=False).iloc[0]  # the uncompressed one
+    teacher = t.set_index("candidate").loc[C.TEACHER]
     best = t["speed_ratio"].max()
     print(
         f"  chosen speed {chosen['speed_ratio']:.2f}x the teacher's p50 (fastest candidate "
