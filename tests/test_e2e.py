@@ -110,11 +110,19 @@ def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings):
     ]
     with TestClient(create_app(pipeline_settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok", "model_version": "1"}
-        assert client.get("/readyz").json() == {
+        ready = client.get("/readyz").json()
+        assert {k: ready[k] for k in ("status", "model_version", "arms")} == {
             "status": "ready",
             "model_version": "1",
             "arms": {"champion": "1"},
         }
+        # the ranker serves in the format the compression gate chose, and says so
+        compression = pipeline_settings.paths.run(PIPELINE_DS) / "compression/compression.json"
+        chosen = json.loads(compression.read_text())["chosen_format"]
+        ranker = ready["models"]["champion.ranker"]
+        assert ranker["version"] == "1" and ranker["format"] == chosen and ranker["bytes"] > 0
+        metrics = client.get("/metrics").text
+        assert f'format="{chosen}"' in metrics and "shopml_model_info" in metrics
         known = client.get(f"/recommendations/{train_users.iloc[0]}", params={"k": 5}).json()
         assert known["fallback"] is False and len(known["items"]) == 5
         assert known["model_version"] == "1" and known["arm"] == "champion"
