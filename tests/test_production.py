@@ -282,11 +282,13 @@ def test_serving_reads_the_champion_and_redis_features(production, prod_settings
     user = _known_user(prod_settings)
     champion = registry.champion_version(prod_settings)
     with TestClient(create_app(prod_settings)) as client:
-        assert client.get("/readyz").json() == {
+        ready = client.get("/readyz").json()
+        assert {k: ready[k] for k in ("status", "model_version", "arms")} == {
             "status": "ready",
             "model_version": champion,
             "arms": {"champion": champion},
         }
+        assert ready["models"]["champion.ranker"]["version"] == champion
         known = client.get(f"/recommendations/{user}", params={"k": 5}).json()
         assert known["fallback"] is False and len(known["items"]) == 5
         assert known["model_version"] == champion
