@@ -218,20 +218,30 @@ def ranking_latency(
         return run
 
     runs = {name: stage(r) for name, r in rankers.items()}
-    times: dict[str, list[float]] = {name: [] for name in runs}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as serving (serving/app.py)
     try:
-        for run in runs.values():
-            for _ in range(10):
-                run()  # warm-up
-        for _ in range(repeats):
-            for name, run in runs.items():
-                t = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - t) * 1000)
+        return interleaved_times({n: (lambda i, run=run: run()) for n, run in runs.items()},
+                                 repeats, warmup=10)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+
+
+def interleaved_times(
+    runs: dict[str, Callable[[int], object]], n: int, warmup: int = 1
+) -> dict[str, np.ndarray]:
+    """Wall times (ms) of calls ``run(0) … run(n - 1)`` of every runner, interleaved (call i
+    of every runner before call i + 1 of any), after ``warmup`` untimed calls each: drift of
+    a shared machine hits every candidate alike. Used for every compression table."""
+    for run in runs.values():
+        for i in range(warmup):
+            run(i)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(n):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run(i)
+            times[name].append((time.perf_counter() - started) * 1000)
     return {name: np.asarray(v) for name, v in times.items()}
 
 

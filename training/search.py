@@ -123,6 +123,7 @@ def _products(settings: Settings, ds: date) -> pd.DataFrame:
 
 def build_index(settings: Settings, ds: date) -> dict[str, object]:
     """The fine-tuned bundle (``bundle/``) and the zero-shot one (``zero_shot/``)."""
+    from search.compress import parameters
     from search.train import base_model_path
     from served_model import search as sv
 
@@ -136,6 +137,8 @@ def build_index(settings: Settings, ds: date) -> dict[str, object]:
         ("zero_shot", base_model_path(), None),
     ):
         encoder = sv.load_bi_encoder(encoder_dir, cfg.product_max_tokens)
+        tokens = cfg.query_max_tokens + cfg.product_max_tokens
+        cross = sv.load_cross_encoder(reranker, tokens) if reranker else None
         started = time.perf_counter()
         vectors = sv.encode(encoder, products[sv.SHORT_TEXT].tolist())
         bundle = sv.SearchBundle(
@@ -143,26 +146,25 @@ def build_index(settings: Settings, ds: date) -> dict[str, object]:
             lexical=lexical,
             config=neutral_config(settings, rerank=reranker is not None),
             bi_encoder=encoder,
-            cross_encoder=sv.load_cross_encoder(reranker, cfg.query_max_tokens
-                                                + cfg.product_max_tokens) if reranker else None,
+            cross_encoder=cross,
             dense=sv.dense_index(vectors),
             manifest={"ds": ds.isoformat(), "encoded_seconds": time.perf_counter() - started,
-                      "reranker": _reranker_summary(reranker, "teacher") if reranker else None},
+                      "reranker": _reranker_summary(reranker, "teacher", parameters(cross.model))
+                      if cross else None},
         )  # fmt: skip
         bundle.save(run_dir / name)
         out[name] = {"products": len(products), "dim": int(vectors.shape[1])}
     return out
 
 
-def _reranker_summary(path: Path, candidate: str) -> dict[str, object]:
-    """What ``/readyz`` and the metrics say of the served reranker: format, size, parameters."""
-    from search.compress import parameters, size_bytes
-    from served_model.search import load_cross_encoder, reranker_info
+def _reranker_summary(path: Path, candidate: str, params: int) -> dict[str, object]:
+    """What ``/readyz`` and the metrics say of the served reranker: format, size, parameters
+    (counted by the caller, which has the model loaded already)."""
+    from search.compress import size_bytes
+    from served_model.search import reranker_info
 
-    info = reranker_info(path)
-    params = info.get("params") or parameters(load_cross_encoder(path).model)
-    return {"candidate": candidate, "format": info["format"], "bytes": size_bytes(path),
-            "params": int(params)}  # fmt: skip
+    return {"candidate": candidate, "format": reranker_info(path)["format"],
+            "bytes": size_bytes(path), "params": int(params)}  # fmt: skip
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -460,28 +462,24 @@ def make_candidates(settings: Settings, ds: date, engine, config) -> dict[str, d
 def latency_ms(
     models: dict[str, object], lists: list[list[list[str]]], rounds: int = 1
 ) -> dict[str, np.ndarray]:
-    """Each model's ``predict`` times (ms) on each query's rerank pairs, interleaved (query by
-    query, model by model) so drift of the machine hits every model alike."""
+    """Each model's ``predict`` times (ms) on each query's rerank pairs, ``rounds`` passes,
+    interleaved model by model (``training.compress.interleaved_times``)."""
     import torch
 
-    times: dict[str, list[float]] = {name: [] for name in models}
+    from training.compress import interleaved_times
+
+    runs = {name: (lambda i, m=model: m.predict(lists[i % len(lists)], batch_size=64))
+            for name, model in models.items()}  # fmt: skip
     with torch.inference_mode():
-        for model in models.values():  # warm-up: first calls allocate
-            model.predict(lists[0], batch_size=64)
-        for _ in range(rounds):
-            for pairs in lists:
-                for name, model in models.items():
-                    started = time.perf_counter()
-                    model.predict(pairs, batch_size=64)
-                    times[name].append((time.perf_counter() - started) * 1000)
-    return {n: np.asarray(t) for n, t in times.items()}
+        return interleaved_times(runs, rounds * len(lists))
 
 
 def measure_candidates(
     settings: Settings, ds: date, made: dict[str, dict], engine, config
-) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+) -> pd.DataFrame:
     """Size, parameters, p50/p99 at the serving shape and NDCG@10 on validation and test of
-    every candidate, in one process; and each candidate's per-query test frame."""
+    every candidate, in one process, with the paired-bootstrap CI of each split's difference
+    to the teacher (same queries)."""
     from search.compress import size_bytes
     from served_model.search import load_cross_encoder, reranker_info
     from training.compress import latency_summary
@@ -489,48 +487,39 @@ def measure_candidates(
     cfg = settings.search
     run_dir = settings.paths.search_run(ds)
     budget = min(cfg.compression_queries, cfg.eval_queries)
-    validation = _split(settings, ds, "validation", budget)
-    test = _split(settings, ds, "test", budget)
+    splits = {s: _split(settings, ds, name, budget)
+              for s, name in (("val", "validation"), ("test", "test"))}  # fmt: skip
     models = {n: load_cross_encoder(m["path"]) for n, m in made.items()}
-    lists = _rerank_lists(engine, validation.head(60), config)
+    lists = _rerank_lists(engine, splits["val"].head(60), config)
     latency = {n: latency_summary(t) for n, t in latency_ms(models, lists).items()}
-    rows, frames = [], {}
+    per_query: dict[str, dict[str, pd.Series]] = {s: {} for s in splits}
     for name, model in models.items():
         engine.bundle.cross_encoder = model
-        val, _ = run_queries(engine, validation, config)
-        frames[name], _ = run_queries(engine, test, config)
-        frames[name] = frames[name].assign(validation_ndcg=float(val[METRIC].mean()))
-        info = reranker_info(made[name]["path"])
-        rows.append({"candidate": name, "format": info["format"],
-                     "bytes": size_bytes(made[name]["path"]),
-                     "params": int(info.get("params") or sum(
-                         p.numel() for p in model.model.parameters())),
-                     **latency[name], "path": str(made[name]["path"].relative_to(run_dir)),
-                     "val_ndcg": float(val[METRIC].mean()), "val_frame": val,
-                     "max_abs_diff": made[name].get("max_abs_diff", float("nan")),
-                     "made": made[name]["made"]})  # fmt: skip
+        for split, queries in splits.items():
+            frame, _ = run_queries(engine, queries, config)
+            per_query[split][name] = frame.set_index("query_id")[METRIC]
+    rows = []
+    for name, model in models.items():
+        path = made[name]["path"]
+        info = reranker_info(path)
+        row = {"candidate": name, "format": info["format"], "bytes": size_bytes(path),
+               "params": int(info.get("params") or sum(
+                   p.numel() for p in model.model.parameters())),
+               **latency[name], "path": str(path.relative_to(run_dir)),
+               "max_abs_diff": made[name].get("max_abs_diff", float("nan")),
+               "made": made[name]["made"]}  # fmt: skip
+        for split, scores in per_query.items():
+            base = scores[TEACHER]
+            ci = bootstrap_ci((scores[name] - base).loc[base.index].to_numpy())
+            row |= {f"{split}_ndcg": float(scores[name].mean()), f"{split}_diff": ci.mean,
+                    f"{split}_diff_low": ci.low, f"{split}_diff_high": ci.high}  # fmt: skip
+        rows.append(row)
     table = pd.DataFrame(rows)
-    teacher_val = table.set_index("candidate").loc[TEACHER, "val_frame"]
-    ref = frames[TEACHER].set_index("query_id")[METRIC]
-    for col, split_frames in (("val", dict(zip(table["candidate"], table["val_frame"],
-                                                strict=True))), ("test", frames)):  # fmt: skip
-        base = teacher_val.set_index("query_id")[METRIC] if col == "val" else ref
-        lows, highs, means = [], [], []
-        for name in table["candidate"]:
-            diff = split_frames[name].set_index("query_id")[METRIC] - base
-            ci = bootstrap_ci(diff.loc[base.index].to_numpy())
-            means.append(ci.mean), lows.append(ci.low), highs.append(ci.high)
-        table[f"{col}_diff"], table[f"{col}_diff_low"], table[f"{col}_diff_high"] = (
-            means,
-            lows,
-            highs,
-        )
-    table["test_ndcg"] = [float(frames[n][METRIC].mean()) for n in table["candidate"]]
     t = table.set_index("candidate").loc[TEACHER]
     table["size_ratio"] = t["bytes"] / table["bytes"]
     table["speed_ratio"] = t["p50_ms"] / table["p50_ms"]
-    table["val_queries"], table["test_queries"] = len(validation), len(test)
-    return table.drop(columns=["val_frame"]), frames
+    table["val_queries"], table["test_queries"] = len(splits["val"]), len(splits["test"])
+    return table
 
 
 def compress_search(settings: Settings, ds: date) -> dict[str, object]:
@@ -553,7 +542,7 @@ def compress_search(settings: Settings, ds: date) -> dict[str, object]:
     started = time.perf_counter()
     made = make_candidates(settings, ds, engine, config)
     built = time.perf_counter() - started
-    table, frames = measure_candidates(settings, ds, made, engine, config)
+    table = measure_candidates(settings, ds, made, engine, config)
     choice = gate.choose_compressed(
         [{"name": r.candidate, METRIC: r.val_ndcg, "p50_ms": r.p50_ms}
          for r in table.itertuples()], TEACHER, METRIC, cfg.compression_tolerance,
@@ -571,8 +560,11 @@ def compress_search(settings: Settings, ds: date) -> dict[str, object]:
     shutil.rmtree(bundle_dir / CROSS_ENCODER)
     shutil.copytree(made[choice.chosen]["path"], bundle_dir / CROSS_ENCODER)
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
-    manifest["reranker"] = _reranker_summary(bundle_dir / CROSS_ENCODER, choice.chosen)
-    manifest["reranker"]["teacher_bytes"] = int(table.set_index("candidate").loc[TEACHER, "bytes"])
+    rows = table.set_index("candidate")
+    manifest["reranker"] = _reranker_summary(
+        bundle_dir / CROSS_ENCODER, choice.chosen, rows.loc[choice.chosen, "params"]
+    )
+    manifest["reranker"]["teacher_bytes"] = int(rows.loc[TEACHER, "bytes"])
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     _served_with(settings, ds, bundle_dir, compressed=choice.chosen != TEACHER)
     print(table[["candidate", "format", "bytes", "p50_ms", "p99_ms", "val_ndcg", "test_ndcg",
