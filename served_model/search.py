@@ -253,9 +253,12 @@ class SearchBundle:
         return root
 
     @classmethod
-    def load(cls, root: Path, models: bool = True) -> SearchBundle:
+    def load(
+        cls, root: Path, models: bool = True, rerank_threads: int | None = None
+    ) -> SearchBundle:
         """Read a bundle; a dense index or model that fails to load is left out (logged), so
-        the engine degrades to BM25 instead of refusing the version."""
+        the engine degrades to BM25 instead of refusing the version. ``rerank_threads``: of
+        an ONNX reranker (:class:`OnnxCrossEncoder`; default: torch's)."""
         manifest = json.loads((root / MANIFEST).read_text())
         if manifest.get("format_version", 0) > SEARCH_FORMAT_VERSION:
             raise RuntimeError(
@@ -270,8 +273,11 @@ class SearchBundle:
         )
         if not models:
             return bundle
+        def cross_encoder(path: Path) -> Any:
+            return load_cross_encoder(path, threads=rerank_threads)
+
         for name, loader in ((DENSE, _read_faiss), (BI_ENCODER, load_bi_encoder),
-                             (CROSS_ENCODER, load_cross_encoder)):  # fmt: skip
+                             (CROSS_ENCODER, cross_encoder)):  # fmt: skip
             path = root / name
             if not path.exists():
                 continue
@@ -300,13 +306,16 @@ def load_bi_encoder(path: Path | str, max_tokens: int | None = None) -> Any:
     return model.eval()
 
 
-def load_cross_encoder(path: Path | str, max_tokens: int | None = None) -> Any:
+def load_cross_encoder(
+    path: Path | str, max_tokens: int | None = None, threads: int | None = None
+) -> Any:
     """The reranker in the format its directory holds (:data:`RERANKER_FORMATS`): a
-    sentence-transformers ``CrossEncoder`` (no ``reranker.json``), or a compressed one."""
+    sentence-transformers ``CrossEncoder`` (no ``reranker.json``), or a compressed one.
+    ``threads``: ONNX Runtime's, for an ONNX one (torch formats use torch's global setting)."""
     path = Path(path)
     info = reranker_info(path)
     if info["format"] in ("onnx", "onnx_int8", "onnx_int8_static"):
-        return OnnxCrossEncoder(path)
+        return OnnxCrossEncoder(path, threads)
     if info["format"] == "torch_int8":
         return QuantizedCrossEncoder.load(path)
     from sentence_transformers import CrossEncoder
@@ -354,10 +363,13 @@ class OnnxCrossEncoder:
 
     ``predict`` takes and returns what ``CrossEncoder.predict`` does (pairs in, one logit per
     pair out), so the engine and the evaluation use either without knowing which. Threads: as
-    many as torch uses, so a comparison with the torch model is like for like.
+    many as torch uses unless ``threads`` says (a comparison with the torch model is then
+    like for like). Serving passes ``threads`` (``search.rerank_threads``), and then the
+    pool's idle threads sleep instead of spinning, so a rerank does not take CPU from the
+    requests answered beside it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
         import torch
         from transformers import AutoTokenizer
@@ -367,8 +379,10 @@ class OnnxCrossEncoder:
         self.max_length = int(self.info["max_length"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        if threads:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.path / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )

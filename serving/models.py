@@ -92,7 +92,9 @@ def load_search(settings: Settings, version: str) -> SearchArm:
     settings.paths.home.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.paths.home, prefix=f"search-v{version}-") as tmp:
         local = registry.download_version(registry.search_settings(settings), version, Path(tmp))
-        bundle = SearchBundle.load(local / "artifacts" / "bundle")
+        bundle = SearchBundle.load(
+            local / "artifacts" / "bundle", rerank_threads=settings.search.rerank_threads
+        )
     engine = SearchEngine(bundle)
     if not settings.search.serve_rerank:
         engine = engine.with_config(rerank_depth=0)

@@ -125,8 +125,10 @@ def test_a_bundle_serves_an_onnx_reranker_after_save_and_load(onnx_dir, tmp_path
         config=sv.QueryConfig(candidates=10, rerank_depth=5, rerank_weight=1.0),
         cross_encoder=sv.load_cross_encoder(onnx_dir[0]),
     )
-    loaded = sv.SearchBundle.load(bundle.save(tmp_path / "bundle"))
+    loaded = sv.SearchBundle.load(bundle.save(tmp_path / "bundle"), rerank_threads=3)
     assert isinstance(loaded.cross_encoder, sv.OnnxCrossEncoder)
+    # serving's search.rerank_threads reaches ONNX Runtime's session
+    assert loaded.cross_encoder.session.get_session_options().intra_op_num_threads == 3
     result = sv.SearchEngine(loaded).search("dress", k=3)
     assert result.items and "rerank" in result.stages
     assert "rerank" not in (result.fallback or "")  # no bi-encoder here: dense is off

@@ -425,7 +425,7 @@ def test_serving_config_reaches_the_services_settings_and_pods_are_scraped(monke
     }
     assert env == {
         "SHOPML_SERVING__MAX_CANDIDATES": "300",
-        "SHOPML_SERVING__THREADS": "4",
+        "SHOPML_SERVING__THREADS": "1",
         "SHOPML_SERVING__CHALLENGER_SHARE": "0.2",
         "SHOPML_SERVING__RELOAD_INTERVAL_S": "30",
         "SHOPML_SERVING__ITEM_FEATURE_REFRESH_S": "300",
@@ -435,7 +435,7 @@ def test_serving_config_reaches_the_services_settings_and_pods_are_scraped(monke
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     serving = load_settings().serving  # the names and values the service parses
-    assert (serving.max_candidates, serving.challenger_share, serving.threads) == (300, 0.2, 4)
+    assert (serving.max_candidates, serving.challenger_share, serving.threads) == (300, 0.2, 1)
     assert (serving.reload_interval_s, serving.item_feature_refresh_s) == (30, 300)
     meta = find(docs, "Deployment", "shopml-serving")["spec"]["template"]["metadata"]
     assert meta["annotations"]["prometheus.io/scrape"] == "true"

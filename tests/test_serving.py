@@ -544,3 +544,50 @@ def test_readyz_and_metrics_show_each_served_models_format_and_size(client):
     assert ranker["version"] == ready["model_version"]
     line = f'shopml_model_info{{format="{ranker["format"]}",model="champion.ranker"}}'
     assert _metric(client, line) == ranker["bytes"]
+
+
+def test_a_slow_search_or_batch_does_not_hold_up_single_recommendations(client, deployment):
+    """Search and batches compute on their own threads: while a search and a batch are both
+    stuck in their engines, a single-user recommendation still answers."""
+    import threading
+
+    from served_model.search import SearchResult
+    from serving.models import SearchArm
+
+    _, dep = deployment
+    holder = client.app.state.holder
+    entered, release = threading.Barrier(3), threading.Event()
+
+    class StuckSearch:
+        def search(self, *_: object, **__: object) -> SearchResult:
+            entered.wait(timeout=30)
+            release.wait(timeout=30)
+            return SearchResult(query="dress", items=[], facets={})
+
+    engine = holder.arms["champion"].engine
+    recommend_many = engine.recommend_many
+
+    def stuck_batch(users: list[str], *args: object) -> object:
+        entered.wait(timeout=30)
+        release.wait(timeout=30)
+        return recommend_many(users, *args)
+
+    saved, holder._search = holder._search, SearchArm("1", StuckSearch())
+    engine.recommend_many = stuck_batch  # the batch endpoint's engine call
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            slow_search = pool.submit(client.get, "/search", params={"q": "dress"})
+            slow_batch = pool.submit(
+                client.post, "/recommendations", json={"user_ids": dep.user_ids[:2]}
+            )
+            entered.wait(timeout=30)  # both are inside their engines now
+            del engine.recommend_many  # single users answer through the real engine
+            r = client.get(f"/recommendations/{dep.user_ids[0]}")
+            assert r.status_code == 200 and not slow_search.done() and not slow_batch.done()
+            release.set()
+            assert slow_search.result(timeout=30).status_code == 200
+            assert slow_batch.result(timeout=30).status_code == 200
+    finally:
+        release.set()
+        holder._search = saved
+        engine.__dict__.pop("recommend_many", None)
