@@ -83,14 +83,18 @@ async def fetch(pool: Connections, path: str, sent: list[float]) -> int:
         pool.put(conn, reuse)
 
 
-async def drive(url: str, rate: float, paths: list[str]) -> dict[str, object]:
-    """Send ``paths[i]`` at ``i / rate`` s, each on time whatever the others are doing."""
-    host, port = url.removeprefix("http://").split(":")
-    pool = Connections(host, int(port), MAX_CONNECTIONS)
+async def drive(urls: list[str], rate: float, paths: list[str]) -> dict[str, object]:
+    """Send ``paths[i]`` at ``i / rate`` s, each on time whatever the others are doing, to
+    ``urls[i % len(urls)]``: several replicas get the requests in turn, as an ingress (nginx's
+    round robin) spreads them over a Deployment's pods."""
+    pools = []
+    for url in urls:
+        host, port = url.removeprefix("http://").split(":")
+        pools.append(Connections(host, int(port), MAX_CONNECTIONS))
     loop = asyncio.get_running_loop()
     rows: list[tuple[float, float, float, int, float]] = []
 
-    async def one(due: float, path: str) -> None:
+    async def one(due: float, path: str, pool: Connections) -> None:
         started, sent = loop.time(), []
         try:
             status = await asyncio.wait_for(fetch(pool, path, sent), REQUEST_TIMEOUT_S)
@@ -115,15 +119,15 @@ async def drive(url: str, rate: float, paths: list[str]) -> dict[str, object]:
         due = t0 + i / rate
         if due > loop.time():
             await asyncio.sleep(due - loop.time())
-        tasks.append(asyncio.create_task(one(due, path)))
+        tasks.append(asyncio.create_task(one(due, path, pools[i % len(pools)])))
     await asyncio.gather(*tasks)
-    return {"rows": sorted(rows), "connections": pool.opened}
+    return {"rows": sorted(rows), "connections": sum(pool.opened for pool in pools)}
 
 
 def loadgen_main(argv: list[str]) -> None:
     """drive one rate, write every request to ``--out`` (JSON)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.loadgen")
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", required=True, help="base URL; comma-separated: replicas in turn")
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--duration", type=float, required=True)
     p.add_argument("--k", type=int, default=10)
@@ -148,7 +152,7 @@ def loadgen_main(argv: list[str]) -> None:
             else f"/recommendations/{rng.choice(users)}?k={args.k}"
             for _ in range(n)
         ]
-    result = asyncio.run(drive(args.url, args.rate, paths))
+    result = asyncio.run(drive(args.url.split(","), args.rate, paths))
     args.out.write_text(json.dumps({"rate": args.rate, "warmup_s": WARMUP_S, **result}))
 
 

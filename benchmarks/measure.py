@@ -41,6 +41,16 @@ def scrape(base: str) -> Samples:
     }
 
 
+def scrape_all(bases: list[str]) -> Samples:
+    """The samples of several replicas added up (counters and histograms add; so do the
+    gauges read here, which are per-process sizes)."""
+    merged: Samples = {}
+    for base in bases:
+        for key, value in scrape(base).items():
+            merged[key] = merged.get(key, 0.0) + value
+    return merged
+
+
 def total(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples named ``name`` whose labels include ``labels`` (e.g. over arms)."""
     want = set(labels.items())
@@ -61,16 +71,18 @@ class CpuMark:
     wall: float
 
     @classmethod
-    def now(cls, server_pid: int) -> CpuMark:
+    def now(cls, *server_pids: int) -> CpuMark:
+        """``server``: of every server process (replicas) and their children (workers)."""
         import psutil
 
         tick = os.sysconf("SC_CLK_TCK")
-        root = psutil.Process(server_pid)  # with --workers: the supervisor and its workers
         server = 0.0
-        for proc in (root, *root.children(recursive=True)):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = proc.cpu_times()
-                server += times.user + times.system
+        for pid in server_pids:
+            root = psutil.Process(pid)  # with --workers: the supervisor and its workers
+            for proc in (root, *root.children(recursive=True)):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    times = proc.cpu_times()
+                    server += times.user + times.system
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         busy = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait

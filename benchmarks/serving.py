@@ -12,15 +12,18 @@ What it does, in order:
    the same parameters (``--rebuild`` forces a new one);
 2. times Feast's online read of one user row in-process, alone, and compares it with Feast's
    published figure for its Python feature server;
-3. starts ``shopml serve`` as a separate process on a free port and waits for ``/readyz``;
+3. starts ``--replicas`` (2) ``shopml serve`` processes, one worker each, on free ports, as the
+   chart runs serving (one process per pod, more pods for more load), and waits for
+   ``/readyz``;
 4. for each target rate drives ``GET /recommendations/{user_id}?k=10`` from a separate load
-   generator process (``benchmarks.loadgen``, open loop: see below), a share of them
+   generator process (``benchmarks.loadgen``, open loop: see below) that sends the requests to
+   the replicas in turn, as an ingress spreads them over pods, a share of them
    (``--unknown-share``) for never-seen users, who get the cold-start popularity answer;
    scrapes ``/metrics`` before and after, and reports achieved
    throughput, p50/p95/p99, errors, the share of the handler's time in each serving stage and
-   the mean number of ranked candidates, plus the CPU used by the server, the load generator
-   and the rest of the machine (other work on a small shared machine skews the numbers; this
-   says how much);
+   the mean number of ranked candidates, plus the CPU used by the servers (all replicas), the
+   load generator and the rest of the machine (other work on a small shared machine skews the
+   numbers; this says how much);
 5. prints one markdown table, the verdict on the p99 target at 300 requests/s, and writes
    everything to ``var/benchmarks/serving.json``; the server is always stopped at the end.
 
@@ -37,6 +40,14 @@ slow server cannot slow the schedule down and hide its own queue (no coordinated
 runs as a separate process (``python -m benchmarks.loadgen ...``); the first
 ``WARMUP_S`` seconds (connections opening) are not measured; the generator's own CPU and how
 late it dispatched requests are reported, so a generator that could not keep up shows.
+
+Why replicas and not ``shopml serve --workers 2``: uvicorn's workers share one listening
+socket, so a keep-alive connection stays with the worker that accepted it, and a client that
+reuses its most recently freed connection (as HTTP client pools and nginx's upstream
+keep-alive do) sends most requests to one of them: at 500 requests/s one worker used 0.71
+cores and the other 0.22, and the busy one saturated (p99 in hundreds of ms) while the
+machine had a core to spare. A per-request balancer in front of single-process replicas is how
+the chart serves; ``--replicas 1 --workers 2`` measures the other layout.
 
 What the stage shares mean: ``shopml_request_seconds`` is measured inside the handler, so the
 shares (features, retrieval, filter, ranking; "other" is the rest of the handler) exclude HTTP
@@ -66,7 +77,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from benchmarks.loadgen import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, WARMUP_S
-from benchmarks.measure import STAGES, CpuMark, percentiles, scrape, stage_breakdown, summarize_load
+from benchmarks.measure import (
+    STAGES,
+    CpuMark,
+    percentiles,
+    scrape_all,
+    stage_breakdown,
+    summarize_load,
+)
 
 if TYPE_CHECKING:
     from shopml.config import Settings
@@ -257,14 +275,15 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def run_step(
-    base: str, server: subprocess.Popen, rate: int, args: argparse.Namespace
+    bases: list[str], servers: list[subprocess.Popen], rate: int, args: argparse.Namespace
 ) -> dict[str, object]:
-    """One target rate: metrics and CPU before, the load generator, metrics and CPU after."""
+    """One target rate over the replicas: metrics and CPU before, the load generator, metrics
+    and CPU after."""
     out = OUT / "serving-load" / f"rate-{rate}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     flags = {
-        "--url": base,
+        "--url": ",".join(bases),
         "--rate": rate,
         "--duration": args.duration,
         "--k": args.k,
@@ -279,9 +298,10 @@ def run_step(
         "benchmarks.loadgen",
         *(str(x) for flag in flags.items() for x in flag),
     ]
-    before, cpu0 = scrape(base), CpuMark.now(server.pid)
+    pids = [server.pid for server in servers]
+    before, cpu0 = scrape_all(bases), CpuMark.now(*pids)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    cpu1, after = CpuMark.now(server.pid), scrape(base)
+    cpu1, after = CpuMark.now(*pids), scrape_all(bases)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"the load generator failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     wall = cpu1.wall - cpu0.wall
@@ -401,11 +421,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--k", type=int, default=10, help="items per answer")
     p.add_argument("--max-candidates", type=int, default=200, help="candidates ranked per user")
     p.add_argument(
-        "--workers",
+        "--replicas",
         type=int,
         default=2,
-        help="`shopml serve --workers`: server processes (one per core; the load generator "
-        "shares the cores)",
+        help="`shopml serve` processes, each on its own port, sent requests in turn (one per "
+        "core, as pods; the load generator shares the cores)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="`shopml serve --workers` of each replica"
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild the deployment")
     args = p.parse_args()
@@ -449,27 +472,31 @@ def main() -> None:
     print(feast_line(feast), flush=True)
 
     OUT.mkdir(parents=True, exist_ok=True)
-    port, log = free_port(), OUT / "serving-server.log"
-    base = f"http://127.0.0.1:{port}"
-    server = start_server(
-        port, log, {"SHOPML_SERVING__MAX_CANDIDATES": str(args.max_candidates)}, args.workers
-    )
+    ports = [free_port() for _ in range(args.replicas)]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    logs = [OUT / f"serving-server-{i}.log" for i in range(args.replicas)]
+    env = {"SHOPML_SERVING__MAX_CANDIDATES": str(args.max_candidates)}
+    servers = [
+        start_server(port, log, env, args.workers) for port, log in zip(ports, logs, strict=True)
+    ]
     steps: list[dict] = []
     try:
-        ready_s = wait_ready(server, base, log, READY_TIMEOUT_S)
-        print(f"server ready on {base} after {ready_s:.0f}s (pid {server.pid}, log {log})")
+        for server, base, log in zip(servers, bases, logs, strict=True):
+            ready_s = wait_ready(server, base, log, READY_TIMEOUT_S)
+            print(f"server ready on {base} after {ready_s:.0f}s (pid {server.pid}, log {log})")
         for rate in args.rate_list:
             print(f"driving {rate} requests/s for {args.duration}s ...", flush=True)
-            steps.append(run_step(base, server, rate, args))
+            steps.append(run_step(bases, servers, rate, args))
             time.sleep(2)  # let the last requests drain before the next step's baseline
     finally:
-        stop_server(server)
+        for server in servers:
+            stop_server(server)
 
     wall = time.perf_counter() - started
     print(
         f"\n## Serving load test: GET /recommendations/{{user}}?k={args.k}, "
         f"{dep['items']} items, {dep['users']} users, max_candidates {args.max_candidates}, "
-        f"{args.workers} server process(es), "
+        f"{args.replicas} replica(s) x {args.workers} worker(s), "
         f"{100 * args.unknown_share:g}% unknown users, {args.duration}s per rate, "
         f"{cores} cores\n"
     )
@@ -492,6 +519,7 @@ def main() -> None:
         "server_env": server_env,
         "k": args.k,
         "max_candidates": args.max_candidates,
+        "replicas": args.replicas,
         "workers": args.workers,
         "unknown_share": args.unknown_share,
         "duration_s": args.duration,

@@ -74,7 +74,7 @@ def candidate_rows(
         if user not in model.user_index or user not in user_features.index:
             continue  # unknown to the model: serving answers with popularity
         feats = np.nan_to_num(user_features.loc[user, list(S.USER_FEATURES)].to_numpy(np.float32))
-        _, cand, history, _ = engine.retrieve(model.user_index[user], feats)
+        cand, history, _, _ = engine.retrieve(model.user_index[user], feats)
         frame = pd.DataFrame(history, columns=list(HISTORY_FEATURES))
         frames.append(frame.assign(**{S.USER_ID: user, S.ITEM_ID: item_ids[cand], CAND: cand,
                                       S.ENTITY_TIMESTAMP: ts}))  # fmt: skip

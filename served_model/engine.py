@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Ranked:
     fallback: str | None = None  # reason; None when the two stages answered
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
     candidates: dict[str, int] = field(default_factory=dict)  # per source, and "ranked"
+    ann_memo: str | None = None  # "hit" or "miss" of TwoStage's ANN memo; None: not asked
 
 
 @contextmanager
@@ -87,6 +89,9 @@ class TwoStage:
         self.item_features: np.ndarray | None = None  # set by refresh_item_features
         self.reorderable = np.ones(len(self.item_ids), dtype=bool)
         self._lock = threading.Lock()
+        # user index -> (the online feature row it was computed from, the ANN source's items)
+        self._ann_memo: OrderedDict[int, tuple[bytes, np.ndarray]] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     # --- item features: bulk, refreshed in the background ------------------------------------
     def refresh_item_features(self) -> None:
@@ -153,7 +158,7 @@ class TwoStage:
         with self._lock:
             item_features, reorderable = self.item_features, self.reorderable
         with _timed(stages, "retrieval"):
-            query, cand, history, counts = self.retrieve(
+            cand, history, counts, memo = self.retrieve(
                 self.model.user_index[user_id], user_features
             )
         with _timed(stages, "filter"):
@@ -164,27 +169,24 @@ class TwoStage:
             )
         counts["ranked"] = len(cand)
         if len(cand) == 0:
-            return Ranked(self.popular(k), "no_candidates", stages, counts)
+            return Ranked(self.popular(k), "no_candidates", stages, counts, memo)
         with _timed(stages, "ranking"):
             scores = self.score(cand, history, user_features, item_features[cand])
             top = np.argsort(-scores, kind="stable")[:k]
         items = [(self.item_ids[cand[i]], float(scores[i])) for i in top]
-        return Ranked(items, None, stages, counts)
+        return Ranked(items, None, stages, counts, memo)
 
     def retrieve(
         self, uidx: int, user_features: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-        """Stage 1: (query vector, candidates in priority order, the user's history with each
-        (``HISTORY_FEATURES``), candidates per source). Nothing is filtered yet."""
-        with torch.no_grad():
-            user = self.model.user_vector(
-                torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
-            )[0].numpy()
-        query = np.append(user, np.float32(1.0))[None].astype(np.float32)
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, int], str | None]:
+        """Stage 1: (candidates in priority order, the user's history with each
+        (``HISTORY_FEATURES``), candidates per source, the ANN memo's hit or miss). Nothing
+        is filtered yet."""
+        ann, memo = self._ann(uidx, user_features) if self.cfg.ann_candidates else (None, None)
         hist_items, hist_counts, hist_last = self._history(uidx)
         by_count = hist_items[np.argsort(-hist_counts, kind="stable")]
         near, affinity = self._affinity(by_count[:KNN_SEEDS])
-        sources, counts = self._sources(query, by_count, near, affinity)
+        sources, counts = self._sources(ann, by_count, near, affinity)
         cand = np.concatenate(list(sources.values()))
         _, first = np.unique(cand, return_index=True)
         cand = cand[np.sort(first)]  # union, in the sources' order of priority
@@ -195,7 +197,39 @@ class TwoStage:
         history[hit, 1] = self.bundle.tables.user_last[uidx] - hist_last[at[hit]]
         hit, at = _lookup(near, cand)
         history[hit, 2] = affinity[at[hit]]
-        return query, cand, history, counts
+        return cand, history, counts, memo
+
+    def _ann(self, uidx: int, user_features: np.ndarray) -> tuple[np.ndarray, str]:
+        """The ANN source: the user tower's vector searched in the faiss index, best first;
+        and whether the memo answered ("hit") or it was computed ("miss").
+
+        The vector and the search are the largest part of a request, and both are functions
+        of the user, their online feature row and this version only. So they are memoised per
+        user and reused while the row reads the same: every request still reads the row, and
+        a changed row (the nightly materialization, or a pushed feature) is a miss that
+        replaces the entry. Answers are identical with or without the memo. Bounded LRU of
+        ``serving.ann_memo_users`` users (0: off); a new version starts with an empty one.
+        """
+        key = user_features.astype(np.float32).tobytes()
+        with self._memo_lock:
+            entry = self._ann_memo.get(uidx)
+            if entry is not None and entry[0] == key:
+                self._ann_memo.move_to_end(uidx)
+                return entry[1], "hit"
+        with torch.no_grad():
+            user = self.model.user_vector(
+                torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
+            )[0].numpy()
+        query = np.append(user, np.float32(1.0))[None].astype(np.float32)
+        _, ids = self.bundle.index.search(query, self.cfg.ann_candidates)
+        ann = ids[0][ids[0] >= 0].astype(np.int64)
+        if self.cfg.ann_memo_users:
+            with self._memo_lock:
+                self._ann_memo[uidx] = (key, ann)
+                self._ann_memo.move_to_end(uidx)
+                while len(self._ann_memo) > self.cfg.ann_memo_users:
+                    self._ann_memo.popitem(last=False)
+        return ann, "miss"
 
     def servable(
         self, cand: np.ndarray, history: np.ndarray, reorderable: np.ndarray
@@ -247,15 +281,19 @@ class TwoStage:
         return near, np.bincount(inv, weights=sim[ok], minlength=len(near)).astype(np.float32)
 
     def _sources(
-        self, query: np.ndarray, by_count: np.ndarray, near: np.ndarray, affinity: np.ndarray
+        self,
+        ann: np.ndarray | None,
+        by_count: np.ndarray,
+        near: np.ndarray,
+        affinity: np.ndarray,
     ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """Each source's candidates, best first (``by_count``: the user's items, most bought
-        first; ``near``/``affinity``: their item-kNN neighbourhood)."""
+        """Each source's candidates, best first (``ann``: :meth:`_ann`'s, None when off;
+        ``by_count``: the user's items, most bought first; ``near``/``affinity``: their
+        item-kNN neighbourhood)."""
         cfg, tables = self.cfg, self.bundle.tables
         sources: dict[str, np.ndarray] = {}
-        if cfg.ann_candidates:
-            _, ids = self.bundle.index.search(query, cfg.ann_candidates)
-            sources["ann"] = ids[0][ids[0] >= 0].astype(np.int64)
+        if ann is not None:
+            sources["ann"] = ann
         sources["history"] = by_count[: cfg.history_candidates].astype(np.int64)
         if cfg.knn_candidates:
             sources["item_knn"] = near[np.argsort(-affinity, kind="stable")][: cfg.knn_candidates]

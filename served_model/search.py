@@ -273,6 +273,7 @@ class SearchBundle:
         )
         if not models:
             return bundle
+
         def cross_encoder(path: Path) -> Any:
             return load_cross_encoder(path, threads=rerank_threads)
 

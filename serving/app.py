@@ -185,6 +185,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             metrics.stage.labels(stage).observe(seconds)
         for source, n in ranked.candidates.items():
             metrics.candidates.labels(source).observe(n)
+        if ranked.ann_memo:
+            metrics.ann_memo.labels(ranked.ann_memo).inc()
         if ranked.fallback:
             metrics.fallbacks.labels(ranked.fallback, arm.alias).inc()
 

@@ -64,6 +64,10 @@ class Metrics:
             "shopml_candidates", "Candidates per source for one user, and how many were ranked",
             ["source"], buckets=CANDIDATE_BUCKETS, registry=r,
         )  # fmt: skip
+        self.ann_memo = Counter(
+            "shopml_ann_memo_total", "Users answered from the ANN memo (hit) or with a fresh "
+            "user vector and index search (miss)", ["result"], registry=r,
+        )  # fmt: skip
         self.fallbacks = Counter(
             "shopml_fallbacks_total", "Answers served by the popularity fallback, by reason",
             ["reason", "arm"], registry=r,

@@ -201,6 +201,12 @@ class ServingConfig(BaseModel):
         300.0, ge=0, description="how often item features are re-read from Feast; 0 = never"
     )
     ann_ef_search: int = Field(128, ge=1, description="HNSW search breadth (recall vs latency)")
+    ann_memo_users: int = Field(
+        50_000,
+        ge=0,
+        description="users whose ANN candidates are kept while their online features read the "
+        "same (served_model.engine.TwoStage._ann; about 1 KB each); 0 = off",
+    )
     threads: int = Field(
         1,
         ge=1,

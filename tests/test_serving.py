@@ -591,3 +591,69 @@ def test_a_slow_search_or_batch_does_not_hold_up_single_recommendations(client, 
         release.set()
         holder._search = saved
         engine.__dict__.pop("recommend_many", None)
+
+
+def test_the_ann_memo_answers_like_a_fresh_search_and_misses_on_a_changed_feature_row(
+    client, deployment
+):
+    """Memoised ANN candidates are the ones a fresh user vector and search give, for as long
+    as the user's feature row reads the same; another row recomputes them; the memo is a
+    bounded LRU."""
+    _, dep = deployment
+    memo, fresh = _engine(client), _engine(client, ann_memo_users=0)
+    user = dep.user_ids[3]
+    uidx = memo.model.user_index[user]
+    row = np.nan_to_num(memo.features.users([user])[0])
+    changed = row.copy()
+    changed[:3] = row[:3] * 4 + 50  # a busier shopper: counts up (as a pushed event would)
+    assert not np.array_equal(fresh.retrieve(uidx, row)[0], fresh.retrieve(uidx, changed)[0])
+
+    answers = [memo.rank(user, r, 10) for r in (row, row, changed, changed)]
+    assert [a.ann_memo for a in answers] == ["miss", "hit", "miss", "hit"]
+    for got, r in zip(answers, (row, row, changed, changed), strict=True):
+        assert got.items == fresh.rank(user, r, 10).items
+    assert {fresh.rank(user, row, 10).ann_memo} == {"miss"}
+
+    small = _engine(client, ann_memo_users=2)
+    for u in dep.user_ids[:3]:
+        small.rank(u, row, 5)
+    assert len(small._ann_memo) == 2 and small.model.user_index[dep.user_ids[0]] not in (
+        small._ann_memo
+    )
+
+
+def test_a_user_whose_online_features_change_gets_a_fresh_ann_answer(client, deployment):
+    """Through the service and the online store: a second request is a memo hit; after the
+    user's online row changes (written as a push is), the next one is a miss and answers as a
+    service without the memo would."""
+    from shopml.feast_store import open_store
+
+    settings, dep = deployment
+    user = dep.user_ids[5]
+    store = open_store(settings)
+    refs = [f"user_features:{f}" for f in S.USER_FEATURES]
+    old = store.get_online_features(features=refs, entity_rows=[{S.USER_ID: user}]).to_dict()
+
+    def write(values: dict[str, object]) -> None:
+        frame = pd.DataFrame({S.USER_ID: [user], **{f: [values[f]] for f in S.USER_FEATURES}})
+        frame["feature_timestamp"] = pd.Timestamp.now(tz="UTC")  # the source's field
+        store.write_to_online_store("user_features", frame)
+
+    def hits(result: str) -> float:
+        return _metric(client, f'shopml_ann_memo_total{{result="{result}"}}')
+
+    client.get(f"/recommendations/{user}")
+    before = hits("hit"), hits("miss")
+    client.get(f"/recommendations/{user}")
+    assert (hits("hit"), hits("miss")) == (before[0] + 1, before[1])
+    new = {f: old[f][0] for f in S.USER_FEATURES}
+    new.update({f: old[f][0] * 4 + 50 for f in S.USER_FEATURES[:3]})
+    try:
+        write(new)
+        got = client.get(f"/recommendations/{user}").json()
+        assert (hits("hit"), hits("miss")) == (before[0] + 1, before[1] + 1)
+        fresh = _engine(client, ann_memo_users=0)
+        want = fresh.recommend(user, 10)
+        assert [i["item_id"] for i in got["items"]] == [i for i, _ in want.items]
+    finally:
+        write({f: old[f][0] for f in S.USER_FEATURES})
