@@ -102,6 +102,8 @@ def stage_breakdown(before: Samples, after: Samples) -> dict[str, object]:
         for s in STAGES
     }
     ranked_n = delta("shopml_candidates_count", source="ranked")
+    memo_hits = delta("shopml_ann_memo_total", result="hit")
+    memo_asked = memo_hits + delta("shopml_ann_memo_total", result="miss")
     reasons = label_values(after, "shopml_fallbacks_total", "reason")
     return {
         "handler_requests": int(answered),
@@ -118,6 +120,7 @@ def stage_breakdown(before: Samples, after: Samples) -> dict[str, object]:
         if ranked_n
         else float("nan"),
         "fallbacks": {r: int(delta("shopml_fallbacks_total", reason=r)) for r in sorted(reasons)},
+        "ann_memo_hit_share": memo_hits / memo_asked if memo_asked else float("nan"),
     }
 
 

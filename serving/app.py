@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from served_model.engine import Ranked, UnknownItem
 from served_model.features import FeaturesUnavailable
+from serving.guards import BodyLimit, RateLimit, Scope
 from serving.models import Arm, ModelHolder
 from serving.observability import Metrics, configure_json_logging
 from shopml import schema as S
@@ -153,6 +154,17 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     app.state.holder = holder
     app.state.metrics = metrics
 
+    def refused(scope: Scope, status: int) -> None:
+        metrics.errors.labels(_endpoint_of(scope["method"], scope["path"]), str(status)).inc()
+
+    serving = settings.serving
+    app.add_middleware(BodyLimit, max_bytes=serving.max_body_bytes, count=refused)
+    if serving.rate_limit_per_s:  # outermost: a refused client costs no body read
+        app.add_middleware(
+            RateLimit, rate=serving.rate_limit_per_s, burst=serving.rate_limit_burst,
+            count=refused,
+        )  # fmt: skip
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         """422 with one readable line per problem, counted like every error."""
@@ -160,7 +172,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
             for e in exc.errors()
         ]
-        metrics.errors.labels(_endpoint(request), "422").inc()
+        metrics.errors.labels(_endpoint_of(request.method, request.url.path), "422").inc()
         return JSONResponse(status_code=422, content={"detail": problems})
 
     def answer(arm: Arm, user_id: str, ranked: Ranked) -> dict[str, object]:
@@ -370,10 +382,12 @@ def single_threaded_kernels() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def _endpoint(request: Request) -> str:
-    path = request.url.path
+def _endpoint_of(method: str, path: str) -> str:
+    """The ``endpoint`` label of a request."""
     if path.startswith("/items/"):
         return "similar"
     if path.startswith("/search"):
         return "search"
-    return "recommendations_batch" if request.method == "POST" else "recommendations"
+    if not path.startswith("/recommendations"):
+        return "other"
+    return "recommendations_batch" if method == "POST" else "recommendations"

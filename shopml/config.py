@@ -201,6 +201,18 @@ class ServingConfig(BaseModel):
         300.0, ge=0, description="how often item features are re-read from Feast; 0 = never"
     )
     ann_ef_search: int = Field(128, ge=1, description="HNSW search breadth (recall vs latency)")
+    max_body_bytes: int = Field(
+        262_144,
+        ge=1024,
+        description="largest request body (a 413 beyond; serving.guards): a full batch of "
+        "1,000 ids of 128 characters is about 135 KB",
+    )
+    rate_limit_per_s: float = Field(
+        0.0, ge=0, description="requests a second per client, then 429 (serving.guards); 0 = off"
+    )
+    rate_limit_burst: int = Field(
+        20, ge=1, description="requests a client may send at once before its rate applies"
+    )
     ann_memo_users: int = Field(
         50_000,
         ge=0,

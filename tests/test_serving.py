@@ -657,3 +657,15 @@ def test_a_user_whose_online_features_change_gets_a_fresh_ann_answer(client, dep
         assert [i["item_id"] for i in got["items"]] == [i for i, _ in want.items]
     finally:
         write({f: old[f][0] for f in S.USER_FEATURES})
+
+
+def test_the_service_refuses_an_oversized_body_with_a_counted_413(client, deployment):
+    settings, _ = deployment
+    line = 'shopml_errors_total{endpoint="recommendations_batch",status="413"}'
+    before = _metric(client, line)
+    ids = [f"u{i:0120d}" for i in range(settings.serving.max_body_bytes // 100)]
+    r = client.post("/recommendations", json={"user_ids": ids[:1000]})  # a full batch fits
+    assert r.status_code == 200 and len(r.json()["results"]) == 1000
+    r = client.post("/recommendations", json={"user_ids": ids, "k": 10})
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"][0]
+    assert _metric(client, line) == before + 1
