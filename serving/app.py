@@ -21,12 +21,12 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -41,7 +41,10 @@ from shopml.config import Settings, load_settings
 MAX_K = 1000
 MAX_ID_LENGTH = S.MAX_ID_LENGTH
 MAX_BATCH_USERS = 1000
-ID_PATTERN = r"^[^\s/]+$"  # no whitespace, no slashes
+# No whitespace, control characters or slashes. Spelled out beyond \s so that Python's regex
+# (the service) and ECMA's (the OpenAPI schema's clients) agree on every character.
+ID_PATTERN = r"^[^\x00-\x20\x7f\x85\ufeff/\s]+$"
+QUERY_PATTERN = r"[^\x00-\x20\x7f\x85\ufeff\s]"  # a query is not only spaces (same care)
 
 log = logging.getLogger("serving.app")
 T = TypeVar("T")
@@ -70,15 +73,14 @@ class Recommendations(BaseModel):
     items: list[Recommendation]
 
 
+UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+
+
 class BatchRequest(BaseModel):
-    user_ids: list[str] = Field(..., min_length=1, max_length=MAX_BATCH_USERS)
+    # the same rule as the path of GET /recommendations/{user_id}, in the schema
+    user_ids: list[UserId] = Field(..., min_length=1, max_length=MAX_BATCH_USERS)
     k: int = Field(10, ge=1, le=MAX_K)
     category: str | None = Field(None, max_length=MAX_ID_LENGTH)
-
-    def model_post_init(self, _: object) -> None:
-        bad = [u for u in self.user_ids if not (0 < len(u) <= MAX_ID_LENGTH) or "/" in u]
-        if bad:
-            raise ValueError(f"user ids must be 1..{MAX_ID_LENGTH} characters: {bad[:3]}")
 
 
 class BatchRecommendations(BaseModel):
@@ -115,6 +117,26 @@ class SearchAnswer(BaseModel):
 
 
 MAX_SEARCH_K = 100
+
+
+class Problem(BaseModel):
+    """Every error answer: what was wrong, one line per problem (a 422 lists each bad
+    parameter; the others say what to do)."""
+
+    detail: list[str] | str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
+    """The documented error answers of a route (``Problem`` bodies)."""
+    why = {
+        400: "the body is not JSON",
+        404: "unknown id",
+        413: "request body over serving.max_body_bytes",
+        422: "invalid parameters, one line each",
+        429: "over the per-client rate limit (serving.rate_limit_per_s; Retry-After says when)",
+        503: "no model loaded for this endpoint yet",
+    }
+    return {code: {"model": Problem, "description": why[code]} for code in codes}
 
 
 def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> FastAPI:
@@ -217,7 +239,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         arm = holder.arms.get("champion")
         return {"status": "ok", "model_version": arm.version if arm else None}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_errors(503))
     async def readyz() -> dict[str, object]:
         """Readiness: the champion is loaded, so traffic may be routed here."""
         arm = champion()
@@ -229,11 +251,16 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             "models": holder.served_models(),  # each part's format, bytes and parameters
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
+        """Prometheus' text exposition format."""
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/recommendations/{user_id}", response_model=Recommendations)
+    @app.get(
+        "/recommendations/{user_id}",
+        response_model=Recommendations,
+        responses=_errors(422, 429, 503),
+    )
     async def recommend_endpoint(
         user_id: str = _id_path(),
         k: int = _k(),
@@ -255,7 +282,11 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             "candidates": ranked.candidates})  # fmt: skip
         return JSONResponse(answer(arm, user_id, ranked))
 
-    @app.post("/recommendations", response_model=BatchRecommendations)
+    @app.post(
+        "/recommendations",
+        response_model=BatchRecommendations,
+        responses=_errors(400, 413, 422, 429, 503),
+    )
     async def recommend_batch_endpoint(request: BatchRequest = Body(...)) -> JSONResponse:
         return await compute("batch", recommend_batch, request)
 
@@ -283,7 +314,11 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             "fallbacks": fallbacks, "ms": round(elapsed * 1000, 2)})  # fmt: skip
         return JSONResponse({"results": [results[u] for u in request.user_ids]})
 
-    @app.get("/items/{item_id}/similar", response_model=SimilarItems)
+    @app.get(
+        "/items/{item_id}/similar",
+        response_model=SimilarItems,
+        responses=_errors(404, 422, 429, 503),
+    )
     async def similar_endpoint(item_id: str = _id_path(), k: int = _k()) -> SimilarItems:
         return await compute("recommendations", similar, item_id, k)
 
@@ -312,9 +347,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     max_query = settings.search.max_query_chars
 
-    @app.get("/search", response_model=SearchAnswer)
+    @app.get("/search", response_model=SearchAnswer, responses=_errors(422, 429, 503))
     async def search_endpoint(
-        q: str = Query(..., min_length=1, max_length=max_query, pattern=r"\S",
+        q: str = Query(..., min_length=1, max_length=max_query, pattern=QUERY_PATTERN,
                        description=f"the query, 1..{max_query} characters, not only spaces"),
         k: int = Query(10, ge=1, le=MAX_SEARCH_K, description=f"1..{MAX_SEARCH_K}"),
         user_id: str | None = Query(None, min_length=1, max_length=MAX_ID_LENGTH,
