@@ -529,6 +529,28 @@ def test_shopml_serve_with_two_workers_answers_and_adds_up_their_metrics(deploym
         count = 'shopml_request_seconds_count{arm="champion",endpoint="recommendations"}'
         assert sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(count)) == 30
         assert f'shopml_model_version{{alias="champion"}} {float(dep.version)}' in lines
+
+        # Slow clients hold sockets, not compute threads (serving.threads is 1): while 8
+        # connections trickle their headers and 8 their bodies, a byte every 0.2 s, every
+        # other request still answers.
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+        body = b'{"user_ids": ["%s"], "k": 3}' % dep.user_ids[0].encode()
+        head = (b"POST /recommendations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+        for conn in slow[8:]:
+            conn.sendall(head)  # the headers whole, the body to come
+        try:
+            for step in range(10):
+                for conn in slow[:8]:
+                    conn.sendall(head[step : step + 1])
+                for conn in slow[8:]:
+                    conn.sendall(body[step : step + 1])
+                r = httpx.get(f"{base}/recommendations/{dep.user_ids[step]}", timeout=5)
+                assert r.status_code == 200 and r.json()["fallback"] is False
+                time.sleep(0.2)
+        finally:
+            for conn in slow:
+                conn.close()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
