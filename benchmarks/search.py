@@ -106,6 +106,13 @@ def main() -> None:
     print(quality_table(run_dir).to_markdown(index=False))
     if args.no_latency:
         return
+    from training import registry
+
+    if registry.champion_version(settings) is None:
+        print(f"\n/search latency: not measured. The service that answers /search also serves "
+              f"recommendations and starts only with a '{settings.model_name}' champion: run "
+              "`make demo` (the nightly DAG), then `make bench-search`.")  # fmt: skip
+        return
     rows = []
     for rerank in (True, False):
         s = latency(settings, run_dir, args.rate, args.duration, rerank)
