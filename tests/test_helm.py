@@ -138,6 +138,8 @@ EXPECTED_OBJECTS = {
     ("Service", "shopml-mlflow"),
     ("Deployment", "shopml-feast"),
     ("Service", "shopml-feast"),
+    ("NetworkPolicy", "shopml-serving"),
+    ("NetworkPolicy", "shopml-mlflow-clients"),
 }
 
 
@@ -730,3 +732,44 @@ def test_every_schema_property_is_a_default_value():
             check(child, value[key], f"{where}.{key}")
 
     check(schema, values, "values")
+
+
+def test_network_policies_admit_only_the_ingress_to_serving_and_shopml_to_its_servers(tmp_path):
+    docs = render()
+    serving = find(docs, "NetworkPolicy", f"{RELEASE}-serving")["spec"]
+    assert (
+        serving["podSelector"]["matchLabels"]
+        == find(docs, "Deployment", f"{RELEASE}-serving")["spec"]["selector"]["matchLabels"]
+    )
+    (rule,) = serving["ingress"]
+    assert [p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for p in rule["from"]] == ["ingress-nginx", "monitoring"]  # fmt: skip
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+    mlflow = find(docs, "NetworkPolicy", f"{RELEASE}-mlflow-clients")["spec"]
+    assert (
+        mlflow["podSelector"]["matchLabels"]
+        == find(docs, "Deployment", f"{RELEASE}-mlflow")["spec"]["selector"]["matchLabels"]
+    )
+    shopml, airflow = (p["podSelector"]["matchLabels"] for p in mlflow["ingress"][0]["from"])
+    assert airflow == {"tier": "airflow"}
+    # every ShopML pod that talks to MLflow, Redis or PostgreSQL carries the admitted labels
+    for name in pod_specs(docs):
+        kind, _, obj = name.partition("/")
+        if kind in ("Deployment", "Job"):
+            labels = find(docs, kind, obj)["spec"]["template"]["metadata"]["labels"]
+            assert shopml.items() <= labels.items(), name
+    # Redis and PostgreSQL run elsewhere by default: no policy; named pods get one on their port
+    servers = ("redis-clients", "postgres-clients")
+    assert not [d for d in docs if d["metadata"]["name"].endswith(servers)]
+    values = tmp_path / "np.yaml"
+    values.write_text("networkPolicy:\n  redisPodLabels: {app: redis}\n"
+                      "  postgresPodLabels: {app: postgresql}\n")  # fmt: skip
+    docs = render(values)
+    redis = find(docs, "NetworkPolicy", f"{RELEASE}-redis-clients")["spec"]
+    assert redis["podSelector"]["matchLabels"] == {"app": "redis"}
+    assert redis["ingress"][0]["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    postgres = find(docs, "NetworkPolicy", f"{RELEASE}-postgres-clients")["spec"]
+    assert postgres["ingress"][0]["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    off = render(None, ("networkPolicy.enabled=false",))
+    assert not [d for d in off if d["kind"] == "NetworkPolicy"]
