@@ -7,9 +7,11 @@
 What it does, in order:
 
 1. builds a synthetic deployment (``serving.synthetic.deploy``: Feast features materialized in
-   the SQLite online store, a registered MLflow champion with its faiss index, ranker and
-   tables) in ``var/bench-serving/``, or reuses it when its marker JSON says it was built with
-   the same parameters (``--rebuild`` forces a new one);
+   the SQLite online store, a registered MLflow champion with its faiss index, ranker (its
+   ONNX export by default, the format the nightly compression gate chose on the Instacart
+   demo; ``--ranker-format torch`` for the module) and tables) in ``var/bench-serving/``, or
+   reuses it when its marker JSON says it was built with the same parameters (``--rebuild``
+   forces a new one);
 2. times Feast's online read of one user row in-process, alone, and compares it with Feast's
    published figure for its Python feature server;
 3. starts ``--replicas`` (2) ``shopml serve`` processes, one worker each, on free ports, as the
@@ -106,6 +108,7 @@ ARTIFACT_CODE = (
     "served_model/bundle.py",
     "served_model/two_tower.py",
     "served_model/ranker.py",
+    "training/compress.py",
     "feature_repo/definitions.py",
     "shopml/schema.py",
 )
@@ -120,7 +123,7 @@ READY_TIMEOUT_S = 900  # the server reads every item's features from Feast befor
 
 
 # --- the deployment ----------------------------------------------------------------------------
-def deployment_params(items: int, users: int) -> dict[str, object]:
+def deployment_params(items: int, users: int, ranker_format: str = "onnx") -> dict[str, object]:
     """Everything ``deploy`` is called with, and the code that writes what it builds: the
     marker compares these to decide reuse (artifacts of older code may not load any more)."""
     digest = hashlib.sha256()
@@ -130,6 +133,7 @@ def deployment_params(items: int, users: int) -> dict[str, object]:
         "code_sha256": digest.hexdigest()[:16],
         "n_items": items,
         "n_users": users,
+        "ranker_format": ranker_format,
         "n_categories": CATEGORIES,
         "per_user": PER_USER,
         "dim": DIM,
@@ -432,6 +436,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--workers", type=int, default=1, help="`shopml serve --workers` of each replica"
     )
+    p.add_argument(
+        "--ranker-format",
+        choices=("onnx", "torch"),
+        default="onnx",
+        help="the deployment's ranker: its ONNX export (what the nightly compression gate "
+        "chose on the Instacart demo) or the torch module",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the deployment")
     args = p.parse_args()
     args.rate_list = [int(r) for r in args.rates.split(",") if r.strip()]
@@ -461,7 +472,9 @@ def main() -> None:
     if server_env:
         print(f"note: the server inherits these settings from the environment: {server_env}")
 
-    dep = ensure_deployment(deployment_params(args.items, args.users), args.rebuild)
+    dep = ensure_deployment(
+        deployment_params(args.items, args.users, args.ranker_format), args.rebuild
+    )
     print(
         f"deployment: {HOME} version {dep['version']}, {dep['items']} items, {dep['users']} "
         f"users; {'reused' if dep['reused'] else 'built'} "

@@ -95,8 +95,11 @@ def deploy(
     dim: int = 32,
     seed: int = 0,
     alias: str = "champion",
+    ranker_format: str = "torch",
 ) -> Deployment:
-    """Write features into Feast, build and register a servable version, point ``alias`` at it."""
+    """Write features into Feast, build and register a servable version, point ``alias`` at it
+    (its ranker a torch module, or its ONNX export with ``ranker_format="onnx"``, as the
+    compression gate may choose)."""
     from shopml import feast_store
 
     catalog, purchases = make_data(n_users, n_items, n_categories, per_user, seed)
@@ -108,7 +111,7 @@ def deploy(
     feast_store.apply(settings, DS)
     feast_store.materialize(settings, DS)
 
-    version = register_version(settings, catalog, purchases, dim, seed, alias)
+    version = register_version(settings, catalog, purchases, dim, seed, alias, ranker_format)
     user_ids = sorted(purchases[S.USER_ID].unique())
     return Deployment(version, user_ids, catalog[S.ITEM_ID].tolist(), catalog, purchases)
 
@@ -120,6 +123,7 @@ def register_version(
     dim: int,
     seed: int,
     alias: str | None = "champion",
+    ranker_format: str = "torch",
 ) -> str:
     """A randomly initialised two-tower and ranker over the data, registered with its serving
     artifacts; ``alias`` (when given) points at it. Returns the version."""
@@ -133,6 +137,14 @@ def register_version(
     users = sorted(purchases[S.USER_ID].unique())
     model = TwoTower(users, catalog[S.ITEM_ID].tolist(), popular, dim=dim).eval()
     ranker = Ranker().eval()
+    if ranker_format == "onnx":
+        from served_model.ranker import RANKER_FEATURES, OnnxRanker, ranker_params
+        from training.compress import export_onnx
+
+        example = np.random.default_rng(seed).random((8, len(RANKER_FEATURES)), np.float32)
+        ranker = OnnxRanker(export_onnx(ranker, example), "onnx", ranker_params(ranker))
+    elif ranker_format != "torch":
+        raise ValueError(f"ranker_format: 'torch' or 'onnx', not {ranker_format!r}")
     with tempfile.TemporaryDirectory() as tmp:
         files = write_artifacts(Path(tmp), model, ranker, purchases, catalog)
         run_id = registry.start_run(settings, DS.isoformat(), {"synthetic": True, "seed": seed})
