@@ -102,7 +102,9 @@ def stage_breakdown(before: Samples, after: Samples) -> dict[str, object]:
         for s in STAGES
     }
     ranked_n = delta("shopml_candidates_count", source="ranked")
-    memo_hits = delta("shopml_ann_memo_total", result="hit")
+    memo_hits = delta("shopml_ann_memo_total", result="hit") + delta(
+        "shopml_ann_memo_total", result="answer"
+    )
     memo_asked = memo_hits + delta("shopml_ann_memo_total", result="miss")
     reasons = label_values(after, "shopml_fallbacks_total", "reason")
     return {

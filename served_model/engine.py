@@ -61,7 +61,9 @@ class Ranked:
     fallback: str | None = None  # reason; None when the two stages answered
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
     candidates: dict[str, int] = field(default_factory=dict)  # per source, and "ranked"
-    ann_memo: str | None = None  # "hit" or "miss" of TwoStage's ANN memo; None: not asked
+    # TwoStage's memo: "answer" (this answer reused), "hit" (the ANN candidates reused, then
+    # filtered and ranked), "miss" (computed); None: not asked (a fallback)
+    ann_memo: str | None = None
 
 
 @contextmanager
@@ -88,9 +90,12 @@ class TwoStage:
             bundle.index.hnsw.efSearch = max(cfg.ann_ef_search, cfg.ann_candidates)
         self.item_features: np.ndarray | None = None  # set by refresh_item_features
         self.reorderable = np.ones(len(self.item_ids), dtype=bool)
+        self._item_generation = 0  # counts refresh_item_features: answers made before are stale
         self._lock = threading.Lock()
         # user index -> (the online feature row it was computed from, the ANN source's items)
         self._ann_memo: OrderedDict[int, tuple[bytes, np.ndarray]] = OrderedDict()
+        # user index -> ((row, item generation, k), the answer's items, candidate counts)
+        self._answers: OrderedDict[int, tuple[tuple[bytes, int, int], list, dict]] = OrderedDict()
         self._memo_lock = threading.Lock()
 
     # --- item features: bulk, refreshed in the background ------------------------------------
@@ -100,6 +105,7 @@ class TwoStage:
         reorderable = np.nan_to_num(values[:, _REORDER], nan=0.0) > self.cfg.reorder_min_rate
         with self._lock:  # the two arrays change together
             self.item_features, self.reorderable = np.nan_to_num(values), reorderable
+            self._item_generation += 1
 
     # --- answers ------------------------------------------------------------------------------
     def popular(self, k: int, category: str | None = None) -> list[tuple[str, float]]:
@@ -153,14 +159,24 @@ class TwoStage:
         return out
 
     def rank(self, user_id: str, user_features: np.ndarray, k: int) -> Ranked:
-        """Retrieve, filter and rank for a known user with online features."""
+        """Retrieve, filter and rank for a known user with online features.
+
+        An answer is a function of the user's feature row, the item features (refreshed in
+        bulk) and ``k`` for this version: the last one of each user is kept in the memo of
+        :meth:`_ann` and given again while all three are the same (``ann_memo`` "answer")."""
         stages: dict[str, float] = {}
+        uidx = self.model.user_index[user_id]
         with self._lock:
             item_features, reorderable = self.item_features, self.reorderable
+            answer_key = (user_features.astype(np.float32).tobytes(), self._item_generation, k)
+        if self.cfg.ann_memo_users:
+            with self._memo_lock:
+                saved = self._answers.get(uidx)
+                if saved is not None and saved[0] == answer_key:
+                    self._answers.move_to_end(uidx)
+                    return Ranked(list(saved[1]), None, stages, dict(saved[2]), "answer")
         with _timed(stages, "retrieval"):
-            cand, history, counts, memo = self.retrieve(
-                self.model.user_index[user_id], user_features
-            )
+            cand, history, counts, memo = self.retrieve(uidx, user_features)
         with _timed(stages, "filter"):
             keep = self.servable(cand, history, reorderable[cand])
             cand, history = (
@@ -174,6 +190,12 @@ class TwoStage:
             scores = self.score(cand, history, user_features, item_features[cand])
             top = np.argsort(-scores, kind="stable")[:k]
         items = [(self.item_ids[cand[i]], float(scores[i])) for i in top]
+        if self.cfg.ann_memo_users:
+            with self._memo_lock:
+                self._answers[uidx] = (answer_key, items, counts)
+                self._answers.move_to_end(uidx)
+                while len(self._answers) > self.cfg.ann_memo_users:
+                    self._answers.popitem(last=False)
         return Ranked(items, None, stages, counts, memo)
 
     def retrieve(

@@ -65,8 +65,9 @@ class Metrics:
             ["source"], buckets=CANDIDATE_BUCKETS, registry=r,
         )  # fmt: skip
         self.ann_memo = Counter(
-            "shopml_ann_memo_total", "Users answered from the ANN memo (hit) or with a fresh "
-            "user vector and index search (miss)", ["result"], registry=r,
+            "shopml_ann_memo_total", "Users answered from the memo: the whole answer "
+            "(answer), the ANN candidates, ranked anew (hit), or computed afresh (miss)",
+            ["result"], registry=r,
         )  # fmt: skip
         self.fallbacks = Counter(
             "shopml_fallbacks_total", "Answers served by the popularity fallback, by reason",

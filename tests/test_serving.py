@@ -619,9 +619,9 @@ def test_a_slow_search_or_batch_does_not_hold_up_single_recommendations(client, 
 def test_the_ann_memo_answers_like_a_fresh_search_and_misses_on_a_changed_feature_row(
     client, deployment
 ):
-    """Memoised ANN candidates are the ones a fresh user vector and search give, for as long
-    as the user's feature row reads the same; another row recomputes them; the memo is a
-    bounded LRU."""
+    """Memoised answers and ANN candidates are the ones computed afresh, for as long as the
+    user's feature row (and, for answers, k and the item features) reads the same; another
+    row recomputes them; the memo is a bounded LRU."""
     _, dep = deployment
     memo, fresh = _engine(client), _engine(client, ann_memo_users=0)
     user = dep.user_ids[3]
@@ -631,11 +631,15 @@ def test_the_ann_memo_answers_like_a_fresh_search_and_misses_on_a_changed_featur
     changed[:3] = row[:3] * 4 + 50  # a busier shopper: counts up (as a pushed event would)
     assert not np.array_equal(fresh.retrieve(uidx, row)[0], fresh.retrieve(uidx, changed)[0])
 
-    answers = [memo.rank(user, r, 10) for r in (row, row, changed, changed)]
-    assert [a.ann_memo for a in answers] == ["miss", "hit", "miss", "hit"]
-    for got, r in zip(answers, (row, row, changed, changed), strict=True):
-        assert got.items == fresh.rank(user, r, 10).items
+    asked = [(row, 10), (row, 10), (changed, 10), (changed, 10), (changed, 5)]
+    answers = [memo.rank(user, r, k) for r, k in asked]
+    # the same row and k: the answer again; another k: the candidates again, ranked anew
+    assert [a.ann_memo for a in answers] == ["miss", "answer", "miss", "answer", "hit"]
+    for got, (r, k) in zip(answers, asked, strict=True):
+        assert got.items == fresh.rank(user, r, k).items
     assert {fresh.rank(user, row, 10).ann_memo} == {"miss"}
+    memo.refresh_item_features()  # new item features: answers are ranked anew
+    assert memo.rank(user, changed, 5).ann_memo == "hit"
 
     small = _engine(client, ann_memo_users=2)
     for u in dep.user_ids[:3]:
@@ -646,9 +650,9 @@ def test_the_ann_memo_answers_like_a_fresh_search_and_misses_on_a_changed_featur
 
 
 def test_a_user_whose_online_features_change_gets_a_fresh_ann_answer(client, deployment):
-    """Through the service and the online store: a second request is a memo hit; after the
-    user's online row changes (written as a push is), the next one is a miss and answers as a
-    service without the memo would."""
+    """Through the service and the online store: a second request is answered from the memo;
+    after the user's online row changes (written as a push is), the next one is a miss and
+    answers as a service without the memo would."""
     from shopml.feast_store import open_store
 
     settings, dep = deployment
@@ -666,15 +670,15 @@ def test_a_user_whose_online_features_change_gets_a_fresh_ann_answer(client, dep
         return _metric(client, f'shopml_ann_memo_total{{result="{result}"}}')
 
     client.get(f"/recommendations/{user}")
-    before = hits("hit"), hits("miss")
+    before = hits("answer"), hits("miss")
     client.get(f"/recommendations/{user}")
-    assert (hits("hit"), hits("miss")) == (before[0] + 1, before[1])
+    assert (hits("answer"), hits("miss")) == (before[0] + 1, before[1])
     new = {f: old[f][0] for f in S.USER_FEATURES}
     new.update({f: old[f][0] * 4 + 50 for f in S.USER_FEATURES[:3]})
     try:
         write(new)
         got = client.get(f"/recommendations/{user}").json()
-        assert (hits("hit"), hits("miss")) == (before[0] + 1, before[1] + 1)
+        assert (hits("answer"), hits("miss")) == (before[0] + 1, before[1] + 1)
         fresh = _engine(client, ann_memo_users=0)
         want = fresh.recommend(user, 10)
         assert [i["item_id"] for i in got["items"]] == [i for i, _ in want.items]
