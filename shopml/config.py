@@ -217,7 +217,7 @@ class ServingConfig(BaseModel):
         50_000,
         ge=0,
         description="users whose ANN candidates are kept while their online features read the "
-        "same (served_model.engine.TwoStage._ann; about 1 KB each); 0 = off",
+        "same, with their last answer (served_model.engine.TwoStage; about 2 KB each); 0 = off",
     )
     threads: int = Field(
         1,
