@@ -42,8 +42,8 @@ def scrape(base: str) -> Samples:
 
 
 def scrape_all(bases: list[str]) -> Samples:
-    """The samples of several replicas added up (counters and histograms add; so do the
-    gauges read here, which are per-process sizes)."""
+    """The samples of several replicas added up: right for the counters and histograms that
+    ``stage_breakdown`` reads (a gauge would not add up)."""
     merged: Samples = {}
     for base in bases:
         for key, value in scrape(base).items():

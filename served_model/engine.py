@@ -66,6 +66,21 @@ class Ranked:
     ann_memo: str | None = None
 
 
+@dataclass
+class _Memo:
+    """What one user's online feature row gave (``TwoStage``'s memo), reused while the row
+    reads the same."""
+
+    row: bytes  # the row's float32 bytes
+    ann: np.ndarray | None = None  # the ANN source's items (TwoStage._ann)
+    # the last answer: ((item generation, k), items, candidate counts) (TwoStage.rank)
+    answer: tuple[tuple[int, int], list, dict] | None = None
+
+
+def _row_key(user_features: np.ndarray) -> bytes:
+    return user_features.astype(np.float32).tobytes()
+
+
 @contextmanager
 def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
     t = time.perf_counter()
@@ -92,10 +107,7 @@ class TwoStage:
         self.reorderable = np.ones(len(self.item_ids), dtype=bool)
         self._item_generation = 0  # counts refresh_item_features: answers made before are stale
         self._lock = threading.Lock()
-        # user index -> (the online feature row it was computed from, the ANN source's items)
-        self._ann_memo: OrderedDict[int, tuple[bytes, np.ndarray]] = OrderedDict()
-        # user index -> ((row, item generation, k), the answer's items, candidate counts)
-        self._answers: OrderedDict[int, tuple[tuple[bytes, int, int], list, dict]] = OrderedDict()
+        self._memo: OrderedDict[int, _Memo] = OrderedDict()  # user index -> entry, LRU order
         self._memo_lock = threading.Lock()
 
     # --- item features: bulk, refreshed in the background ------------------------------------
@@ -165,16 +177,14 @@ class TwoStage:
         bulk) and ``k`` for this version: the last one of each user is kept in the memo of
         :meth:`_ann` and given again while all three are the same (``ann_memo`` "answer")."""
         stages: dict[str, float] = {}
-        uidx = self.model.user_index[user_id]
+        uidx, row = self.model.user_index[user_id], _row_key(user_features)
         with self._lock:
             item_features, reorderable = self.item_features, self.reorderable
-            answer_key = (user_features.astype(np.float32).tobytes(), self._item_generation, k)
-        if self.cfg.ann_memo_users:
-            with self._memo_lock:
-                saved = self._answers.get(uidx)
-                if saved is not None and saved[0] == answer_key:
-                    self._answers.move_to_end(uidx)
-                    return Ranked(list(saved[1]), None, stages, dict(saved[2]), "answer")
+            asked = (self._item_generation, k)
+        memo = self._recall(uidx, row)
+        if memo is not None and memo.answer is not None and memo.answer[0] == asked:
+            _, items, counts = memo.answer
+            return Ranked(list(items), None, stages, dict(counts), "answer")
         with _timed(stages, "retrieval"):
             cand, history, counts, memo = self.retrieve(uidx, user_features)
         with _timed(stages, "filter"):
@@ -190,12 +200,7 @@ class TwoStage:
             scores = self.score(cand, history, user_features, item_features[cand])
             top = np.argsort(-scores, kind="stable")[:k]
         items = [(self.item_ids[cand[i]], float(scores[i])) for i in top]
-        if self.cfg.ann_memo_users:
-            with self._memo_lock:
-                self._answers[uidx] = (answer_key, items, counts)
-                self._answers.move_to_end(uidx)
-                while len(self._answers) > self.cfg.ann_memo_users:
-                    self._answers.popitem(last=False)
+        self._remember(uidx, row, answer=(asked, items, counts))
         return Ranked(items, None, stages, counts, memo)
 
     def retrieve(
@@ -232,12 +237,10 @@ class TwoStage:
         replaces the entry. Answers are identical with or without the memo. Bounded LRU of
         ``serving.ann_memo_users`` users (0: off); a new version starts with an empty one.
         """
-        key = user_features.astype(np.float32).tobytes()
-        with self._memo_lock:
-            entry = self._ann_memo.get(uidx)
-            if entry is not None and entry[0] == key:
-                self._ann_memo.move_to_end(uidx)
-                return entry[1], "hit"
+        row = _row_key(user_features)
+        memo = self._recall(uidx, row)
+        if memo is not None and memo.ann is not None:
+            return memo.ann, "hit"
         with torch.no_grad():
             user = self.model.user_vector(
                 torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
@@ -245,13 +248,35 @@ class TwoStage:
         query = np.append(user, np.float32(1.0))[None].astype(np.float32)
         _, ids = self.bundle.index.search(query, self.cfg.ann_candidates)
         ann = ids[0][ids[0] >= 0].astype(np.int64)
-        if self.cfg.ann_memo_users:
-            with self._memo_lock:
-                self._ann_memo[uidx] = (key, ann)
-                self._ann_memo.move_to_end(uidx)
-                while len(self._ann_memo) > self.cfg.ann_memo_users:
-                    self._ann_memo.popitem(last=False)
+        self._remember(uidx, row, ann=ann)
         return ann, "miss"
+
+    def _recall(self, uidx: int, row: bytes) -> _Memo | None:
+        """The user's memo entry when it was made from this feature row (None otherwise)."""
+        if not self.cfg.ann_memo_users:
+            return None
+        with self._memo_lock:
+            memo = self._memo.get(uidx)
+            if memo is None or memo.row != row:
+                return None
+            self._memo.move_to_end(uidx)
+            return memo
+
+    def _remember(self, uidx: int, row: bytes, **parts: object) -> None:
+        """Set ``parts`` (``ann``, ``answer``) of the user's entry for ``row``: an entry of
+        another row is replaced, and the least recently used users beyond
+        ``serving.ann_memo_users`` go."""
+        if not self.cfg.ann_memo_users:
+            return
+        with self._memo_lock:
+            memo = self._memo.get(uidx)
+            if memo is None or memo.row != row:
+                memo = self._memo[uidx] = _Memo(row)
+            for name, value in parts.items():
+                setattr(memo, name, value)
+            self._memo.move_to_end(uidx)
+            while len(self._memo) > self.cfg.ann_memo_users:
+                self._memo.popitem(last=False)
 
     def servable(
         self, cand: np.ndarray, history: np.ndarray, reorderable: np.ndarray

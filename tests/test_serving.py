@@ -644,9 +644,7 @@ def test_the_ann_memo_answers_like_a_fresh_search_and_misses_on_a_changed_featur
     small = _engine(client, ann_memo_users=2)
     for u in dep.user_ids[:3]:
         small.rank(u, row, 5)
-    assert len(small._ann_memo) == 2 and small.model.user_index[dep.user_ids[0]] not in (
-        small._ann_memo
-    )
+    assert len(small._memo) == 2 and small.model.user_index[dep.user_ids[0]] not in (small._memo)
 
 
 def test_a_user_whose_online_features_change_gets_a_fresh_ann_answer(client, deployment):
