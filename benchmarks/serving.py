@@ -196,9 +196,12 @@ def feast_latency(users: list[str], reads: int = FEAST_READS) -> dict[str, objec
     from shopml import schema as S
     from shopml.config import load_settings
     from shopml.feast_store import open_store
+    from shopml.privacy import Pseudonymizer
 
-    store = open_store(load_settings(home=HOME))
+    settings = load_settings(home=HOME)
+    store = open_store(settings)
     refs = [f"{USER_VIEW}:{f}" for f in S.USER_FEATURES]
+    users = [Pseudonymizer.of(settings)(u) for u in users]  # the store's keys, as served
     rng = random.Random(SEED)
     call, convert = np.empty(reads), np.empty(reads)
     for i in range(-FEAST_WARMUP, reads):

@@ -237,17 +237,32 @@ def batch_score(
 
 
 @app.command()
+def forget(
+    user: Annotated[str, typer.Option("--user", help="the user's id as the retailer knows it")],
+) -> None:
+    """Forget one user: their events leave every lake partition, their Feast online rows and
+    precomputed lists go, and every later land drops them (reruns and backfills included)."""
+    from shopml.privacy import forget as run
+
+    _echo(run(load_settings(), user).summary())
+
+
+@app.command()
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: Annotated[
         int, typer.Option(min=1, max=64, help="processes (one per core; Prometheus aggregated)")
     ] = 1,
-    access_log: Annotated[bool, typer.Option(help="uvicorn's access log (JSON logs stay)")] = False,
+    access_log: Annotated[
+        bool,
+        typer.Option(help="uvicorn's access log: it names client IPs and raw ids in paths"),
+    ] = False,
 ) -> None:
     """Serve the champion over HTTP: two-stage recommendations, similar items, batch, metrics.
 
-    Each request logs one JSON line (user, arm, version, fallback, per-stage ms). The work is
+    Each request logs one JSON line (the user's pseudonym, arm, version, fallback, per-stage
+    ms); no IP and no raw id unless asked for (``privacy``). The work is
     CPU-bound and one process uses about one core: ``--workers`` uses more (on Kubernetes,
     keep 1 and scale replicas)."""
     import uvicorn

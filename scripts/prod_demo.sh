@@ -37,6 +37,8 @@ export SHOPML_MLFLOW_ARTIFACT_ROOT='file://$PROD_HOME/mlflow-artifacts'
 export SHOPML_FEAST__REGISTRY='postgresql+psycopg2://$PG/${PREFIX}_feast'
 export SHOPML_FEAST__REDIS_CONNECTION='$REDIS_HOST:$REDIS_PORT,db=$REDIS_DB'
 export SHOPML_FEAST__PROJECT='$PREFIX'
+# the user-id key (shopml/privacy.py): a mounted Secret in Kubernetes, a local file here
+export SHOPML_PRIVACY__KEY_FILE='$PROD_HOME/secrets/user-id.key'
 export SHOPML_SPARK__MASTER='${SHOPML_SPARK__MASTER:-local[2]}'
 # Spark stages run as spark-submit (SparkSubmitOperator) on Airflow's spark_default connection
 export SHOPML_SPARK__SUBMIT=true
@@ -44,8 +46,18 @@ export AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "${SHOPML_SPAR
 EOF
 }
 
+# The production profile never generates its key (each pod would make its own): made here,
+# once, as an operator would create the Secret.
+ensure_key() {
+  local key="$PROD_HOME/secrets/user-id.key"
+  [[ -s "$key" ]] && return
+  mkdir -p "$(dirname "$key")"
+  (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' > "$key")
+}
+
 case "${1:-}" in
   --env)
+    ensure_key
     profile_env
     echo ". scripts/env.sh"
     exit 0
@@ -63,6 +75,7 @@ CONF="${2:-}"
 [[ -n "$CONF" ]] || CONF='{"max_users": 100, "epochs": 20, "workers": 2}'
 eval "$(profile_env)"
 . scripts/env.sh
+ensure_key
 
 scripts/services.sh create "$PREFIX"
 mkdir -p "$AIRFLOW_HOME"

@@ -10,7 +10,11 @@ Start with ``shopml serve`` (uvicorn). Endpoints:
   typo tolerance, a zero-result fallback that says so; ``served_model.search``),
 * ``GET /metrics`` (Prometheus), ``GET /healthz`` (liveness), ``GET /readyz`` (readiness).
 
-Every answer names the registry version and A/B arm that produced it. Bad parameters are
+Every answer names the registry version and A/B arm that produced it. User ids arrive as the
+retailer knows them and are pseudonymized at once with the pipeline's key
+(``shopml.privacy``): the engine, the A/B split and the request log only see the pseudonym,
+and the log carries no IP (``privacy.log_client_ip``) and no query text beyond
+``privacy.log_query_chars``. Bad parameters are
 422s with a message; an unknown item is a 404; Feast or the index unavailable degrades to the
 popularity fallback (counted in ``shopml_fallbacks_total``), never a 5xx.
 """
@@ -37,6 +41,7 @@ from serving.models import Arm, ModelHolder
 from serving.observability import Metrics, configure_json_logging
 from shopml import schema as S
 from shopml.config import Settings, load_settings
+from shopml.privacy import Pseudonymizer
 
 MAX_K = 1000
 MAX_ID_LENGTH = S.MAX_ID_LENGTH
@@ -142,6 +147,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
 def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> FastAPI:
     settings = settings or load_settings()
     metrics = holder.metrics if holder else Metrics()
+    pseudonym = Pseudonymizer.of(settings)  # fails fast without a key (production)
+    privacy = settings.privacy
     holder = holder or ModelHolder(settings, metrics)
 
     # The compute of each kind of request runs on worker threads of its own pool (anyio
@@ -196,6 +203,10 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         ]
         metrics.errors.labels(_endpoint_of(request.method, request.url.path), "422").inc()
         return JSONResponse(status_code=422, content={"detail": problems})
+
+    def client_of(request: Request) -> str | None:
+        """The client's address for the log, only where ``privacy.log_client_ip`` allows."""
+        return request.client.host if privacy.log_client_ip and request.client else None
 
     def answer(arm: Arm, user_id: str, ranked: Ranked) -> dict[str, object]:
         """A ``Recommendations`` as plain JSON data.
@@ -262,24 +273,26 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         responses=_errors(422, 429, 503),
     )
     async def recommend_endpoint(
+        request: Request,
         user_id: str = _id_path(),
         k: int = _k(),
         category: str | None = Query(None, max_length=MAX_ID_LENGTH),
     ) -> JSONResponse:
-        return await compute("recommendations", recommend, user_id, k, category)
+        return await compute("recommendations", recommend, user_id, k, category, client_of(request))
 
-    def recommend(user_id: str, k: int, category: str | None) -> JSONResponse:
+    def recommend(user_id: str, k: int, category: str | None, client: str | None) -> JSONResponse:
         started = time.perf_counter()
-        arm = holder.for_user(user_id) or champion()
-        ranked = arm.engine.recommend(user_id, k, category)
+        user = pseudonym(user_id)
+        arm = holder.for_user(user) or champion()
+        ranked = arm.engine.recommend(user, k, category)
         observe(arm, ranked)
         elapsed = time.perf_counter() - started
         metrics.latency.labels("recommendations", arm.alias).observe(elapsed)
         log.info("recommend", extra={
-            "user_id": user_id, "k": k, "arm": arm.alias, "model_version": arm.version,
+            "user_id": user, "k": k, "arm": arm.alias, "model_version": arm.version,
             "fallback": ranked.fallback, "ms": round(elapsed * 1000, 2),
             "stages_ms": {s: round(v * 1000, 2) for s, v in ranked.stages.items()},
-            "candidates": ranked.candidates})  # fmt: skip
+            "candidates": ranked.candidates, **({"client": client} if client else {})})  # fmt: skip
         return JSONResponse(answer(arm, user_id, ranked))
 
     @app.post(
@@ -287,23 +300,27 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         response_model=BatchRecommendations,
         responses=_errors(400, 413, 422, 429, 503),
     )
-    async def recommend_batch_endpoint(request: BatchRequest = Body(...)) -> JSONResponse:
-        return await compute("batch", recommend_batch, request)
+    async def recommend_batch_endpoint(
+        http: Request, request: BatchRequest = Body(...)
+    ) -> JSONResponse:
+        return await compute("batch", recommend_batch, request, client_of(http))
 
-    def recommend_batch(request: BatchRequest) -> JSONResponse:
+    def recommend_batch(request: BatchRequest, client: str | None) -> JSONResponse:
         started = time.perf_counter()
         by_arm: dict[str, list[str]] = {}
         arms: dict[str, Arm] = {}
-        for u in dict.fromkeys(request.user_ids):
-            arm = holder.for_user(u) or champion()
+        users_of = {u: pseudonym(u) for u in request.user_ids}  # raw id -> pseudonym
+        for u, user in users_of.items():
+            arm = holder.for_user(user) or champion()
             arms[arm.alias] = arm
             by_arm.setdefault(arm.alias, []).append(u)
         results: dict[str, dict[str, object]] = {}
-        for alias, users in by_arm.items():
+        for alias, raw in by_arm.items():
             arm = arms[alias]
-            for u, ranked in zip(
-                users, arm.engine.recommend_many(users, request.k, request.category), strict=True
-            ):
+            ranked_all = arm.engine.recommend_many(
+                [users_of[u] for u in raw], request.k, request.category
+            )
+            for u, ranked in zip(raw, ranked_all, strict=True):
                 observe(arm, ranked)
                 results[u] = answer(arm, u, ranked)
         elapsed = time.perf_counter() - started
@@ -311,7 +328,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         fallbacks = sum(r["fallback"] for r in results.values())
         log.info("recommend_batch", extra={
             "users": len(results), "k": request.k, "arms": {a: len(u) for a, u in by_arm.items()},
-            "fallbacks": fallbacks, "ms": round(elapsed * 1000, 2)})  # fmt: skip
+            "fallbacks": fallbacks, "ms": round(elapsed * 1000, 2),
+            **({"client": client} if client else {})})  # fmt: skip
         return JSONResponse({"results": [results[u] for u in request.user_ids]})
 
     @app.get(
@@ -349,6 +367,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     @app.get("/search", response_model=SearchAnswer, responses=_errors(422, 429, 503))
     async def search_endpoint(
+        request: Request,
         q: str = Query(..., min_length=1, max_length=max_query, pattern=QUERY_PATTERN,
                        description=f"the query, 1..{max_query} characters, not only spaces"),
         k: int = Query(10, ge=1, le=MAX_SEARCH_K, description=f"1..{MAX_SEARCH_K}"),
@@ -356,9 +375,11 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
                                     pattern=ID_PATTERN),
         category: str | None = Query(None, max_length=MAX_ID_LENGTH),
     ) -> JSONResponse:  # fmt: skip
-        return await compute("search", search, q, k, user_id, category)
+        return await compute("search", search, q, k, user_id, category, client_of(request))
 
-    def search(q: str, k: int, user_id: str | None, category: str | None) -> JSONResponse:
+    def search(
+        q: str, k: int, user_id: str | None, category: str | None, client: str | None
+    ) -> JSONResponse:
         started = time.perf_counter()
         arm = holder.search
         if arm is None:
@@ -369,8 +390,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
                 "DAG (or `shopml search ...`) to register one",
             )
         affinity: dict[str, float] = {}
-        if user_id is not None and (rec := holder.for_user(user_id)) is not None:
-            affinity = arm.engine.affinity(rec.engine.purchases(user_id))
+        user = pseudonym(user_id) if user_id is not None else None
+        if user is not None and (rec := holder.for_user(user)) is not None:
+            affinity = arm.engine.affinity(rec.engine.purchases(user))
         result = arm.engine.search(q, k, category, affinity or None)
         for stage, seconds in result.stages.items():
             metrics.stage.labels(f"search_{stage}").observe(seconds)
@@ -379,10 +401,13 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
                 metrics.fallbacks.labels(reason, "search").inc()
         elapsed = time.perf_counter() - started
         metrics.latency.labels("search", "champion").observe(elapsed)
+        said = {"q": q[: privacy.log_query_chars]} if privacy.log_query_chars else {}
         log.info("search", extra={
-            "q_chars": len(q), "k": k, "model_version": arm.version, "fallback": result.fallback,
-            "ms": round(elapsed * 1000, 2), "candidates": result.candidates,
-            "stages_ms": {s: round(v * 1000, 2) for s, v in result.stages.items()}})  # fmt: skip
+            "q_chars": len(q), **said, "user_id": user, "k": k, "model_version": arm.version,
+            "fallback": result.fallback, "ms": round(elapsed * 1000, 2),
+            "candidates": result.candidates,
+            "stages_ms": {s: round(v * 1000, 2) for s, v in result.stages.items()},
+            **({"client": client} if client else {})})  # fmt: skip
         return JSONResponse({
             "query": q, "normalized_query": result.query, "corrected": result.corrected,
             "model_version": arm.version, "arm": "champion",

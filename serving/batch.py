@@ -68,8 +68,12 @@ def batch_score(settings: Settings, ds: date, k: int = 100, to_online: bool = Fa
             f"no 'champion' alias on model '{settings.model_name}': run the nightly pipeline "
             "(make demo) before batch scoring"
         )
+    from shopml.privacy import forgotten
+
     engine = load_arm(settings, registry.CHAMPION, version).engine
-    users = list(engine.model.user_index)
+    # a user forgotten since the champion was trained is still in its vocabulary: no list
+    gone = forgotten(settings)
+    users = [u for u in engine.model.user_index if u not in gone]
     top = score_users(engine, users, k)
 
     out = settings.paths.recommendations_for(ds)
@@ -79,6 +83,7 @@ def batch_score(settings: Settings, ds: date, k: int = 100, to_online: bool = Fa
     summary = {
         "model_version": version,
         "users": len(users),
+        "forgotten_skipped": len(engine.model.user_index) - len(users),
         "rows": len(top),
         "fallbacks": int(top.drop_duplicates(S.USER_ID)[FALLBACK].notna().sum()),
         "path": str(out),

@@ -21,17 +21,22 @@ import torch
 
 from shopml import schema as S
 from shopml.config import Settings
+from shopml.privacy import Pseudonymizer
 
 DS = date(2025, 12, 31)
 
 
 @dataclass
 class Deployment:
+    """What was deployed, as the retailer knows it: raw user ids (what clients send); the
+    features and the model hold their pseudonyms (``pseudonym``), as after ``land``."""
+
     version: str
     user_ids: list[str]
     item_ids: list[str]
     catalog: pd.DataFrame  # item_id, category
-    purchases: pd.DataFrame  # user_id, item_id, timestamp
+    purchases: pd.DataFrame  # user_id (raw), item_id, timestamp
+    pseudonym: Pseudonymizer
 
 
 def make_data(
@@ -103,7 +108,8 @@ def deploy(
     from shopml import feast_store
 
     catalog, purchases = make_data(n_users, n_items, n_categories, per_user, seed)
-    user_snap, item_snap = feature_snapshots(purchases)
+    pseudonym = Pseudonymizer.of(settings)
+    user_snap, item_snap = feature_snapshots(pseudonymized(purchases, pseudonym))
     snapshot = settings.paths.features_for(DS)
     for name, frame in (("user", user_snap), ("item", item_snap)):
         (snapshot / name).mkdir(parents=True, exist_ok=True)
@@ -113,7 +119,12 @@ def deploy(
 
     version = register_version(settings, catalog, purchases, dim, seed, alias, ranker_format)
     user_ids = sorted(purchases[S.USER_ID].unique())
-    return Deployment(version, user_ids, catalog[S.ITEM_ID].tolist(), catalog, purchases)
+    return Deployment(version, user_ids, catalog[S.ITEM_ID].tolist(), catalog, purchases, pseudonym)
+
+
+def pseudonymized(purchases: pd.DataFrame, pseudonym: Pseudonymizer) -> pd.DataFrame:
+    """The purchases as ``land`` would write them: user ids replaced by their pseudonyms."""
+    return purchases.assign(**{S.USER_ID: purchases[S.USER_ID].map(pseudonym)})
 
 
 def register_version(
@@ -125,13 +136,15 @@ def register_version(
     alias: str | None = "champion",
     ranker_format: str = "torch",
 ) -> str:
-    """A randomly initialised two-tower and ranker over the data, registered with its serving
-    artifacts; ``alias`` (when given) points at it. Returns the version."""
+    """A randomly initialised two-tower and ranker over the data (raw user ids, pseudonymized
+    here), registered with its serving artifacts; ``alias`` (when given) points at it.
+    Returns the version."""
     from served_model.bundle import write_artifacts
     from served_model.ranker import Ranker
     from served_model.two_tower import TwoTower
     from training import registry
 
+    purchases = pseudonymized(purchases, Pseudonymizer.of(settings))
     torch.manual_seed(seed)
     popular = purchases[S.ITEM_ID].value_counts().index[:1000].tolist()
     users = sorted(purchases[S.USER_ID].unique())

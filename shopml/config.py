@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shopml.paths import Paths
@@ -350,6 +350,29 @@ class FeastConfig(BaseModel):
     )
 
 
+class PrivacyConfig(BaseModel):
+    """User ids are pseudonymized with a keyed hash at land and in serving (shopml.privacy);
+    what the service's logs may hold."""
+
+    key: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 key of user ids, at least 32 characters; from the environment "
+        "(SHOPML_PRIVACY__KEY, a Kubernetes Secret), never from a file in git",
+    )
+    key_file: Path | None = Field(
+        None,
+        description="file holding the key (a mounted Secret); default $SHOPML_HOME/secrets/"
+        "user-id.key, generated on first use by the embedded profile only",
+    )
+    log_query_chars: int = Field(
+        0, ge=0, le=256, description="search queries appear in the request log cut to this many "
+        "characters; 0 = never (their length is logged)",
+    )  # fmt: skip
+    log_client_ip: bool = Field(
+        False, description="the request log names the client's address (off: no IPs in logs)"
+    )
+
+
 class Settings(BaseSettings):
     """All of ShopML's configuration. Build with :func:`load_settings`."""
 
@@ -375,6 +398,7 @@ class Settings(BaseSettings):
     feast: FeastConfig = FeastConfig()
     serving: ServingConfig = ServingConfig()
     search: SearchConfig = SearchConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @field_validator("schedule")
     @classmethod

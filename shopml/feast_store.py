@@ -132,3 +132,45 @@ def point_in_time_features(settings: Settings, entity_df: pd.DataFrame) -> pd.Da
     for f in (*S.USER_FEATURES, *S.ITEM_FEATURES):
         out[f] = out[f].astype("float32").fillna(0.0)  # no snapshot yet: a brand-new entity
     return out
+
+
+def delete_online_rows(settings: Settings, join_key: str, values: list[str]) -> int:
+    """Delete every online row of these entities, in every feature view keyed by
+    ``join_key``; the number of rows (SQLite) or entity keys (Redis) removed.
+
+    Feast has no delete API for entity values, so this goes through the online store Feast
+    opened, with Feast's own key serialization: SQLite rows are ``(entity_key, feature)``
+    per view table; Redis holds one hash per entity key and project, all views in it.
+    """
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.infra.online_stores.helpers import _redis_key, compute_table_id
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    store = open_store(settings)
+    config = store.config
+    keys = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=v)]) for v in values]
+    if not keys:
+        return 0
+    online = store._get_provider().online_store
+    version = config.entity_key_serialization_version
+    if settings.feast.online_store == "redis":
+        client = online._get_client(config.online_store)
+        return int(client.delete(*[_redis_key(config.project, k, version) for k in keys]))
+    views = [v for v in store.list_feature_views() if v.join_keys == [join_key]]
+    blobs = [serialize_entity_key(k, entity_key_serialization_version=version) for k in keys]
+    conn = online._get_conn(config)
+    removed = 0
+    with conn:
+        for view in views:
+            table = compute_table_id(
+                config.project, view, config.registry.enable_online_feature_view_versioning
+            )
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)
+            ).fetchone()
+            if exists:
+                marks = ",".join("?" * len(blobs))
+                cur = conn.execute(f'DELETE FROM "{table}" WHERE entity_key IN ({marks})', blobs)
+                removed += cur.rowcount
+    return removed

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 MIN_TIMESTAMP = "2000-01-01 00:00:00"
 
 
-def _first_failing(rules: list[tuple[str, Column]]) -> Column:
+def first_failing(rules: list[tuple[str, Column]]) -> Column:
     """The name of the first rule a row breaks, or null when it breaks none."""
     from pyspark.sql import functions as F
 
@@ -24,7 +24,7 @@ def _first_failing(rules: list[tuple[str, Column]]) -> Column:
     return reason
 
 
-def _bad_ids(*columns: str) -> list[tuple[str, Column]]:
+def bad_ids(*columns: str) -> list[tuple[str, Column]]:
     """Ids that serving would refuse (too long) or that no person can read back (control
     characters): flagged here rather than failing later in Feast, MLflow or the service."""
     from functools import reduce
@@ -50,7 +50,6 @@ def flag_events(events: DataFrame, max_timestamp: str) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    ids = [S.USER_ID, S.ITEM_ID]
     rules = [
         ("null_timestamp", F.col(S.TIMESTAMP).isNull()),
         (
@@ -59,12 +58,12 @@ def flag_events(events: DataFrame, max_timestamp: str) -> DataFrame:
             | (F.trim(F.col(S.USER_ID)) == "")
             | (F.trim(F.col(S.ITEM_ID)) == ""),
         ),
-        *_bad_ids(*ids),
+        *bad_ids(S.ITEM_ID),  # user ids were judged at land, before they were pseudonymized
         ("unknown_event_type", ~F.col(S.EVENT_TYPE).isin(*S.EVENT_TYPES)),
         ("timestamp_before_2000", F.col(S.TIMESTAMP) < F.to_timestamp(F.lit(MIN_TIMESTAMP))),
         ("after_logical_date", F.col(S.TIMESTAMP) >= F.to_timestamp(F.lit(max_timestamp))),
     ]
-    flagged = events.withColumn(S.REJECT_REASON, _first_failing(rules))
+    flagged = events.withColumn(S.REJECT_REASON, first_failing(rules))
     key = [S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP, S.SESSION_ID]
     dup_rank = F.row_number().over(
         Window.partitionBy(*key).orderBy(F.col(S.QUERY).asc_nulls_last())
@@ -86,11 +85,11 @@ def flag_items(items: DataFrame) -> DataFrame:
     price = F.col(S.PRICE)
     rules = [
         ("null_key", F.col(S.ITEM_ID).isNull() | (F.trim(F.col(S.ITEM_ID)) == "")),
-        *_bad_ids(S.ITEM_ID),
+        *bad_ids(S.ITEM_ID),
         ("non_finite_price", F.isnan(price) | (F.abs(price) == float("inf"))),
         ("negative_price", price < 0),
     ]
-    flagged = items.withColumn(S.REJECT_REASON, _first_failing(rules))
+    flagged = items.withColumn(S.REJECT_REASON, first_failing(rules))
     rank = F.row_number().over(
         Window.partitionBy(S.ITEM_ID).orderBy(F.col(S.TITLE).asc_nulls_last())
     )

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd  # at module level: Spark resolves the pandas UDF's type hints from here
+
 from shopml import schema as S
 
 if TYPE_CHECKING:
@@ -234,6 +236,25 @@ def keep_first_users(events: DataFrame, max_users: int) -> DataFrame:
     )
     chosen = events.join(users, S.USER_ID, "left_semi")
     return chosen.unionByName(events.where(F.col(S.USER_ID).isNull()))
+
+
+def pseudonymize(column: str, key: bytes):
+    """The Spark column of :func:`shopml.privacy.pseudonym` over ``column``.
+
+    The same Python function serving calls, run on the executors (a pandas UDF): the two can
+    never disagree, and the key travels pickled in the UDF rather than as a literal in a
+    query plan, which Spark shows in its UI and event logs.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import pandas_udf
+
+    from shopml.privacy import pseudonym
+
+    @pandas_udf("string")
+    def hashed(ids: pd.Series) -> pd.Series:
+        return ids.map(lambda raw: pseudonym(key, raw), na_action="ignore")
+
+    return hashed(F.col(column))
 
 
 def with_event_date(events: DataFrame) -> DataFrame:

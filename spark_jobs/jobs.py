@@ -64,19 +64,29 @@ def _conserve(stage: str, counts: dict[str, int], total: str, parts: tuple[str, 
 
 
 def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dict[str, int]:
-    """Copy the source as it stands on ``ds`` into that date's raw partition.
+    """Copy the source as it stands on ``ds`` into that date's raw partition, user ids
+    pseudonymized.
 
     Events go to ``lake/raw/events/ds=<ds>/`` (by ``event_date`` inside), the catalog to
     ``lake/raw/items/ds=<ds>/``. The whole ``ds`` partition is replaced (a rerun leaves no
     stale ``event_date`` behind) and no other date's is touched, so a rerun or a backfill of
     one date is idempotent and independent. Source and slice come from ``settings.land``.
-    Events whose timestamp does not parse go to ``lake/quarantine/ds=<ds>/landed_rows`` with
-    the value; the counts must add up (``source_rows = landed + quarantined``).
+
+    Every user id is replaced by its keyed hash (``shopml.privacy``) before anything is
+    written, and the events of users who asked to be forgotten are dropped (counted as
+    ``forgotten``, never written anywhere). Raw user ids are judged here, while they can
+    still be read: too long or with control characters, their rows go with those whose
+    timestamp does not parse to ``lake/quarantine/ds=<ds>/landed_rows`` with the reason.
+    The counts must add up (``source_rows = landed + quarantined + forgotten``).
     """
     from pyspark.sql import functions as fn
 
+    from shopml import privacy
+
     spark = spark or get_spark(settings.spark, "shopml-land")
     p, cfg = settings.paths, settings.land
+    key = privacy.load_key(settings)
+    gone = sorted(privacy.forgotten(settings))
     # Reading can fail at schema inference (a footer) or later at the write: both named.
     with _readable_source(cfg.source):
         events, items = ingest.read_source(
@@ -84,20 +94,25 @@ def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dic
         )
         if cfg.max_users:
             events = ingest.keep_first_users(events, cfg.max_users)
-        events = ingest.with_event_date(events).cache()
         unparsed = fn.col(ingest.RAW_TIMESTAMP).isNotNull()
+        reason = C.first_failing([("unparsable_timestamp", unparsed), *C.bad_ids(S.USER_ID)])
+        events = events.withColumn(S.REJECT_REASON, reason).withColumn(
+            S.USER_ID, ingest.pseudonymize(S.USER_ID, key)
+        )
+        events = ingest.with_event_date(events).cache()
+        forgotten = spark.createDataFrame([(u,) for u in gone], f"{S.USER_ID} string")
+        kept = events.join(forgotten, S.USER_ID, "left_anti")
         (
-            events.where(~unparsed)
-            .drop(ingest.RAW_TIMESTAMP)
+            kept.where(fn.col(S.REJECT_REASON).isNull())
+            .drop(ingest.RAW_TIMESTAMP, S.REJECT_REASON)
             .write.mode("overwrite")
             .option("partitionOverwriteMode", "static")  # replace the whole ds snapshot
             .partitionBy(S.EVENT_DATE)
             .parquet(str(p.raw_events_for(ds)))
         )
         (
-            events.where(unparsed)
+            kept.where(fn.col(S.REJECT_REASON).isNotNull())
             .drop(S.EVENT_DATE)
-            .withColumn(S.REJECT_REASON, fn.lit("unparsable_timestamp"))
             .write.mode("overwrite")
             .parquet(str(p.quarantine_for(ds) / "landed_rows"))
         )
@@ -106,10 +121,11 @@ def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dic
         "source_rows": events.count(),
         "landed": spark.read.parquet(str(p.raw_events_for(ds))).count(),
         "quarantined": spark.read.parquet(str(p.quarantine_for(ds) / "landed_rows")).count(),
+        "forgotten": events.join(forgotten, S.USER_ID, "left_semi").count(),
         "items": spark.read.parquet(str(p.raw_items_for(ds))).count(),
     }
     events.unpersist()
-    _conserve("land", counts, "source_rows", ("landed", "quarantined"))
+    _conserve("land", counts, "source_rows", ("landed", "quarantined", "forgotten"))
     return {"events": counts["landed"], **counts}
 
 

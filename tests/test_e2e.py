@@ -1,6 +1,7 @@
 """The whole nightly DAG through Airflow on a slice of the real Instacart data, then serving;
 then a corrupted input that must stop at validation and leave the champion alone; then a
-rerun of the date that must reproduce it, and a backfill that must not touch it."""
+rerun of the date that must reproduce it, and a backfill that must not touch it; then the
+privacy proofs: no raw user id anywhere in the state, and a user forgotten for good."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from cli.airflow_run import log_text
 from shopml import schema as S
-from tests.conftest import PIPELINE_CONF, PIPELINE_DS
+from tests.conftest import PIPELINE_CONF, PIPELINE_DS, PLANTED
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -100,14 +101,25 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
         assert (home / path).exists(), path
 
 
-def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings):
+def _raw_ids(settings, source: Path, pseudonyms) -> list[str]:
+    """The source's raw ids of these pseudonyms, in their order (the state holds only
+    pseudonyms; clients send raw ids)."""
+    from shopml.privacy import Pseudonymizer
+
+    pseudonym = Pseudonymizer.of(settings)
+    raw = pd.read_parquet(source / "events", columns=[S.USER_ID])[S.USER_ID].dropna().unique()
+    of = {pseudonym(u): u for u in raw}
+    return [of[p] for p in pseudonyms]
+
+
+def test_serving_answers_known_unknown_and_bad_requests(pipeline_settings, planted_source):
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
 
-    train_users = pd.read_parquet(pipeline_settings.paths.run(PIPELINE_DS) / "test_users.parquet")[
-        S.USER_ID
-    ]
+    tested = pd.read_parquet(pipeline_settings.paths.run(PIPELINE_DS) / "test_users.parquet")
+    train_users = pd.Series(_raw_ids(pipeline_settings, planted_source, tested[S.USER_ID]))
+    assert train_users.str.startswith(PLANTED).all()  # the ids the retailer knows
     with TestClient(create_app(pipeline_settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok", "model_version": "1"}
         ready = client.get("/readyz").json()
@@ -214,7 +226,7 @@ def _state(settings) -> dict[str, object]:
 
 
 def test_a_rerun_reproduces_the_date_and_a_backfill_leaves_newer_dates_alone(
-    pipeline, pipeline_settings
+    pipeline, pipeline_settings, pipeline_conf
 ):
     """Rerun 2025-12-31 through Airflow: lake partitions, features, Feast online values,
     top-k lists and the evaluation of every model are identical. What legitimately differs:
@@ -226,7 +238,7 @@ def test_a_rerun_reproduces_the_date_and_a_backfill_leaves_newer_dates_alone(
 
     home, airflow, _ = pipeline
     before = _state(pipeline_settings)
-    result = airflow.run(PIPELINE_DS, PIPELINE_CONF, timeout=1500)
+    result = airflow.run(PIPELINE_DS, pipeline_conf, timeout=1500)
     assert result.state == "success", result.table() + airflow.failures(result)
     after = _state(pipeline_settings)
     for name, value in before.items():
@@ -240,10 +252,100 @@ def test_a_rerun_reproduces_the_date_and_a_backfill_leaves_newer_dates_alone(
     # a backfill of an older date writes its own partitions and leaves 2025-12-31's alone
     from shopml.config import LandConfig
 
-    older = pipeline_settings.model_copy(update={"land": LandConfig(max_users=100)})
+    older = pipeline_settings.model_copy(
+        update={"land": LandConfig(source=pipeline_conf["source"], max_users=100)}
+    )
     land(older, date(2025, 12, 20))
     clean(older, date(2025, 12, 20))
     assert (home / "lake" / "clean" / "events" / "ds=2025-12-20").exists()
     untouched = _state(pipeline_settings)
     for name in ("raw_events", "clean_events", "quarantine"):
         pd.testing.assert_frame_equal(after[name], untouched[name], obj=name)
+
+
+def _files_holding(root: Path, needle: str) -> list[str]:
+    """Files under ``root`` whose content holds ``needle``: Parquet decoded (its pages are
+    compressed), zip archives (torch checkpoints, MLflow's) and gzip opened, every other
+    file searched byte for byte (SQLite databases, JSON, logs, pickles, indexes)."""
+    import gzip
+    import zipfile
+
+    found, raw = [], needle.encode()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        if f.suffix == ".parquet" or f.name.endswith(".parquet.forget"):
+            table = pq.read_table(f, partitioning=None)
+            text = " ".join(str(c.to_pylist()) for c in table.columns)
+            hit = needle in text
+        else:
+            data = f.read_bytes()
+            hit = raw in data
+            if not hit and zipfile.is_zipfile(f):
+                with zipfile.ZipFile(f) as z:
+                    hit = any(raw in z.read(n) for n in z.namelist())
+            if not hit and data[:2] == b"\x1f\x8b":
+                hit = raw in gzip.decompress(data)
+        if hit:
+            found.append(str(f.relative_to(root)))
+    return found
+
+
+def test_no_raw_user_id_is_anywhere_in_the_state(pipeline, pipeline_settings, planted_source):
+    """Every raw id of the run's source holds ``Zq9planted``: after the DAG runs (and reruns)
+    nothing under SHOPML_HOME holds it (the lake, quarantine, features, Feast's online store
+    and registry, the MLflow database and artifacts, GX's reports, the Airflow database and
+    every task log), while the pseudonyms are there for the same search to find."""
+    home = pipeline[0]
+    assert not _files_holding(home, PLANTED)
+    tested = pd.read_parquet(pipeline_settings.paths.run(PIPELINE_DS) / "test_users.parquet")
+    pseudonym = tested[S.USER_ID].iloc[0]
+    holding = _files_holding(home, pseudonym)
+    assert any(f.startswith("lake/raw/events/") for f in holding), holding  # the search works
+    assert any(f.startswith("mlflow/") for f in holding), holding
+    assert _raw_ids(pipeline_settings, planted_source, [pseudonym])[0].startswith(PLANTED)
+
+
+def test_a_forgotten_user_leaves_the_lake_feast_and_every_later_land(
+    pipeline_settings, planted_source
+):
+    """``shopml forget`` on the served run: the user's rows leave every partition, their
+    online features and precomputed list go, and land, on this date's rerun and on a
+    backfill, drops them while keeping everyone else."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from served_model.features import OnlineFeatures
+    from shopml.config import LandConfig
+    from shopml.feast_store import open_store
+    from spark_jobs.jobs import clean, land
+
+    s = pipeline_settings
+    tested = pd.read_parquet(s.paths.run(PIPELINE_DS) / "test_users.parquet")[S.USER_ID]
+    user = tested.iloc[1]
+    (raw,) = _raw_ids(s, planted_source, [user])
+    lake = s.paths.lake
+    assert _files_holding(lake, user)
+    store = open_store(s)
+    assert np.isfinite(OnlineFeatures(store).users([user])).all()
+
+    out = CliRunner().invoke(app, ["forget", "--user", raw])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output)
+    assert summary["user"] == user and summary["rows_removed"] > 0
+    assert summary["online_rows_removed"] > 0
+    assert not _files_holding(lake, user)
+    assert np.isnan(OnlineFeatures(store).users([user])).all()
+    lists = store.get_online_features(
+        features=["user_recommendations:recommended_items"], entity_rows=[{S.USER_ID: user}]
+    ).to_dict()
+    assert lists["recommended_items"] == [None]
+
+    kept = tested.iloc[2]
+    source = LandConfig(source=str(planted_source), max_users=PIPELINE_CONF["max_users"])
+    for ds in (PIPELINE_DS, "2025-12-25"):  # a rerun of the date, and a backfill
+        day = date.fromisoformat(ds)
+        counts = land(s.model_copy(update={"land": source}), day)
+        assert counts["forgotten"] > 0
+        clean(s, day)
+        users = set(pd.read_parquet(s.paths.clean_events_for(day))[S.USER_ID])
+        assert user not in users and kept in users
+    assert not _files_holding(lake, user)

@@ -260,6 +260,11 @@ def test_passwords_come_from_the_referenced_secrets():
             "password=$(SHOPML_REDIS_PASSWORD)"
         )
         assert env["SHOPML_FEAST_REDIS"]["value"] == "$(SHOPML_FEAST__REDIS_CONNECTION)"
+        # the user-id key (shopml.privacy) of every pod that lands or serves: the Secret's
+        assert env["SHOPML_PRIVACY__KEY"] == {
+            "name": "SHOPML_PRIVACY__KEY",
+            "valueFrom": {"secretKeyRef": {"name": "shopml-user-id-key", "key": "key"}},
+        }
     # Without secrets (default values) nothing references one.
     env = env_of(container(render(), "Deployment", "shopml-serving"))
     assert "PGPASSWORD" not in env and "password=" not in env["SHOPML_FEAST__REDIS_CONNECTION"]
@@ -329,8 +334,17 @@ def test_profile_is_what_airflow_reads():
     chart_conn = env_of(container(docs, "Deployment", "shopml-serving"))
     assert conn.split(",password=")[0] == chart_conn["SHOPML_FEAST__REDIS_CONNECTION"]["value"]
     secret_env = {s["envName"]: s for s in airflow["secret"]}
-    assert set(secret_env) == {"PGPASSWORD", "SHOPML_REDIS_PASSWORD"}
+    assert set(secret_env) == {"PGPASSWORD", "SHOPML_REDIS_PASSWORD", "SHOPML_PRIVACY__KEY"}
     prod = load_yaml(PRODUCTION)
+    serving_key = env_of(container(docs, "Deployment", "shopml-serving"))["SHOPML_PRIVACY__KEY"]
+    assert (
+        secret_env["SHOPML_PRIVACY__KEY"]["secretName"]
+        == (serving_key["valueFrom"]["secretKeyRef"]["name"])
+    )  # the DAG's land and serving hash user ids with the same key
+    assert (
+        secret_env["SHOPML_PRIVACY__KEY"]["secretKey"]
+        == (serving_key["valueFrom"]["secretKeyRef"]["key"])
+    )
     assert secret_env["PGPASSWORD"]["secretName"] == prod["postgres"]["existingSecret"]
     assert secret_env["SHOPML_REDIS_PASSWORD"]["secretName"] == prod["redis"]["existingSecret"]
     # The Airflow release's task pods run Spark drivers: bound to the Spark Role.

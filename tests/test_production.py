@@ -104,6 +104,7 @@ def _profile_env(prefix: str, home: Path) -> dict[str, str]:
         "SHOPML_FEAST__REGISTRY": f"postgresql+psycopg2://{pg}/{prefix}_feast",
         "SHOPML_FEAST__REDIS_CONNECTION": f"{REDIS_HOST}:{REDIS_PORT},db={REDIS_DB}",
         "SHOPML_FEAST__PROJECT": prefix,
+        "SHOPML_PRIVACY__KEY": secrets.token_hex(32),  # as from the chart's Secret
         "SHOPML_SPARK__MASTER": "local[2]",
         # Spark stages go through spark-submit (SparkSubmitOperator) on this connection
         "SHOPML_SPARK__SUBMIT": "true",
@@ -175,9 +176,21 @@ def prod_settings(production):
         os.environ.update(saved)
 
 
-def _known_user(settings) -> str:
+def _known_user(settings, n: int = 0) -> str:
+    """The pseudonym of a user the run trained on and tested (the state holds no raw id)."""
     users = pd.read_parquet(settings.paths.run(DS) / "test_users.parquet")[S.USER_ID]
-    return str(users.iloc[0])
+    return str(users.iloc[n])
+
+
+def _raw_id(settings, pseudonym: str) -> str:
+    """The Instacart id behind a pseudonym: what a client sends (serving hashes it)."""
+    from shopml.privacy import Pseudonymizer
+    from spark_jobs.ingest import instacart_csv_path
+
+    hashed = Pseudonymizer.of(settings)
+    ids = pd.read_csv(instacart_csv_path(), usecols=["user_id"])["user_id"].unique()
+    (raw,) = [str(u) for u in ids if hashed(str(u)) == pseudonym]
+    return raw
 
 
 def _redis_key(project: str, user_id: str) -> bytes:
@@ -280,6 +293,7 @@ def test_serving_reads_the_champion_and_redis_features(production, prod_settings
     from training import registry
 
     user = _known_user(prod_settings)
+    raw = _raw_id(prod_settings, user)
     champion = registry.champion_version(prod_settings)
     with TestClient(create_app(prod_settings)) as client:
         ready = client.get("/readyz").json()
@@ -289,14 +303,14 @@ def test_serving_reads_the_champion_and_redis_features(production, prod_settings
             "arms": {"champion": champion},
         }
         assert ready["models"]["champion.ranker"]["version"] == champion
-        known = client.get(f"/recommendations/{user}", params={"k": 5}).json()
+        known = client.get(f"/recommendations/{raw}", params={"k": 5}).json()
         assert known["fallback"] is False and len(known["items"]) == 5
         assert known["model_version"] == champion
         # without its Redis hash the same user falls back: the features came from Redis
         similar = client.get(f"/items/{known['items'][0]['item_id']}/similar").json()
         assert similar["model_version"] == champion and len(similar["items"]) == 10
         assert _redis().delete(_redis_key(production.prefix, user)) == 1
-        gone = client.get(f"/recommendations/{user}", params={"k": 5}).json()
+        gone = client.get(f"/recommendations/{raw}", params={"k": 5}).json()
         assert gone["fallback"] is True and len(gone["items"]) == 5
         assert gone["fallback_reason"] == "no_online_features"
 
@@ -332,3 +346,25 @@ def test_batch_scoring_writes_the_top_k_into_redis(production, prod_settings):
         .to_dict()
     )
     assert row["recommended_items"][0] == expected[:3]
+
+
+def test_forget_deletes_the_users_redis_rows_and_batch_scoring_skips_them(
+    production, prod_settings
+):
+    """``shopml forget`` against Redis: the user's hash (features and precomputed list) goes,
+    and batch scoring, which still serves the trained champion, writes no list for them."""
+    from datetime import date
+
+    from serving.batch import batch_score
+    from shopml.privacy import forget
+
+    user = _known_user(prod_settings, 1)
+    assert _redis().exists(_redis_key(production.prefix, user))
+    done = forget(prod_settings, _raw_id(prod_settings, user))
+    assert done.user == user and done.online_rows_removed == 1 and done.rows_removed > 0
+    assert not _redis().exists(_redis_key(production.prefix, user))
+    summary = batch_score(prod_settings, date.fromisoformat(DS), k=3, to_online=True)
+    assert summary["forgotten_skipped"] == 1
+    assert not _redis().exists(_redis_key(production.prefix, user))
+    top = pd.read_parquet(prod_settings.paths.recommendations / f"ds={DS}")
+    assert user not in set(top[S.USER_ID]) and _known_user(prod_settings) in set(top[S.USER_ID])

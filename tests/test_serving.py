@@ -95,7 +95,7 @@ def test_known_user_gets_a_ranked_two_stage_answer(client, deployment):
 def test_candidates_come_from_every_source_and_are_capped(client, deployment):
     from served_model.engine import SOURCES, TwoStage
 
-    user = deployment[1].user_ids[1]
+    user = deployment[1].pseudonym(deployment[1].user_ids[1])  # the engine's id
     ranked = _engine(client).recommend(user, 10)
     assert all(ranked.candidates[s] > 0 for s in SOURCES), ranked.candidates
     assert 0 < ranked.candidates["ranked"] <= 200
@@ -117,10 +117,11 @@ def test_bought_items_come_back_only_when_reorderable(client, deployment):
     """Of the items a user bought, only those whose item_reorder_rate (Feast) is above the
     threshold are offered again; items never bought are not affected."""
     _, dep = deployment
-    user = dep.user_ids[2]
+    raw = dep.user_ids[2]
+    user = dep.pseudonym(raw)  # the engine's id
     engine = _engine(client)
     rate = dict(zip(engine.item_ids, engine.item_features[:, _REORDER_COLUMN], strict=True))
-    bought = set(dep.purchases.loc[dep.purchases[S.USER_ID] == user, S.ITEM_ID])
+    bought = set(dep.purchases.loc[dep.purchases[S.USER_ID] == raw, S.ITEM_ID])
     threshold = float(np.median([rate[i] for i in bought]))
     low = {i for i in bought if rate[i] <= threshold}
     high = bought - low
@@ -136,7 +137,7 @@ def test_bought_items_come_back_only_when_reorderable(client, deployment):
 def test_items_out_of_the_catalog_are_never_served(client, deployment):
     from served_model.engine import TwoStage
 
-    user = deployment[1].user_ids[3]
+    user = deployment[1].pseudonym(deployment[1].user_ids[3])  # the engine's id
     engine = _engine(client)
     first = [i for i, _ in engine.recommend(user, 20).items]
     tables = engine.bundle.tables
@@ -240,9 +241,27 @@ def test_request_logs_are_json_lines(client, deployment, caplog):
         client.get(f"/recommendations/{deployment[1].user_ids[0]}", params={"k": 3})
     record = next(r for r in caplog.records if r.getMessage() == "recommend")
     line = json.loads(JsonFormatter().format(record))
-    assert line["msg"] == "recommend" and line["user_id"] == deployment[1].user_ids[0]
+    # the user's pseudonym (the lake's id), never the raw id the client sent; no address
+    user = deployment[1].user_ids[0]
+    assert line["msg"] == "recommend" and line["user_id"] == deployment[1].pseudonym(user)
+    assert user not in json.dumps(line) and "client" not in line and "testclient" not in str(line)
     assert line["arm"] == "champion" and line["fallback"] is None
     assert set(line["stages_ms"]) == {"features", "retrieval", "filter", "ranking"}
+
+
+def test_the_request_log_names_the_client_only_where_allowed(deployment, caplog):
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.observability import JsonFormatter
+
+    settings, dep = deployment
+    allowed = settings.privacy.model_copy(update={"log_client_ip": True})
+    app = create_app(settings.model_copy(update={"privacy": allowed}))
+    with TestClient(app) as client, caplog.at_level(logging.INFO, logger="serving.app"):
+        client.get(f"/recommendations/{dep.user_ids[0]}")
+    record = next(r for r in caplog.records if r.getMessage() == "recommend")
+    assert json.loads(JsonFormatter().format(record))["client"] == "testclient"
 
 
 def test_feast_or_index_unavailable_degrades_to_popularity_and_is_counted(deployment):
@@ -313,7 +332,7 @@ def test_ab_split_serves_the_challenger_to_its_share(deployment):
             arms = {}
             for user in dep.user_ids[:60]:
                 body = client.get(f"/recommendations/{user}").json()
-                expected = arm_of(user, 0.5)
+                expected = arm_of(dep.pseudonym(user), 0.5)  # split on the lake's id
                 assert body["arm"] == expected
                 assert body["model_version"] == (
                     challenger if expected == "challenger" else dep.version
@@ -388,7 +407,7 @@ def test_batch_scoring_writes_parquet_and_the_online_store(deployment):
     assert len(top) == 5 * len(dep.user_ids) == first["rows"]
     assert set(top.groupby(S.USER_ID)["rank"].apply(tuple)) == {(1, 2, 3, 4, 5)}
     assert set(top["model_version"]) == {dep.version}
-    user = dep.user_ids[4]
+    user = dep.pseudonym(dep.user_ids[4])  # what the lake and Feast hold
     row = (
         open_store(settings)
         .get_online_features(
@@ -436,7 +455,8 @@ def test_a_version_without_serving_artifacts_is_refused_and_the_old_one_kept(dep
     from training import registry
 
     settings, dep = deployment
-    bare = TwoTower(dep.user_ids, dep.item_ids, dep.item_ids[:10], dim=8)
+    users = [dep.pseudonym(u) for u in dep.user_ids]
+    bare = TwoTower(users, dep.item_ids, dep.item_ids[:10], dim=8)
     run_id = registry.start_run(settings, "2025-12-31", {"bare": True})
     version = registry.register(settings, registry.log_model(settings, run_id, bare, "m"), run_id)
     with pytest.raises(RuntimeError, match=f"version {version} .* lacks its serving artifacts"):
@@ -624,7 +644,7 @@ def test_the_ann_memo_answers_like_a_fresh_search_and_misses_on_a_changed_featur
     row recomputes them; the memo is a bounded LRU."""
     _, dep = deployment
     memo, fresh = _engine(client), _engine(client, ann_memo_users=0)
-    user = dep.user_ids[3]
+    user = dep.pseudonym(dep.user_ids[3])  # the engine sees pseudonyms (serving hashes)
     uidx = memo.model.user_index[user]
     row = np.nan_to_num(memo.features.users([user])[0])
     changed = row.copy()
@@ -642,9 +662,10 @@ def test_the_ann_memo_answers_like_a_fresh_search_and_misses_on_a_changed_featur
     assert memo.rank(user, changed, 5).ann_memo == "hit"
 
     small = _engine(client, ann_memo_users=2)
-    for u in dep.user_ids[:3]:
+    users = [dep.pseudonym(u) for u in dep.user_ids[:3]]
+    for u in users:
         small.rank(u, row, 5)
-    assert len(small._memo) == 2 and small.model.user_index[dep.user_ids[0]] not in (small._memo)
+    assert len(small._memo) == 2 and small.model.user_index[users[0]] not in small._memo
 
 
 def test_a_user_whose_online_features_change_gets_a_fresh_ann_answer(client, deployment):
@@ -654,7 +675,8 @@ def test_a_user_whose_online_features_change_gets_a_fresh_ann_answer(client, dep
     from shopml.feast_store import open_store
 
     settings, dep = deployment
-    user = dep.user_ids[5]
+    raw = dep.user_ids[5]
+    user = dep.pseudonym(raw)  # the online store's key
     store = open_store(settings)
     refs = [f"user_features:{f}" for f in S.USER_FEATURES]
     old = store.get_online_features(features=refs, entity_rows=[{S.USER_ID: user}]).to_dict()
@@ -667,15 +689,15 @@ def test_a_user_whose_online_features_change_gets_a_fresh_ann_answer(client, dep
     def hits(result: str) -> float:
         return _metric(client, f'shopml_ann_memo_total{{result="{result}"}}')
 
-    client.get(f"/recommendations/{user}")
+    client.get(f"/recommendations/{raw}")
     before = hits("answer"), hits("miss")
-    client.get(f"/recommendations/{user}")
+    client.get(f"/recommendations/{raw}")
     assert (hits("answer"), hits("miss")) == (before[0] + 1, before[1])
     new = {f: old[f][0] for f in S.USER_FEATURES}
     new.update({f: old[f][0] * 4 + 50 for f in S.USER_FEATURES[:3]})
     try:
         write(new)
-        got = client.get(f"/recommendations/{user}").json()
+        got = client.get(f"/recommendations/{raw}").json()
         assert (hits("answer"), hits("miss")) == (before[0] + 1, before[1] + 1)
         fresh = _engine(client, ann_memo_users=0)
         want = fresh.recommend(user, 10)

@@ -104,7 +104,7 @@ In-cluster URLs and connection strings (never with a password in them).
 
 {{/*
 Environment of every ShopML container: the profile ConfigMap (envFrom), then "shopml.env":
-passwords from the existing Secrets and what is built from them. Kubernetes expands $(VAR)
+passwords and the user-id key from the existing Secrets and what is built from them. Kubernetes expands $(VAR)
 from variables defined before, so the Redis connection string gets its password without the
 chart ever seeing it. HOME points at the writable /tmp (the root filesystem is read-only).
 */}}
@@ -128,6 +128,11 @@ chart ever seeing it. HOME points at the writable /tmp (the root filesystem is r
       name: {{ .Values.redis.existingSecret }}
       key: {{ .Values.redis.passwordKey }}
 {{- end }}
+- name: SHOPML_PRIVACY__KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.privacy.existingSecret }}
+      key: {{ .Values.privacy.secretKey }}
 - name: SHOPML_FEAST__REDIS_CONNECTION
   value: {{ include "shopml.redisConnection" . | quote }}
 - name: SHOPML_FEAST_REDIS
