@@ -1,5 +1,5 @@
 # ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
-.PHONY: install demo demo-search bench-search bench-compression test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
+.PHONY: install demo demo-search bench-search bench-compression bench-chaos test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
 
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
@@ -30,6 +30,9 @@ serve:  ## Serve the champion on http://127.0.0.1:8000
 
 bench-serving:  ## Load benchmark of `shopml serve`: 100k-item catalog, open-loop load at 100/300/500 rps
 	. scripts/env.sh && python -m benchmarks.serving
+
+bench-chaos:  ## Faults under load (own Redis and PostgreSQL: Redis down, registry unreachable, alias swap, worker killed) and a 10-minute soak
+	. scripts/env.sh && python -m benchmarks.chaos
 
 bench-search:  ## The search benchmark table (CIs, ratios) and /search latency of the last search run
 	. scripts/env.sh && python -m benchmarks.search

@@ -15,6 +15,7 @@ import asyncio
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 WARMUP_S = 2.0  # each rate runs this long before the measured --duration (connections open)
@@ -66,8 +67,9 @@ class Connections:
         self.slots.release()
 
 
-async def fetch(pool: Connections, path: str, sent: list[float]) -> int:
-    """One GET over a pooled connection; the status code. Appends the send time to ``sent``."""
+async def fetch(pool: Connections, path: str, sent: list[float]) -> tuple[int, bytes]:
+    """One GET over a pooled connection; the status code and body. Appends the send time to
+    ``sent``."""
     conn = await pool.get()
     reuse = False
     try:
@@ -76,28 +78,40 @@ async def fetch(pool: Connections, path: str, sent: list[float]) -> int:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {pool.host}\r\n\r\n".encode())
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
         fields = dict(line.split(":", 1) for line in head.split("\r\n")[1:] if ":" in line)
-        await reader.readexactly(int(fields["content-length"]))
+        body = await reader.readexactly(int(fields["content-length"]))
         reuse = fields.get("connection", "").strip() != "close"
-        return int(head.split(" ", 2)[1])
+        return int(head.split(" ", 2)[1]), body
     finally:
         pool.put(conn, reuse)
 
 
-async def drive(urls: list[str], rate: float, paths: list[str]) -> dict[str, object]:
+def inspect(status: int, body: bytes) -> tuple[float, float]:
+    """(model version, 1 if personalised else 0) of a recommendation answer; -1 when unknown."""
+    if status != 200:
+        return -1.0, -1.0
+    answer = json.loads(body)
+    return float(answer.get("model_version") or -1), float(answer.get("fallback") is False)
+
+
+async def drive(
+    urls: list[str], rate: float, paths: list[str], read_answers: bool = False
+) -> dict[str, object]:
     """Send ``paths[i]`` at ``i / rate`` s, each on time whatever the others are doing, to
     ``urls[i % len(urls)]``: several replicas get the requests in turn, as an ingress (nginx's
-    round robin) spreads them over a Deployment's pods."""
+    round robin) spreads them over a Deployment's pods. Each row: due (s from the start),
+    latency from due, latency from the send, status, dispatch lag, and with ``read_answers``
+    the answer's model version and whether it was personalised (else -1, -1)."""
     pools = []
     for url in urls:
         host, port = url.removeprefix("http://").split(":")
         pools.append(Connections(host, int(port), MAX_CONNECTIONS))
     loop = asyncio.get_running_loop()
-    rows: list[tuple[float, float, float, int, float]] = []
+    rows: list[tuple[float, float, float, int, float, float, float]] = []
 
     async def one(due: float, path: str, pool: Connections) -> None:
-        started, sent = loop.time(), []
+        started, sent, body = loop.time(), [], b""
         try:
-            status = await asyncio.wait_for(fetch(pool, path, sent), REQUEST_TIMEOUT_S)
+            status, body = await asyncio.wait_for(fetch(pool, path, sent), REQUEST_TIMEOUT_S)
         except (
             TimeoutError,
             OSError,
@@ -109,11 +123,12 @@ async def drive(urls: list[str], rate: float, paths: list[str]) -> dict[str, obj
             status = 0  # no (readable) answer
         done = loop.time()
         send = sent[0] if sent else done
-        rows.append(
-            (due - t0, (done - due) * 1000, (done - send) * 1000, status, (started - due) * 1000)
-        )
+        seen = inspect(status, body) if read_answers else (-1.0, -1.0)
+        rows.append((due - t0, (done - due) * 1000, (done - send) * 1000, status,
+                     (started - due) * 1000, *seen))  # fmt: skip
 
     t0 = loop.time() + 0.1
+    wall_t0 = time.time() + (t0 - loop.time())  # the schedule's start on the wall clock
     tasks = []
     for i, path in enumerate(paths):
         due = t0 + i / rate
@@ -121,7 +136,11 @@ async def drive(urls: list[str], rate: float, paths: list[str]) -> dict[str, obj
             await asyncio.sleep(due - loop.time())
         tasks.append(asyncio.create_task(one(due, path, pools[i % len(pools)])))
     await asyncio.gather(*tasks)
-    return {"rows": sorted(rows), "connections": sum(pool.opened for pool in pools)}
+    return {
+        "rows": sorted(rows),
+        "connections": sum(pool.opened for pool in pools),
+        "wall_t0": wall_t0,
+    }
 
 
 def loadgen_main(argv: list[str]) -> None:
@@ -134,6 +153,11 @@ def loadgen_main(argv: list[str]) -> None:
     p.add_argument("--unknown-share", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--read-answers",
+        action="store_true",
+        help="record each answer's model version and personalisation (benchmarks.chaos)",
+    )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--users-file", type=Path, help="known user ids, one a line")
     who.add_argument("--paths-file", type=Path, help="request paths (e.g. /search?q=...), "
@@ -152,7 +176,7 @@ def loadgen_main(argv: list[str]) -> None:
             else f"/recommendations/{rng.choice(users)}?k={args.k}"
             for _ in range(n)
         ]
-    result = asyncio.run(drive(args.url.split(","), args.rate, paths))
+    result = asyncio.run(drive(args.url.split(","), args.rate, paths, args.read_answers))
     args.out.write_text(json.dumps({"rate": args.rate, "warmup_s": WARMUP_S, **result}))
 
 

@@ -134,8 +134,8 @@ def summarize_load(path: Path, duration: float) -> dict[str, object]:
     and that lowers it. Latencies are of the 200s, from each request's due time.
     """
     data = json.loads(path.read_text())
-    rows = np.array(data["rows"], dtype=float).reshape(-1, 5)
-    due, latency, service, status, lag = rows.T
+    rows = np.array(data["rows"], dtype=float).reshape(-1, 7)
+    due, latency, service, status, lag = rows.T[:5]
     window = due >= data["warmup_s"]
     answered, ok = window & (status > 0), window & (status == 200)
     last = float((due + latency / 1000)[answered].max()) if answered.any() else 0.0

@@ -27,6 +27,12 @@ from training import registry
 
 log = logging.getLogger("serving.models")
 ALIASES = (registry.CHAMPION, registry.CHALLENGER)
+# A version that failed to load is tried again after this, doubling up to RETRY_MAX_S: a
+# registry or artifact store that was briefly unreachable is retried soon after it is back; a
+# broken version costs one load attempt every ten minutes at most.
+RETRY_FIRST_S = 30.0
+RETRY_MAX_S = 600.0
+_now = time.monotonic  # the retry clock (tests move it)
 
 
 @dataclass(frozen=True)
@@ -103,9 +109,14 @@ def load_search(settings: Settings, version: str) -> SearchArm:
 
 
 def online_features(settings: Settings) -> OnlineFeatures:
-    from shopml.feast_store import open_store
+    """The service's Feast client: on Redis, one that fails fast (see
+    ``shopml.feast_store.fail_fast``): a request waits ``serving.online_timeout_ms`` at most
+    for its features, then gets the fallback."""
+    from shopml.feast_store import fail_fast, open_store
 
-    return OnlineFeatures(open_store(settings))
+    store = open_store(settings)
+    fail_fast(store, settings, settings.serving.online_timeout_ms / 1000)
+    return OnlineFeatures(store)
 
 
 class ModelHolder:
@@ -119,7 +130,8 @@ class ModelHolder:
         self._thread: threading.Thread | None = None
         self._sync_lock = threading.Lock()
         self._features: OnlineFeatures | None = None  # one Feast client for every arm
-        self._failed: dict[str, str] = {}  # alias -> version that failed to load
+        # alias -> (version that failed to load, when to try it again, failures so far)
+        self._failed: dict[str, tuple[str, float, int]] = {}
         self._search: SearchArm | None = None  # search's champion, when one is registered
         self._info_labels: set[tuple[str, str]] = set()  # shopml_model_info's label sets
 
@@ -155,15 +167,15 @@ class ModelHolder:
                     continue
                 if current is not None and current.version == version:
                     continue
-                if self._failed.get(alias) == version:
-                    continue  # tried and failed: wait for the alias to move
+                if self._waiting(alias, version):
+                    continue  # tried and failed: wait for the retry (or the alias to move)
                 started = time.perf_counter()
                 try:
                     if self._features is None:
                         self._features = online_features(self.settings)
                     arms[alias] = load_arm(self.settings, alias, version, self._features)
                 except Exception:
-                    self._failed[alias] = version
+                    self._note_failure(alias, version)
                     self.metrics.reloads.labels(alias, "failed").inc()
                     log.exception("loading %s version %s failed", alias, version,
                                   extra={"alias": alias, "version": version})  # fmt: skip
@@ -179,6 +191,17 @@ class ModelHolder:
             if changed:
                 self._publish_model_info()
         return changed
+
+    def _waiting(self, alias: str, version: str) -> bool:
+        """``version`` of ``alias`` failed to load and its next try is not due yet."""
+        failed = self._failed.get(alias)
+        return failed is not None and failed[0] == version and _now() < failed[1]
+
+    def _note_failure(self, alias: str, version: str) -> None:
+        failed = self._failed.get(alias)
+        n = failed[2] + 1 if failed is not None and failed[0] == version else 1
+        wait = min(RETRY_FIRST_S * 2 ** (n - 1), RETRY_MAX_S)
+        self._failed[alias] = (version, _now() + wait, n)
 
     def served_models(self) -> dict[str, dict[str, object]]:
         """Each served model part with its version, format, bytes and parameters (what
@@ -215,12 +238,12 @@ class ModelHolder:
         current = self._search
         if version is None or (current is not None and current.version == version):
             return []
-        if self._failed.get("search") == version:
+        if self._waiting("search", version):
             return []
         try:
             arm = load_search(self.settings, version)
         except Exception:
-            self._failed["search"] = version
+            self._note_failure("search", version)
             self.metrics.reloads.labels("search", "failed").inc()
             log.exception("loading search version %s failed", version)
             return []
@@ -261,7 +284,8 @@ class ModelHolder:
                 next_reload = now
                 try:
                     self.sync()
-                except Exception:  # the registry itself unreachable: keep serving
+                except Exception:  # the registry itself unreachable: keep serving, try again
+                    self.metrics.reloads.labels("any", "registry_unreachable").inc()
                     log.exception("alias check failed")
             if cfg.item_feature_refresh_s and now >= next_refresh + cfg.item_feature_refresh_s:
                 next_refresh = now

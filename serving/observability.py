@@ -87,7 +87,8 @@ class Metrics:
             "onnx_int8)", ["model", "format"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.reloads = Counter(
-            "shopml_model_reloads_total", "Model loads by alias and outcome",
+            "shopml_model_reloads_total", "Model loads by alias and outcome (loaded, failed: "
+            "tried again later; registry_unreachable: the alias check itself failed)",
             ["alias", "outcome"], registry=r,
         )  # fmt: skip
         self.feature_refreshes = Counter(

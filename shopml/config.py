@@ -201,6 +201,12 @@ class ServingConfig(BaseModel):
         300.0, ge=0, description="how often item features are re-read from Feast; 0 = never"
     )
     ann_ef_search: int = Field(128, ge=1, description="HNSW search breadth (recall vs latency)")
+    online_timeout_ms: int = Field(
+        250,
+        ge=1,
+        description="longest wait for the Redis online store, no retry: then the answer is "
+        "the popularity fallback (feast_unavailable) and the next request tries again",
+    )
     max_body_bytes: int = Field(
         262_144,
         ge=1024,

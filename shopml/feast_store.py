@@ -174,3 +174,25 @@ def delete_online_rows(settings: Settings, join_key: str, values: list[str]) -> 
                 cur = conn.execute(f'DELETE FROM "{table}" WHERE entity_key IN ({marks})', blobs)
                 removed += cur.rowcount
     return removed
+
+
+def fail_fast(store: FeatureStore, settings: Settings, timeout_s: float) -> None:
+    """Make the store's Redis client give up after ``timeout_s`` without retrying.
+
+    redis-py retries a failed command three times with exponential backoff (1 s base): right
+    for a nightly materialization, wrong for a request with a 30 ms budget. With Redis down,
+    every online read of the service took seconds and the requests queued behind it timed
+    out (``benchmarks/chaos.py``, before this). Feast builds its client from the connection
+    string and has no option for the retry policy, so it is set on the client Feast made.
+    SQLite (embedded) needs nothing: it is a local file.
+    """
+    if settings.feast.online_store != "redis":
+        return
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    client.connection_pool.connection_kwargs.update(
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    client.set_retry(Retry(NoBackoff(), 0))

@@ -231,7 +231,9 @@ def keep_first_users(events: DataFrame, max_users: int) -> DataFrame:
         events.select(S.USER_ID)
         .where(F.col(S.USER_ID).isNotNull())
         .distinct()
-        .orderBy(F.col(S.USER_ID).cast("long"), S.USER_ID)
+        # numeric ids in numeric order ("2" before "10"), then the others (try_cast: a
+        # retailer's ids need not be numbers, and ANSI casts fail on those)
+        .orderBy(F.col(S.USER_ID).try_cast("long").asc_nulls_last(), S.USER_ID)
         .limit(max_users)
     )
     chosen = events.join(users, S.USER_ID, "left_semi")

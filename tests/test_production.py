@@ -368,3 +368,28 @@ def test_forget_deletes_the_users_redis_rows_and_batch_scoring_skips_them(
     assert not _redis().exists(_redis_key(production.prefix, user))
     top = pd.read_parquet(prod_settings.paths.recommendations / f"ds={DS}")
     assert user not in set(top[S.USER_ID]) and _known_user(prod_settings) in set(top[S.USER_ID])
+
+
+def test_the_services_redis_client_gives_up_at_once(prod_settings):
+    """The service's Feast client does not retry (redis-py's default: three times, backing
+    off from 1 s) and waits serving.online_timeout_ms at most; an unreachable Redis is a
+    FeaturesUnavailable (the fallback), not a hung request. benchmarks/chaos.py shows the
+    effect under load, with Redis stopped for 20 s."""
+    import socket
+
+    from served_model.features import FeaturesUnavailable
+    from serving.models import online_features
+
+    store = online_features(prod_settings).store
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    assert client.get_retry()._retries == 0
+    timeout = prod_settings.serving.online_timeout_ms / 1000
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == timeout
+    assert client.connection_pool.connection_kwargs["socket_connect_timeout"] == timeout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens once this closes
+    feast = prod_settings.feast.model_copy(update={"redis_connection": f"127.0.0.1:{dead}"})
+    gone = online_features(prod_settings.model_copy(update={"feast": feast}))
+    with pytest.raises(FeaturesUnavailable, match="ConnectionError"):
+        gone.users([_known_user(prod_settings)])

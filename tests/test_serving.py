@@ -444,12 +444,16 @@ def test_each_apps_metrics_start_at_zero_even_in_prometheus_multiprocess_mode(
     assert line + "3.0" in first.exposition().decode()
 
 
-def test_a_version_without_serving_artifacts_is_refused_and_the_old_one_kept(deployment):
+def test_a_version_without_serving_artifacts_is_refused_and_the_old_one_kept(
+    deployment, monkeypatch
+):
     """A champion registered before two-stage serving (weights only) cannot serve: a running
-    service keeps its version and counts the failure; a starting one says why it cannot."""
+    service keeps its version, counts the failure and tries again only after a while (a
+    registry that was unreachable comes back); a starting one says why it cannot."""
     from fastapi.testclient import TestClient
 
     from served_model.two_tower import TwoTower
+    from serving import models
     from serving.app import create_app
     from serving.models import load_arm
     from training import registry
@@ -469,6 +473,10 @@ def test_a_version_without_serving_artifacts_is_refused_and_the_old_one_kept(dep
             registry.set_champion(settings, version)
             assert holder.sync() == []
             assert _metric(client, failed) == before + 1
+            assert holder.sync() == [] and _metric(client, failed) == before + 1  # not at once
+            later = models._now() + models.RETRY_FIRST_S + 1
+            monkeypatch.setattr(models, "_now", lambda: later)
+            assert holder.sync() == [] and _metric(client, failed) == before + 2  # tried again
             assert client.get("/readyz").json()["model_version"] == dep.version
         with (
             pytest.raises(RuntimeError, match="no loadable 'champion'"),

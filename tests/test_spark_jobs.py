@@ -178,7 +178,13 @@ def test_land_writes_only_its_logical_dates_partition(spark, settings, tmp_path)
 
 def test_keep_first_users_keeps_rows_without_user_for_validation(spark):
     ts = datetime(2025, 3, 1, 10)
-    rows = [(u, "i1", "purchase", ts, None, None) for u in ("3", "1", "2", "10", None)]
+    rows = [(u, "i1", "purchase", ts, None, None) for u in ("3", "b", "1", "2", "10", None)]
     got = ingest.keep_first_users(_events(spark, rows), 2).select(S.USER_ID).collect()
     # numeric order: "1", "2" (not "10"); the null row stays for GX to catch
     assert sorted(r[0] or "<null>" for r in got) == ["1", "2", "<null>"]
+    # ids that are not numbers come after the numbers, in their own order
+    got = ingest.keep_first_users(_events(spark, rows), 6).select(S.USER_ID).collect()
+    assert {r[0] for r in got} == {"1", "2", "3", "10", "b", None}
+    words = [(u, "i1", "purchase", ts, None, None) for u in ("zed", "amy", "bo")]
+    got = ingest.keep_first_users(_events(spark, words), 2).select(S.USER_ID).collect()
+    assert sorted(r[0] for r in got) == ["amy", "bo"]
