@@ -10,7 +10,6 @@ import hmac
 import stat
 from datetime import date, datetime
 
-import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given
@@ -114,44 +113,41 @@ def test_land_writes_pseudonyms_judges_raw_ids_and_drops_the_forgotten(
     }
 
 
-def test_forget_removes_the_user_from_every_parquet_file_and_feast(settings):
-    """Lake files of several kinds (Spark-style with a .crc side file, a plain one, one
-    without user ids) and the SQLite online store; the request is recorded once."""
+def test_forget_removes_the_user_from_every_parquet_file(settings, monkeypatch):
+    """Lake and run files of several kinds (Spark-style with a .crc side file, one without
+    user ids); the request is recorded once, as the pseudonym. Feast's online rows: the
+    SQLite store in tests/test_e2e.py, Redis in tests/test_production.py."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from serving.synthetic import deploy
+    from shopml import feast_store
 
-    dep = deploy(settings, n_users=6, n_items=20, n_categories=2, per_user=4)
-    gone, kept = dep.user_ids[0], dep.user_ids[1]
+    asked = []
+    monkeypatch.setattr(
+        feast_store, "delete_online_rows", lambda _, key, ids: asked.append((key, ids)) or 0
+    )
+    pid = privacy.Pseudonymizer.of(settings)
+    gone, kept = "shopper-1", "shopper-2"
     p = settings.paths
     events = p.raw_events_for("2025-12-31") / "event_date=2025-12-30"
     events.mkdir(parents=True)
-    rows = pa.table({S.USER_ID: [dep.pseudonym(u) for u in (gone, kept, gone)],
-                     S.ITEM_ID: ["a", "b", "c"]})  # fmt: skip
+    rows = pa.table({S.USER_ID: [pid(u) for u in (gone, kept, gone)], S.ITEM_ID: ["a", "b", "c"]})
     pq.write_table(rows, events / "part-0.parquet")
     (events / ".part-0.parquet.crc").write_bytes(b"stale after a rewrite")
     p.raw_items_for("2025-12-31").mkdir(parents=True)
     pq.write_table(pa.table({S.ITEM_ID: ["a"]}), p.raw_items_for("2025-12-31") / "part-0.parquet")
-    from served_model.features import OnlineFeatures
-    from shopml.feast_store import open_store
-
-    online = OnlineFeatures(open_store(settings))
-    assert np.isfinite(online.users([dep.pseudonym(gone)])).all()  # materialized by deploy
+    p.run("2025-12-31").mkdir(parents=True)
+    pq.write_table(pa.table({S.USER_ID: [pid(gone)]}), p.run("2025-12-31") / "users.parquet")
 
     done = privacy.forget(settings, gone)
     again = privacy.forget(settings, gone)  # idempotent: nothing left to remove
 
-    assert done.user == dep.pseudonym(gone) and done.online_rows_removed > 0
-    # the lake file, and the feature snapshot deploy wrote
+    assert done.user == pid(gone) and asked == [(S.USER_ID, [pid(gone)])] * 2
     assert done.files_rewritten == 2 and done.rows_removed == 2 + 1
-    assert again.files_rewritten == 0 and again.online_rows_removed == 0
-    assert pq.read_table(events / "part-0.parquet")[S.USER_ID].to_pylist() == [dep.pseudonym(kept)]
+    assert again.files_rewritten == 0 and again.rows_removed == 0
+    assert pq.read_table(events / "part-0.parquet")[S.USER_ID].to_pylist() == [pid(kept)]
     assert not (events / ".part-0.parquet.crc").exists()
-    snapshot = pd.read_parquet(p.features_for("2025-12-31") / "user")
-    assert dep.pseudonym(gone) not in set(snapshot[S.USER_ID])
-    assert np.isnan(online.users([dep.pseudonym(gone)])).all()  # no row
-    assert np.isfinite(online.users([dep.pseudonym(kept)])).all()
-    assert privacy.forgotten(settings) == {dep.pseudonym(gone)}
+    assert pq.read_table(p.run("2025-12-31") / "users.parquet").num_rows == 0
+    assert privacy.forgotten(settings) == {pid(gone)}
     ledger = privacy.ledger_path(settings).read_text()
     assert gone not in ledger and ledger.count("\n") == 1
