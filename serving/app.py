@@ -204,9 +204,12 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         metrics.errors.labels(_endpoint_of(request.method, request.url.path), "422").inc()
         return JSONResponse(status_code=422, content={"detail": problems})
 
-    def client_of(request: Request) -> str | None:
-        """The client's address for the log, only where ``privacy.log_client_ip`` allows."""
-        return request.client.host if privacy.log_client_ip and request.client else None
+    def client_of(request: Request) -> dict[str, str]:
+        """The log's ``client`` field: the address, only where ``privacy.log_client_ip``
+        allows (else no field)."""
+        if privacy.log_client_ip and request.client:
+            return {"client": request.client.host}
+        return {}
 
     def answer(arm: Arm, user_id: str, ranked: Ranked) -> dict[str, object]:
         """A ``Recommendations`` as plain JSON data.
@@ -280,7 +283,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     ) -> JSONResponse:
         return await compute("recommendations", recommend, user_id, k, category, client_of(request))
 
-    def recommend(user_id: str, k: int, category: str | None, client: str | None) -> JSONResponse:
+    def recommend(
+        user_id: str, k: int, category: str | None, client: dict[str, str]
+    ) -> JSONResponse:
         started = time.perf_counter()
         user = pseudonym(user_id)
         arm = holder.for_user(user) or champion()
@@ -292,7 +297,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             "user_id": user, "k": k, "arm": arm.alias, "model_version": arm.version,
             "fallback": ranked.fallback, "ms": round(elapsed * 1000, 2),
             "stages_ms": {s: round(v * 1000, 2) for s, v in ranked.stages.items()},
-            "candidates": ranked.candidates, **({"client": client} if client else {})})  # fmt: skip
+            "candidates": ranked.candidates, **client})  # fmt: skip
         return JSONResponse(answer(arm, user_id, ranked))
 
     @app.post(
@@ -305,7 +310,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     ) -> JSONResponse:
         return await compute("batch", recommend_batch, request, client_of(http))
 
-    def recommend_batch(request: BatchRequest, client: str | None) -> JSONResponse:
+    def recommend_batch(request: BatchRequest, client: dict[str, str]) -> JSONResponse:
         started = time.perf_counter()
         by_arm: dict[str, list[str]] = {}
         arms: dict[str, Arm] = {}
@@ -328,8 +333,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         fallbacks = sum(r["fallback"] for r in results.values())
         log.info("recommend_batch", extra={
             "users": len(results), "k": request.k, "arms": {a: len(u) for a, u in by_arm.items()},
-            "fallbacks": fallbacks, "ms": round(elapsed * 1000, 2),
-            **({"client": client} if client else {})})  # fmt: skip
+            "fallbacks": fallbacks, "ms": round(elapsed * 1000, 2), **client})  # fmt: skip
         return JSONResponse({"results": [results[u] for u in request.user_ids]})
 
     @app.get(
@@ -378,7 +382,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         return await compute("search", search, q, k, user_id, category, client_of(request))
 
     def search(
-        q: str, k: int, user_id: str | None, category: str | None, client: str | None
+        q: str, k: int, user_id: str | None, category: str | None, client: dict[str, str]
     ) -> JSONResponse:
         started = time.perf_counter()
         arm = holder.search
@@ -405,9 +409,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         log.info("search", extra={
             "q_chars": len(q), **said, "user_id": user, "k": k, "model_version": arm.version,
             "fallback": result.fallback, "ms": round(elapsed * 1000, 2),
-            "candidates": result.candidates,
-            "stages_ms": {s: round(v * 1000, 2) for s, v in result.stages.items()},
-            **({"client": client} if client else {})})  # fmt: skip
+            "candidates": result.candidates, **client,
+            "stages_ms": {s: round(v * 1000, 2) for s, v in result.stages.items()}})  # fmt: skip
         return JSONResponse({
             "query": q, "normalized_query": result.query, "corrected": result.corrected,
             "model_version": arm.version, "arm": "champion",

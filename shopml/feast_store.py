@@ -152,14 +152,13 @@ def delete_online_rows(settings: Settings, join_key: str, values: list[str]) -> 
     keys = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=v)]) for v in values]
     if not keys:
         return 0
-    online = store._get_provider().online_store
     version = config.entity_key_serialization_version
     if settings.feast.online_store == "redis":
-        client = online._get_client(config.online_store)
+        client = redis_client(store)
         return int(client.delete(*[_redis_key(config.project, k, version) for k in keys]))
     views = [v for v in store.list_feature_views() if v.join_keys == [join_key]]
     blobs = [serialize_entity_key(k, entity_key_serialization_version=version) for k in keys]
-    conn = online._get_conn(config)
+    conn = store._get_provider().online_store._get_conn(config)
     removed = 0
     with conn:
         for view in views:
@@ -191,8 +190,14 @@ def fail_fast(store: FeatureStore, settings: Settings, timeout_s: float) -> None
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    client = store._get_provider().online_store._get_client(store.config.online_store)
+    client = redis_client(store)
     client.connection_pool.connection_kwargs.update(
         socket_timeout=timeout_s, socket_connect_timeout=timeout_s
     )
     client.set_retry(Retry(NoBackoff(), 0))
+
+
+def redis_client(store: FeatureStore):
+    """The redis-py client Feast's Redis online store reads and writes with (made on first
+    use). Feast exposes it through no public API; this is the one place that reaches it."""
+    return store._get_provider().online_store._get_client(store.config.online_store)

@@ -379,9 +379,9 @@ def test_the_services_redis_client_gives_up_at_once(prod_settings):
 
     from served_model.features import FeaturesUnavailable
     from serving.models import online_features
+    from shopml.feast_store import redis_client
 
-    store = online_features(prod_settings).store
-    client = store._get_provider().online_store._get_client(store.config.online_store)
+    client = redis_client(online_features(prod_settings).store)
     assert client.get_retry()._retries == 0
     timeout = prod_settings.serving.online_timeout_ms / 1000
     assert client.connection_pool.connection_kwargs["socket_timeout"] == timeout
