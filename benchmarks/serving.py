@@ -105,6 +105,7 @@ SEED = 0
 # The code that writes the deployment's features and artifacts (its hash is in the marker).
 ARTIFACT_CODE = (
     "serving/synthetic.py",
+    "zoo/sources.py",
     "served_model/bundle.py",
     "served_model/two_tower.py",
     "served_model/ranker.py",
@@ -304,6 +305,7 @@ def run_step(
         "-m",
         "benchmarks.loadgen",
         *(str(x) for flag in flags.items() for x in flag),
+        *(["--explain"] if args.explain else []),
     ]
     pids = [server.pid for server in servers]
     before, cpu0 = scrape_all(bases), CpuMark.now(*pids)
@@ -446,6 +448,12 @@ def parse_args() -> argparse.Namespace:
         help="the deployment's ranker: its ONNX export (what the nightly compression gate "
         "chose on the Instacart demo) or the torch module",
     )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="every request asks for the items' reasons (?explain=true): run once with and "
+        "once without to read what explaining costs",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the deployment")
     args = p.parse_args()
     args.rate_list = [int(r) for r in args.rates.split(",") if r.strip()]
@@ -512,7 +520,8 @@ def main() -> None:
 
     wall = time.perf_counter() - started
     print(
-        f"\n## Serving load test: GET /recommendations/{{user}}?k={args.k}, "
+        f"\n## Serving load test: GET /recommendations/{{user}}?k={args.k}"
+        f"{'&explain=true' if args.explain else ''}, "
         f"{dep['items']} items, {dep['users']} users, max_candidates {args.max_candidates}, "
         f"{args.replicas} replica(s) x {args.workers} worker(s), "
         f"{100 * args.unknown_share:g}% unknown users, {args.duration}s per rate, "

@@ -229,11 +229,14 @@ def batch_score(
     to_online: Annotated[
         bool, typer.Option(help="also write the lists to Feast (view user_recommendations)")
     ] = False,
+    explain: Annotated[
+        bool, typer.Option(help="add each item's reasons (a JSON column), as ?explain=true")
+    ] = False,
 ) -> None:
     """Top-k of the champion for every user to lake/recommendations/ds=... (Parquet)."""
     from serving.batch import batch_score as run
 
-    _echo(run(load_settings(), _ds(ds), k, to_online))
+    _echo(run(load_settings(), _ds(ds), k, to_online, explain))
 
 
 @app.command()

@@ -1,11 +1,15 @@
 """The served two-stage path, replayed offline: to train its ranker and to evaluate it.
 
 One design for the nightly pipeline and the zoo's ``hybrid``: the engine ``shopml serve``
-runs (``served_model.engine.TwoStage``: retrieval from the two-tower's faiss index, the
-user's history, item-kNN and popularity; the filters; the DCN-v2 ``Ranker``), with inputs made
-honest for a backtest: the candidate tables know only purchases before the moment replayed,
-and features come from a :data:`FeatureSource` valid at that moment, Feast's point-in-time
-values in the pipeline (``shopml.feast_store.point_in_time_features``), none in the zoo.
+runs (``served_model.engine.TwoStage``: retrieval from the user's history, the zoo scorers'
+nightly top lists, the two-tower's faiss index, item-kNN and popularity; the filters; the
+DCN-v2 ``Ranker``), with inputs made honest for a backtest: the candidate tables and the zoo
+scorers (a :data:`SourceFit`) know only purchases before the moment replayed, and features
+come from a :data:`FeatureSource` valid at that moment, Feast's point-in-time values in the
+pipeline (``shopml.feast_store.point_in_time_features``), none in the zoo. The two-tower
+that retrieves for the replay is the caller's: the pipeline passes one trained without the
+replayed baskets (``training.ranking``), so its ANN source and score do not find the
+labelled items more easily than tomorrow's.
 
 * Training (:func:`replayed_rows`, :func:`fit_ranker`): each user's last basket is held out
   again (``mlkit.splits.split_last_basket``), the candidates retrieved just before it are
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 from torch import nn
 
 from mlkit.interactions import Interactions
@@ -31,7 +36,13 @@ from mlkit.loop import Curve, LoopConfig
 from mlkit.splits import split_last_basket
 from served_model.bundle import Bundle, build_index, build_tables, item_matrix
 from served_model.engine import TwoStage
-from served_model.ranker import HISTORY_FEATURES, Ranker, ranker_inputs
+from served_model.ranker import (
+    HISTORY_FEATURES,
+    Ranker,
+    ranker_inputs,
+    ranker_logits,
+    ranker_view,
+)
 from served_model.two_tower import TwoTower
 from shopml import schema as S
 from shopml.config import ServingConfig, TrainConfig
@@ -40,6 +51,10 @@ CAND = "candidate_index"
 # Rows with user_id, item_id and event_timestamp in; the same rows, in order, with the
 # user's and the item's features (USER_FEATURES, ITEM_FEATURES) valid at that time out.
 FeatureSource = Callable[[pd.DataFrame], pd.DataFrame]
+# Purchases (user_id, item_id, timestamp) in; zoo source name -> its per-user top-N table
+# (``served_model.bundle.Tables.scores``) fitted on exactly those purchases out
+# (``zoo.sources.source_fitter``).
+SourceFit = Callable[[pd.DataFrame], dict[str, sparse.csr_matrix]]
 
 
 def no_features(rows: pd.DataFrame) -> pd.DataFrame:
@@ -51,12 +66,18 @@ def no_features(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def offline_engine(
-    purchases: pd.DataFrame, model: TwoTower, ranker: nn.Module | None, cfg: ServingConfig
+    purchases: pd.DataFrame,
+    model: TwoTower,
+    ranker: nn.Module | None,
+    cfg: ServingConfig,
+    sources: SourceFit | None = None,
 ) -> TwoStage:
-    """A two-stage engine whose tables know only ``purchases``."""
+    """A two-stage engine whose tables (and zoo scorers, when ``sources`` fits them) know
+    only ``purchases``."""
     catalog = pd.DataFrame({S.ITEM_ID: model.item_ids})
     vectors = item_matrix(model)
-    tables = build_tables(model, purchases, catalog)
+    scores = sources(purchases) if sources is not None else None
+    tables = build_tables(model, purchases, catalog, scores)
     bundle = Bundle("offline", model, ranker, build_index(vectors), tables, vectors)
     return TwoStage(bundle, features=None, cfg=cfg)
 
@@ -74,7 +95,7 @@ def candidate_rows(
         if user not in model.user_index or user not in user_features.index:
             continue  # unknown to the model: serving answers with popularity
         feats = np.nan_to_num(user_features.loc[user, list(S.USER_FEATURES)].to_numpy(np.float32))
-        cand, history, _, _ = engine.retrieve(model.user_index[user], feats)
+        cand, history, _, _, _ = engine.retrieve(model.user_index[user], feats)
         frame = pd.DataFrame(history, columns=list(HISTORY_FEATURES))
         frames.append(frame.assign(**{S.USER_ID: user, S.ITEM_ID: item_ids[cand], CAND: cand,
                                       S.ENTITY_TIMESTAMP: ts}))  # fmt: skip
@@ -95,17 +116,19 @@ def replayed_rows(
     rounds: int,
     features: FeatureSource,
     cfg: ServingConfig,
+    sources: SourceFit | None = None,
 ) -> pd.DataFrame:
     """The ranker's examples: each user's last basket in ``events`` held out again, the lists
     the served path retrieves just before it, labelled by that basket; then the basket before
-    that, ``rounds`` times (each round's tables know only earlier purchases)."""
+    that, ``rounds`` times (each round's tables and zoo scorers know only earlier
+    purchases). ``model`` retrieves; it should not have learnt from these baskets."""
     frames = []
     for _ in range(rounds):
         inner = split_last_basket(events)
         if inner.test.empty:
             break
         purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
-        engine = offline_engine(purchases, model, None, cfg)
+        engine = offline_engine(purchases, model, None, cfg, sources)
         at = inner.test_time
         moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at})
         users = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
@@ -136,15 +159,17 @@ class RankerTask:
     """The ranker as a ``mlkit.loop.Trainable``: binary cross-entropy on labelled rows, the
     epoch with the lowest validation loss kept."""
 
-    x: np.ndarray
+    x: np.ndarray  # full-width rows (RANKER_FEATURES); the ranker reads ``features`` of them
     y: np.ndarray
     validation: tuple[np.ndarray, np.ndarray] | None = None
+    features: tuple[str, ...] | None = None  # None: all of RANKER_FEATURES
 
     def build(self) -> Ranker:
-        return Ranker()
+        return Ranker(features=self.features)
 
     def dataset(self, net: nn.Module) -> torch.utils.data.Dataset:
-        return torch.utils.data.TensorDataset(torch.from_numpy(self.x), torch.from_numpy(self.y))
+        x = np.ascontiguousarray(ranker_view(net, self.x))
+        return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(self.y))
 
     def loss(self, net: nn.Module, batch: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         xb, yb = batch
@@ -154,7 +179,8 @@ class RankerTask:
     def validation_loss(self, net: nn.Module) -> float | None:
         if self.validation is None:
             return None
-        xv, yv = (torch.from_numpy(a) for a in self.validation)
+        xv = torch.from_numpy(np.ascontiguousarray(ranker_view(net, self.validation[0])))
+        yv = torch.from_numpy(self.validation[1])
         return nn.functional.binary_cross_entropy_with_logits(net(xv), yv).item()
 
 
@@ -166,10 +192,13 @@ def fit_ranker(
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     batch_size: int = TrainConfig.model_fields["ranker_batch_size"].default,
     lr: float = TrainConfig.model_fields["ranker_lr"].default,
+    features: tuple[str, ...] | None = None,
 ) -> tuple[Ranker, Curve]:
-    """Train the ranker in this process with the one loop; returns it and its curve."""
+    """Train the ranker in this process with the one loop; returns it and its curve.
+    ``features`` (a subset of ``RANKER_FEATURES``) makes a ranker that reads only those."""
     cfg = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, name="ranker")
-    return launch(RankerTask(x, y, validation), cfg, workers=1)  # the loop returns it in eval
+    task = RankerTask(x, y, validation, features)
+    return launch(task, cfg, workers=1)  # the loop returns it in eval mode
 
 
 def scorer(
@@ -274,12 +303,12 @@ class DistilledRankerTask:
     validation: tuple[np.ndarray, np.ndarray] | None = None
 
     def build(self) -> Ranker:
-        return init_student(Ranker(self.cross_layers, self.hidden), self.teacher)
+        student = Ranker(self.cross_layers, self.hidden, features=self.teacher.feature_names)
+        return init_student(student, self.teacher)
 
     def dataset(self, net: nn.Module) -> torch.utils.data.Dataset:
-        return torch.utils.data.TensorDataset(
-            torch.from_numpy(self.x), torch.from_numpy(self.target)
-        )
+        x = np.ascontiguousarray(ranker_view(net, self.x))
+        return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(self.target))
 
     def loss(self, net: nn.Module, batch: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         xb, tb = batch
@@ -289,13 +318,12 @@ class DistilledRankerTask:
     def validation_loss(self, net: nn.Module) -> float | None:
         if self.validation is None:
             return None
-        xv, tv = (torch.from_numpy(a) for a in self.validation)
-        return nn.functional.mse_loss(net(xv), tv).item()
+        xv = torch.from_numpy(np.ascontiguousarray(ranker_view(net, self.validation[0])))
+        return nn.functional.mse_loss(net(xv), torch.from_numpy(self.validation[1])).item()
 
 
-@torch.no_grad()
 def teacher_logits(teacher: nn.Module, x: np.ndarray) -> np.ndarray:
-    return teacher.eval()(torch.from_numpy(x)).numpy().astype(np.float32)
+    return ranker_logits(teacher.eval(), x).astype(np.float32)
 
 
 def distil_ranker(

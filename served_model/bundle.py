@@ -24,6 +24,9 @@ version up to ``FORMAT_VERSION`` so a rollback to an older champion still serves
   ``torch_int8``: a pickled module in ``ranker.pt``; ``onnx``, ``onnx_int8``: ONNX in
   ``ranker.onnx``, run by ONNX Runtime), its bytes and parameters: the candidate the
   compression gate chose (``training.compress``). Without the entry, ``ranker.pt``.
+* 4: ``tables.npz`` may hold ``scores``, the zoo scorers' top-N items per user (TIFU-kNN,
+  EASE: candidate sources and ranker features), and the manifest's ``ranker`` entry names
+  the ranker's ``features``. Rankers of earlier formats read ``LEGACY_FEATURES``.
 
 A bundle newer than this code is refused with a message rather than half-loaded.
 """
@@ -33,7 +36,7 @@ from __future__ import annotations
 import json
 import pickle
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +45,17 @@ import pandas as pd
 import torch
 from scipy import sparse
 
-from served_model.ranker import OnnxRanker, ranker_format, ranker_params
+from served_model.ranker import (
+    LEGACY_FEATURES,
+    OnnxRanker,
+    features_of,
+    ranker_format,
+    ranker_params,
+)
 from served_model.two_tower import TwoTower
 from shopml import schema as S
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Where format 1 pickled the classes a bundle holds -> where they live now.
 LEGACY_MODULES: dict[str, str] = {
     "training.model": "served_model.two_tower",
@@ -151,9 +160,19 @@ class Tables:
     in_catalog: np.ndarray  # bool per item: still in the catalog the model was promoted with
     history_last: sparse.csr_matrix  # as ``history``: day (since 1970) of the last purchase
     user_last: np.ndarray  # per history row: day of the user's latest purchase
+    # zoo scorer -> (history rows, n_items) its top-N items per user with their scores,
+    # computed nightly from the same purchases (``training.sources``); empty before format 4
+    scores: dict[str, sparse.csr_matrix] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         cats = sorted(self.category_popular)
+        names = sorted(self.scores)
+        score_arrays = {}
+        for i, name in enumerate(names):
+            m = self.scores[name].tocsr()
+            score_arrays[f"score_{i}_data"] = m.data.astype(np.float32)
+            score_arrays[f"score_{i}_indices"] = m.indices
+            score_arrays[f"score_{i}_indptr"] = m.indptr
         np.savez_compressed(
             path,
             popular=self.popular,
@@ -169,6 +188,8 @@ class Tables:
             in_catalog=self.in_catalog,
             categories=np.array(cats, dtype=object),
             **{f"category_{i}": self.category_popular[c] for i, c in enumerate(cats)},
+            score_names=np.array(names, dtype=object),
+            **score_arrays,
         )
 
     @classmethod
@@ -186,6 +207,14 @@ class Tables:
             (z["history_last"], z["history_indices"], z["history_indptr"]), shape=history.shape
         )
         cats = [str(c) for c in z["categories"]]
+        names = [str(n) for n in z["score_names"]] if "score_names" in z else []
+        scores = {
+            name: sparse.csr_matrix(
+                (z[f"score_{i}_data"], z[f"score_{i}_indices"], z[f"score_{i}_indptr"]),
+                shape=history.shape,
+            )
+            for i, name in enumerate(names)
+        }
         return cls(
             popular=z["popular"],
             recent_popular=z["recent_popular"],
@@ -196,6 +225,7 @@ class Tables:
             in_catalog=z["in_catalog"],
             history_last=history_last,
             user_last=z["user_last"],
+            scores=scores,
         )
 
 
@@ -211,11 +241,18 @@ def _top_neighbours(sim: sparse.csr_matrix, n: int) -> tuple[np.ndarray, np.ndar
     return idx, val
 
 
-def build_tables(model: TwoTower, purchases: pd.DataFrame, catalog: pd.DataFrame) -> Tables:
+def build_tables(
+    model: TwoTower,
+    purchases: pd.DataFrame,
+    catalog: pd.DataFrame,
+    scores: dict[str, sparse.csr_matrix] | None = None,
+) -> Tables:
     """Candidate tables from the run's training purchases and its catalog.
 
     ``purchases`` has user_id, item_id, timestamp; ``catalog`` item_id and, when the retailer
     has it, category. Both are mapped onto the model's vocabularies (unknown ids dropped).
+    ``scores`` are the zoo scorers' per-user top-N tables, already in the model's index
+    space (``training.sources.zoo_scores`` fits them on the same purchases).
     """
     from served_model.similarity import cosine_neighbours
 
@@ -267,9 +304,12 @@ def build_tables(model: TwoTower, purchases: pd.DataFrame, catalog: pd.DataFrame
     in_catalog = np.zeros(n_items, dtype=bool)
     pos = item_pos.reindex(catalog[S.ITEM_ID].astype(str)).dropna().to_numpy(np.int64)
     in_catalog[pos] = True
+    for name, m in (scores or {}).items():
+        if m.shape != shape:
+            raise ValueError(f"scores of '{name}' have shape {m.shape}; the history's is {shape}")
     return Tables(
         popular, recent_popular, category_popular, knn_idx, knn_sim, history, in_catalog,
-        history_last, user_last,
+        history_last, user_last, dict(scores or {}),
     )  # fmt: skip
 
 
@@ -279,6 +319,7 @@ def write_artifacts(
     ranker: torch.nn.Module,
     purchases: pd.DataFrame,
     catalog: pd.DataFrame,
+    scores: dict[str, sparse.csr_matrix] | None = None,
 ) -> list[Path]:
     """Build the index and tables of ``model``; returns the files to log with it."""
     import faiss
@@ -294,7 +335,7 @@ def write_artifacts(
         ranker_path.write_bytes(ranker.model_bytes)
     else:
         torch.save(ranker, ranker_path)
-    tables = build_tables(model, purchases, catalog)
+    tables = build_tables(model, purchases, catalog, scores)
     tables.save(out_dir / TABLES_FILE)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -304,7 +345,9 @@ def write_artifacts(
         "index_dim": int(vectors.shape[1]),
         "categories": len(tables.category_popular),
         "in_catalog": int(tables.in_catalog.sum()),
+        "scores": sorted(tables.scores),
         "ranker": {
+            "features": list(features_of(ranker)),
             "file": ranker_path.name,
             "format": ranker_format(ranker),
             "bytes": ranker_path.stat().st_size,
@@ -331,7 +374,10 @@ def load_ranker(files: Path) -> torch.nn.Module | OnnxRanker:
     path = ranker_file(files)
     info = manifest_of(files).get("ranker", {})
     if path.suffix == ".onnx":
-        return OnnxRanker(path.read_bytes(), info.get("format", "onnx"), info.get("params", 0))
+        features = tuple(info.get("features", LEGACY_FEATURES))
+        return OnnxRanker(
+            path.read_bytes(), info.get("format", "onnx"), info.get("params", 0), features=features
+        )
     return load_pickled(path).eval()
 
 

@@ -2,17 +2,22 @@
 
 Stage 1 (retrieval) takes the union, in this order of priority, of
 
-* ``ann``: the faiss index over the two-tower's item vectors, queried with the user vector,
 * ``history``: the user's own purchases (most bought first),
+* ``user_knn``: the TIFU-kNN scorer's top items for the user (own decayed history blended
+  with similar users'), precomputed nightly (``Tables.scores``),
+* ``ease``: EASE's top items for the user, precomputed nightly,
+* ``ann``: the faiss index over the two-tower's item vectors, queried with the user vector,
 * ``item_knn``: co-purchase neighbours of the user's most bought items,
 * ``popular``: global popularity,
 
 drops items out of the catalog and items the user bought that are not reorderable
 (``item_reorder_rate`` from Feast at most ``serving.reorder_min_rate``), and keeps at most
 ``serving.max_candidates``. Stage 2 scores those candidates with the version's ranker on the
-user's and the items' online features. Every answer that is not the two-stage one is a
-*fallback* with a reason (unknown user, no online features, Feast or the index unavailable),
-served from recent popularity, optionally within a category.
+user's and the items' online features and each candidate's per-source evidence (purchase
+count and recency, item-kNN affinity, the two-tower's and the zoo scorers' scores). Every
+answer that is not the two-stage one is a *fallback* with a reason (unknown user, no online
+features, Feast or the index unavailable), served from recent popularity, optionally within
+a category.
 """
 
 from __future__ import annotations
@@ -28,12 +33,25 @@ import numpy as np
 import torch
 
 from served_model.bundle import Bundle
+from served_model.explain import attributions, ranker_reasons, source_text
 from served_model.features import FeaturesUnavailable, OnlineFeatures
-from served_model.ranker import HISTORY_FEATURES, NEVER_DAYS, ranker_inputs, ranker_scores
+from served_model.ranker import DAYS_BEFORE_LATEST as DAYS
+from served_model.ranker import (
+    HISTORY_FEATURES,
+    NEVER_DAYS,
+    TWO_TOWER_SCORE,
+    ZOO_SOURCES,
+    ranker_inputs,
+    ranker_scores,
+)
+from served_model.ranker import KNN_AFFINITY as KNN
+from served_model.ranker import PRIOR_PURCHASES as PRIOR
 from shopml import schema as S
 from shopml.config import ServingConfig
 
-SOURCES = ("ann", "history", "item_knn", "popular")
+SOURCES = ("history", *ZOO_SOURCES, "ann", "item_knn", "popular")  # in order of priority
+_COL = {f: i for i, f in enumerate(HISTORY_FEATURES)}
+_NO_HISTORY = np.array([NEVER_DAYS if f == DAYS else 0.0 for f in HISTORY_FEATURES], np.float32)
 KNN_SEEDS = 10  # the user's most bought items whose neighbours are candidates
 _REORDER = S.ITEM_FEATURES.index(S.ITEM_REORDER_RATE)
 
@@ -64,6 +82,9 @@ class Ranked:
     # TwoStage's memo: "answer" (this answer reused), "hit" (the ANN candidates reused, then
     # filtered and ranked), "miss" (computed); None: not asked (a fallback)
     ann_memo: str | None = None
+    # per item, when asked (``explain``): the source's reason and the ranker's strongest
+    # attributions, in words (``served_model.explain``)
+    reasons: list[list[dict]] | None = None
 
 
 @dataclass
@@ -73,6 +94,7 @@ class _Memo:
 
     row: bytes  # the row's float32 bytes
     ann: np.ndarray | None = None  # the ANN source's items (TwoStage._ann)
+    query: np.ndarray | None = None  # the user vector with the bias slot, ``[u, 1]``
     # the last answer: ((item generation, k), items, candidate counts) (TwoStage.rank)
     answer: tuple[tuple[int, int], list, dict] | None = None
 
@@ -109,6 +131,7 @@ class TwoStage:
         self._lock = threading.Lock()
         self._memo: OrderedDict[int, _Memo] = OrderedDict()  # user index -> entry, LRU order
         self._memo_lock = threading.Lock()
+        self._categories: dict[int, str] | None = None  # item -> category, for reasons
 
     # --- item features: bulk, refreshed in the background ------------------------------------
     def refresh_item_features(self) -> None:
@@ -128,14 +151,16 @@ class TwoStage:
         n = max(len(order), 1)
         return [(self.item_ids[i], float(n - r) / n) for r, i in enumerate(order)]
 
-    def recommend(self, user_id: str, k: int, category: str | None = None) -> Ranked:
+    def recommend(
+        self, user_id: str, k: int, category: str | None = None, explain: bool = False
+    ) -> Ranked:
         """One user: the online read, then :meth:`rank`."""
-        return self.recommend_many([user_id], k, category)[0]
+        return self.recommend_many([user_id], k, category, explain)[0]
 
     def recommend_many(
-        self, user_ids: list[str], k: int, category: str | None = None
+        self, user_ids: list[str], k: int, category: str | None = None, explain: bool = False
     ) -> list[Ranked]:
-        """Many users with one online read for all of them."""
+        """Many users with one online read for all of them (``explain``: with reasons)."""
         stages: dict[str, float] = {}
         known = [u for u in user_ids if u in self.model.user_index]
         rows: dict[str, np.ndarray] = {}
@@ -163,35 +188,45 @@ class TwoStage:
             else:
                 reason = None
             if reason is None:
-                ranked = self.rank(u, np.nan_to_num(rows[u]), k)
+                ranked = self.rank(u, np.nan_to_num(rows[u]), k, explain)
             else:
                 ranked = Ranked(self.popular(k, category), fallback=reason)
+                if explain:
+                    ranked.reasons = [
+                        [{"kind": "source", "source": "popular",
+                          "text": source_text("popular", _NO_HISTORY, category=category)}]
+                        for _ in ranked.items
+                    ]  # fmt: skip
             ranked.stages = {**share, **ranked.stages}
             out.append(ranked)
         return out
 
-    def rank(self, user_id: str, user_features: np.ndarray, k: int) -> Ranked:
+    def rank(
+        self, user_id: str, user_features: np.ndarray, k: int, explain: bool = False
+    ) -> Ranked:
         """Retrieve, filter and rank for a known user with online features.
 
         An answer is a function of the user's feature row, the item features (refreshed in
         bulk) and ``k`` for this version: the last one of each user is kept in the memo of
-        :meth:`_ann` and given again while all three are the same (``ann_memo`` "answer")."""
+        :meth:`_ann` and given again while all three are the same (``ann_memo`` "answer").
+        ``explain`` adds each item's reasons (:meth:`_reasons`); it is computed afresh."""
         stages: dict[str, float] = {}
         uidx, row = self.model.user_index[user_id], _row_key(user_features)
         with self._lock:
             item_features, reorderable = self.item_features, self.reorderable
             asked = (self._item_generation, k)
         memo = self._recall(uidx, row)
-        if memo is not None and memo.answer is not None and memo.answer[0] == asked:
+        if not explain and memo is not None and memo.answer is not None and memo.answer[0] == asked:
             _, items, counts = memo.answer
             return Ranked(list(items), None, stages, dict(counts), "answer")
         with _timed(stages, "retrieval"):
-            cand, history, counts, memo = self.retrieve(uidx, user_features)
+            cand, history, counts, memo, origin = self.retrieve(uidx, user_features)
         with _timed(stages, "filter"):
             keep = self.servable(cand, history, reorderable[cand])
-            cand, history = (
+            cand, history, origin = (
                 cand[keep][: self.cfg.max_candidates],
                 history[keep][: self.cfg.max_candidates],
+                origin[keep][: self.cfg.max_candidates],
             )
         counts["ranked"] = len(cand)
         if len(cand) == 0:
@@ -200,35 +235,112 @@ class TwoStage:
             scores = self.score(cand, history, user_features, item_features[cand])
             top = np.argsort(-scores, kind="stable")[:k]
         items = [(self.item_ids[cand[i]], float(scores[i])) for i in top]
+        if explain:
+            with _timed(stages, "explain"):
+                x = ranker_inputs(user_features, item_features[cand], history)
+                reasons = self._reasons(uidx, x, top, cand, history, origin)
+            return Ranked(items, None, stages, counts, memo, reasons)
         self._remember(uidx, row, answer=(asked, items, counts))
         return Ranked(items, None, stages, counts, memo)
 
+    def _reasons(
+        self,
+        uidx: int,
+        x: np.ndarray,
+        top: np.ndarray,
+        cand: np.ndarray,
+        history: np.ndarray,
+        origin: np.ndarray,
+    ) -> list[list[dict]]:
+        """Each top item's reasons: the source that found it, with its evidence, then the
+        ranker's strongest attributions against the request's average candidate
+        (``served_model.explain``)."""
+        effects = attributions(self.bundle.ranker, x[top], x.mean(axis=0))
+        seeds = self._seeds(uidx)
+        out = []
+        for row, i in enumerate(top):
+            source = str(origin[i])
+            text = source_text(
+                source,
+                history[i],
+                seed_item=self._seed_of(seeds, cand[i]) if source == "item_knn" else None,
+                category=self._category_of().get(int(cand[i])) if source == "popular" else None,
+            )
+            out.append([{"kind": "source", "source": source, "text": text},
+                        *ranker_reasons(effects[row])])  # fmt: skip
+        return out
+
+    def _seeds(self, uidx: int) -> np.ndarray:
+        """The user's most bought items: the item-kNN source's seeds."""
+        items, counts, _ = self._history(uidx)
+        return items[np.argsort(-counts, kind="stable")][:KNN_SEEDS]
+
+    def _seed_of(self, seeds: np.ndarray, item: int) -> str | None:
+        """The seed whose co-purchase neighbourhood holds ``item`` most strongly."""
+        t = self.bundle.tables
+        hit = t.knn_idx[seeds] == item
+        if not hit.any():
+            return None
+        sims = np.where(hit, t.knn_sim[seeds], -np.inf).max(axis=1)
+        return str(self.item_ids[seeds[int(np.argmax(sims))]])
+
+    def _category_of(self) -> dict[int, str]:
+        """Item index -> its category, from the per-category popularity lists (built once)."""
+        if self._categories is None:
+            self._categories = {
+                int(i): c for c, items in self.bundle.tables.category_popular.items() for i in items
+            }
+        return self._categories
+
     def retrieve(
         self, uidx: int, user_features: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, int], str | None]:
-        """Stage 1: (candidates in priority order, the user's history with each
-        (``HISTORY_FEATURES``), candidates per source, the ANN memo's hit or miss). Nothing
-        is filtered yet."""
-        ann, memo = self._ann(uidx, user_features) if self.cfg.ann_candidates else (None, None)
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, int], str | None, np.ndarray]:
+        """Stage 1: (candidates in priority order, the evidence on each
+        (``HISTORY_FEATURES``), candidates per source, the ANN memo's hit or miss, the source
+        that found each candidate first). Nothing is filtered yet."""
+        query, ann, memo = self._ann(uidx, user_features)
         hist_items, hist_counts, hist_last = self._history(uidx)
         by_count = hist_items[np.argsort(-hist_counts, kind="stable")]
         near, affinity = self._affinity(by_count[:KNN_SEEDS])
-        sources, counts = self._sources(ann, by_count, near, affinity)
+        zoo = {name: self._zoo_row(name, uidx) for name in ZOO_SOURCES}
+        sources, counts = self._sources(ann, by_count, near, affinity, zoo)
         cand = np.concatenate(list(sources.values()))
         _, first = np.unique(cand, return_index=True)
-        cand = cand[np.sort(first)]  # union, in the sources' order of priority
+        first = np.sort(first)
+        cand = cand[first]  # union, in the sources' order of priority
+        ends = np.cumsum([len(v) for v in sources.values()])
+        origin = np.asarray(list(sources), dtype=object)[np.searchsorted(ends, first, "right")]
         history = np.zeros((len(cand), len(HISTORY_FEATURES)), dtype=np.float32)
-        history[:, 1] = NEVER_DAYS
+        history[:, _COL[DAYS]] = NEVER_DAYS
         hit, at = _lookup(hist_items, cand)
-        history[hit, 0] = hist_counts[at[hit]]
-        history[hit, 1] = self.bundle.tables.user_last[uidx] - hist_last[at[hit]]
+        history[hit, _COL[PRIOR]] = hist_counts[at[hit]]
+        history[hit, _COL[DAYS]] = self.bundle.tables.user_last[uidx] - hist_last[at[hit]]
         hit, at = _lookup(near, cand)
-        history[hit, 2] = affinity[at[hit]]
-        return cand, history, counts, memo
+        history[hit, _COL[KNN]] = affinity[at[hit]]
+        history[:, _COL[TWO_TOWER_SCORE]] = self.bundle.item_vectors[cand] @ query
+        for name, (items, values) in zoo.items():
+            hit, at = _lookup(items, cand)
+            history[hit, _COL[ZOO_SOURCES[name]]] = values[at[hit]]
+        return cand, history, counts, memo, origin
 
-    def _ann(self, uidx: int, user_features: np.ndarray) -> tuple[np.ndarray, str]:
-        """The ANN source: the user tower's vector searched in the faiss index, best first;
-        and whether the memo answered ("hit") or it was computed ("miss").
+    def _zoo_row(self, name: str, uidx: int) -> tuple[np.ndarray, np.ndarray]:
+        """A zoo scorer's top items for the user (sorted by index) and their scores; empty
+        when the version has no such table (bundle formats before 4)."""
+        table = self.bundle.tables.scores.get(name)
+        if table is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        lo, hi = table.indptr[uidx], table.indptr[uidx + 1]
+        items, values = table.indices[lo:hi], table.data[lo:hi]
+        order = np.argsort(items)
+        return items[order].astype(np.int64), values[order].astype(np.float32)
+
+    def _ann(
+        self, uidx: int, user_features: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+        """The user vector ``[u, 1]`` (its inner product with an item's row of the index is
+        the two-tower's score of the pair), the ANN source (the vector searched in the faiss
+        index, best first; None when ``serving.ann_candidates`` is 0 or there is no index),
+        and whether the memo answered ("hit") or they were computed ("miss").
 
         The vector and the search are the largest part of a request, and both are functions
         of the user, their online feature row and this version only. So they are memoised per
@@ -239,17 +351,19 @@ class TwoStage:
         """
         row = _row_key(user_features)
         memo = self._recall(uidx, row)
-        if memo is not None and memo.ann is not None:
-            return memo.ann, "hit"
+        if memo is not None and memo.query is not None:
+            return memo.query, memo.ann, "hit"
         with torch.no_grad():
             user = self.model.user_vector(
                 torch.tensor([uidx]), torch.from_numpy(user_features[None].astype(np.float32))
             )[0].numpy()
-        query = np.append(user, np.float32(1.0))[None].astype(np.float32)
-        _, ids = self.bundle.index.search(query, self.cfg.ann_candidates)
-        ann = ids[0][ids[0] >= 0].astype(np.int64)
-        self._remember(uidx, row, ann=ann)
-        return ann, "miss"
+        query = np.append(user, np.float32(1.0)).astype(np.float32)
+        ann = None
+        if self.cfg.ann_candidates and self.bundle.index is not None:
+            _, ids = self.bundle.index.search(query[None], self.cfg.ann_candidates)
+            ann = ids[0][ids[0] >= 0].astype(np.int64)
+        self._remember(uidx, row, ann=ann, query=query)
+        return query, ann, "miss"
 
     def _recall(self, uidx: int, row: bytes) -> _Memo | None:
         """The user's memo entry when it was made from this feature row (None otherwise)."""
@@ -333,15 +447,21 @@ class TwoStage:
         by_count: np.ndarray,
         near: np.ndarray,
         affinity: np.ndarray,
+        zoo: dict[str, tuple[np.ndarray, np.ndarray]],
     ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """Each source's candidates, best first (``ann``: :meth:`_ann`'s, None when off;
-        ``by_count``: the user's items, most bought first; ``near``/``affinity``: their
-        item-kNN neighbourhood)."""
+        """Each source's candidates, best first, in the order of :data:`SOURCES` (``ann``:
+        :meth:`_ann`'s, None when off; ``by_count``: the user's items, most bought first;
+        ``near``/``affinity``: their item-kNN neighbourhood; ``zoo``: :meth:`_zoo_row` of
+        each zoo scorer)."""
         cfg, tables = self.cfg, self.bundle.tables
         sources: dict[str, np.ndarray] = {}
+        sources["history"] = by_count[: cfg.history_candidates].astype(np.int64)
+        for name, (items, values) in zoo.items():
+            quota = getattr(cfg, f"{name}_candidates")
+            if quota and len(items):
+                sources[name] = items[np.argsort(-values, kind="stable")][:quota]
         if ann is not None:
             sources["ann"] = ann
-        sources["history"] = by_count[: cfg.history_candidates].astype(np.int64)
         if cfg.knn_candidates:
             sources["item_knn"] = near[np.argsort(-affinity, kind="stable")][: cfg.knn_candidates]
         sources["popular"] = tables.popular[: cfg.popular_candidates].astype(np.int64)

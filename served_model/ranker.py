@@ -8,7 +8,17 @@ Serving retrieves a few hundred candidates and ranks them with this model. Its i
 * how often the user bought the item before, and how many days before their latest purchase
   they last bought it (the reorder signals that dominate groceries; measured from the user's
   own latest purchase, not the clock, so serving a day after training reads them the same),
-* the item's co-purchase (item-kNN) affinity to the user's most bought items.
+* the item's co-purchase (item-kNN) affinity to the user's most bought items,
+* the two-tower's score of the (user, item) pair, and the scores of the zoo's strongest
+  scorers (TIFU-style user-kNN, EASE), precomputed nightly per user as sparse top-N lists
+  (``served_model.bundle.Tables.scores``): the ranker starts from what the best single
+  models know, so it can only add to them.
+
+Every ranker carries the names of the features it reads (``feature_names``, a subset of
+``RANKER_FEATURES`` in that order): rows are always assembled at full width and
+:func:`ranker_view` picks a ranker's columns. So a ranker trained without a feature group (an
+ablation) and a champion registered before a feature existed (``LEGACY_FEATURES``) run in
+the same engine.
 
 :func:`ranker_inputs` is the one place a row is assembled, for training and serving alike.
 How the ranker learns is ``training.ranking``; its compressed forms (``training.compress``)
@@ -29,13 +39,41 @@ from shopml import schema as S
 PRIOR_PURCHASES = "user_item_prior_purchases"
 DAYS_BEFORE_LATEST = "user_item_days_before_latest"
 KNN_AFFINITY = "user_item_knn_affinity"  # summed co-purchase cosine to the user's top items
-HISTORY_FEATURES: tuple[str, ...] = (PRIOR_PURCHASES, DAYS_BEFORE_LATEST, KNN_AFFINITY)
+TWO_TOWER_SCORE = "user_item_two_tower_score"  # the two-tower's logit of the pair
+# The zoo scorers precomputed per user (``Tables.scores``): source name -> its score feature.
+ZOO_SOURCES: dict[str, str] = {
+    "user_knn": "user_item_user_knn_score",  # TIFU-kNN: own decayed history + neighbours'
+    "ease": "user_item_ease_score",  # EASE (Steck 2019), repeat-aware
+}
+HISTORY_FEATURES: tuple[str, ...] = (
+    PRIOR_PURCHASES,
+    DAYS_BEFORE_LATEST,
+    KNN_AFFINITY,
+    TWO_TOWER_SCORE,
+    *ZOO_SOURCES.values(),
+)
 NEVER_DAYS = 365.0  # DAYS_BEFORE_LATEST of an item the user never bought
 RANKER_FEATURES: tuple[str, ...] = (
     *S.USER_FEATURES,
     *S.ITEM_FEATURES,
     *HISTORY_FEATURES,
 )
+# What rankers of bundle formats 1-3 read (before the two-tower and zoo scores).
+LEGACY_FEATURES: tuple[str, ...] = (
+    *S.USER_FEATURES,
+    *S.ITEM_FEATURES,
+    PRIOR_PURCHASES,
+    DAYS_BEFORE_LATEST,
+    KNN_AFFINITY,
+)
+# Feature groups: what an ablation removes together (``benchmarks.served_ablation``).
+FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "feast": (*S.USER_FEATURES, *S.ITEM_FEATURES),
+    "history": (PRIOR_PURCHASES, DAYS_BEFORE_LATEST),
+    "item_knn": (KNN_AFFINITY,),
+    "two_tower": (TWO_TOWER_SCORE,),
+    **{name: (feature,) for name, feature in ZOO_SOURCES.items()},
+}
 _RATES = {S.USER_REORDER_RATE, S.ITEM_REORDER_RATE}
 
 
@@ -61,16 +99,23 @@ class DCNv2(nn.Module):
 
 
 class Ranker(nn.Module):
-    """Click/purchase probability (as a logit) of candidate rows in ``RANKER_FEATURES`` order."""
+    """Click/purchase probability (as a logit) of candidate rows in ``feature_names`` order
+    (all of ``RANKER_FEATURES`` unless ``features`` names a subset)."""
 
-    def __init__(self, cross_layers: int = 2, hidden: int = 64) -> None:
+    def __init__(
+        self, cross_layers: int = 2, hidden: int = 64, features: tuple[str, ...] | None = None
+    ) -> None:
         super().__init__()
-        self.feature_names = RANKER_FEATURES
+        names = RANKER_FEATURES if features is None else tuple(features)
+        unknown = sorted(set(names) - set(RANKER_FEATURES))
+        if unknown or not names:
+            raise ValueError(f"ranker features must be some of {RANKER_FEATURES}; got {unknown}")
+        self.feature_names = tuple(f for f in RANKER_FEATURES if f in names)
         self.format = "torch"  # what serving reports (``ranker_info``); int8 copies say so
-        self.net = DCNv2(len(RANKER_FEATURES), cross_layers, hidden, heads=1)
+        self.net = DCNv2(len(self.feature_names), cross_layers, hidden, heads=1)
         self.register_buffer(
             "_log_mask",
-            torch.tensor([f not in _RATES for f in RANKER_FEATURES], dtype=torch.bool),
+            torch.tensor([f not in _RATES for f in self.feature_names], dtype=torch.bool),
             persistent=False,
         )
 
@@ -86,7 +131,7 @@ def ranker_inputs(
 
     ``user_features`` is ``(n, len(USER_FEATURES))`` or one row broadcast to all candidates;
     ``history`` is ``(n, len(HISTORY_FEATURES))``. Missing values (a brand-new user or item)
-    are 0, as in training.
+    are 0, as in training. The row has every feature; :func:`ranker_view` picks a ranker's.
     """
     n = len(item_features)
     user = np.broadcast_to(user_features, (n, len(S.USER_FEATURES)))
@@ -96,6 +141,26 @@ def ranker_inputs(
     return np.nan_to_num(x, copy=False)
 
 
+def features_of(ranker: object) -> tuple[str, ...]:
+    """The features a ranker reads (``LEGACY_FEATURES`` for one pickled before it said)."""
+    return tuple(getattr(ranker, "feature_names", LEGACY_FEATURES))
+
+
+def ranker_view(ranker: object, x: np.ndarray) -> np.ndarray:
+    """The columns of full-width rows ``x`` (``RANKER_FEATURES``) that ``ranker`` reads; rows
+    already of its width pass as they are."""
+    names = features_of(ranker)
+    if x.shape[1] == len(names) and (len(names) != len(RANKER_FEATURES) or
+                                     names == RANKER_FEATURES):  # fmt: skip
+        return x
+    if x.shape[1] != len(RANKER_FEATURES):
+        raise ValueError(
+            f"rows have {x.shape[1]} columns; expected {len(RANKER_FEATURES)} (RANKER_FEATURES) "
+            f"or the ranker's {len(names)}"
+        )
+    return x[:, [RANKER_FEATURES.index(f) for f in names]]
+
+
 class OnnxRanker:
     """A ranker exported to ONNX and run by ONNX Runtime, with :class:`Ranker`'s contract:
     ``ranker(x)`` takes raw features (a tensor or array, ``(n, len(RANKER_FEATURES))``) and
@@ -103,12 +168,19 @@ class OnnxRanker:
 
     ``threads`` is ONNX Runtime's intra-op pool of this session: 1 by default, since serving
     already answers several requests at once on its own threads (``serving.threads``).
-    ``InferenceSession.run`` is thread-safe. Pickles as the model's bytes.
+    ``InferenceSession.run`` is thread-safe. Pickles as the model's bytes. ``features`` are
+    the columns the exported ranker reads (its torch original's ``feature_names``).
     """
 
-    feature_names = RANKER_FEATURES
-
-    def __init__(self, model: bytes, fmt: str = "onnx", params: int = 0, threads: int = 1) -> None:
+    def __init__(
+        self,
+        model: bytes,
+        fmt: str = "onnx",
+        params: int = 0,
+        threads: int = 1,
+        features: tuple[str, ...] = RANKER_FEATURES,
+    ) -> None:
+        self.feature_names = tuple(features)
         self.model_bytes = bytes(model)
         self.format = fmt
         self.params = int(params)
@@ -143,10 +215,15 @@ class OnnxRanker:
         return torch.from_numpy(out.reshape(-1))
 
 
+def ranker_logits(ranker: nn.Module | OnnxRanker, x: np.ndarray) -> np.ndarray:
+    """Logits of full-width rows ``x`` (or rows of the ranker's width) under any format."""
+    with torch.no_grad():
+        return ranker(torch.from_numpy(np.ascontiguousarray(ranker_view(ranker, x)))).numpy()
+
+
 def ranker_scores(ranker: nn.Module | OnnxRanker, x: np.ndarray) -> np.ndarray:
     """Probabilities (sigmoid of the logits) of rows ``x`` under any ranker format."""
-    with torch.no_grad():
-        return torch.sigmoid(ranker(torch.from_numpy(x))).numpy()
+    return torch.sigmoid(torch.from_numpy(ranker_logits(ranker, x))).numpy()
 
 
 def ranker_params(ranker: nn.Module | OnnxRanker) -> int:

@@ -64,9 +64,21 @@ def _k() -> object:
     return Query(10, ge=1, le=MAX_K, description=f"number of items, 1..{MAX_K}")
 
 
+class Reason(BaseModel):
+    kind: str = Field(description="'source': the candidate source that found the item; "
+                      "'ranker': one of the ranker's strongest attributions")  # fmt: skip
+    text: str = Field(description="the reason in plain words")
+    source: str | None = Field(None, description="history, user_knn, ease, ann, item_knn, popular")
+    group: str | None = Field(None, description="the ranker's feature group")
+    effect: float | None = Field(
+        None, description="the group's effect on the ranker's logit against the average candidate"
+    )
+
+
 class Recommendation(BaseModel):
     item_id: str
     score: float
+    reasons: list[Reason] | None = Field(None, description="with explain=true")
 
 
 class Recommendations(BaseModel):
@@ -86,6 +98,7 @@ class BatchRequest(BaseModel):
     user_ids: list[UserId] = Field(..., min_length=1, max_length=MAX_BATCH_USERS)
     k: int = Field(10, ge=1, le=MAX_K)
     category: str | None = Field(None, max_length=MAX_ID_LENGTH)
+    explain: bool = Field(False, description="each item's reasons (costs a little latency)")
 
 
 class BatchRecommendations(BaseModel):
@@ -225,7 +238,12 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             "arm": arm.alias,
             "fallback": ranked.fallback is not None,
             "fallback_reason": ranked.fallback,
-            "items": [{"item_id": i, "score": s} for i, s in ranked.items],
+            "items": [{"item_id": i, "score": s} for i, s in ranked.items]
+            if ranked.reasons is None
+            else [
+                {"item_id": i, "score": s, "reasons": r}
+                for (i, s), r in zip(ranked.items, ranked.reasons, strict=True)
+            ],
         }
 
     def observe(arm: Arm, ranked: Ranked) -> None:
@@ -280,16 +298,19 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         user_id: str = _id_path(),
         k: int = _k(),
         category: str | None = Query(None, max_length=MAX_ID_LENGTH),
+        explain: bool = Query(False, description="each item's reasons, in plain words"),
     ) -> JSONResponse:
-        return await compute("recommendations", recommend, user_id, k, category, client_of(request))
+        return await compute(
+            "recommendations", recommend, user_id, k, category, client_of(request), explain
+        )
 
     def recommend(
-        user_id: str, k: int, category: str | None, client: dict[str, str]
+        user_id: str, k: int, category: str | None, client: dict[str, str], explain: bool = False
     ) -> JSONResponse:
         started = time.perf_counter()
         user = pseudonym(user_id)
         arm = holder.for_user(user) or champion()
-        ranked = arm.engine.recommend(user, k, category)
+        ranked = arm.engine.recommend(user, k, category, explain)
         observe(arm, ranked)
         elapsed = time.perf_counter() - started
         metrics.latency.labels("recommendations", arm.alias).observe(elapsed)
@@ -323,7 +344,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         for alias, raw in by_arm.items():
             arm = arms[alias]
             ranked_all = arm.engine.recommend_many(
-                [users_of[u] for u in raw], request.k, request.category
+                [users_of[u] for u in raw], request.k, request.category, request.explain
             )
             for u, ranked in zip(raw, ranked_all, strict=True):
                 observe(arm, ranked)

@@ -4,7 +4,8 @@ The same two-stage engine as the HTTP service (same version, same candidates, sa
 online features), run over all users in chunks with one online read per chunk. Output:
 
 * ``lake/recommendations/ds=YYYY-MM-DD/part-0.parquet``: one row per (user, rank) with item,
-  score, model version and fallback reason; a rerun of the date replaces it;
+  score, model version and fallback reason (and, with ``explain``, the item's ``reasons``
+  as JSON, the same as ``?explain=true`` gives); a rerun of the date replaces it;
 * with ``to_online``: the lists, one row per user, written to Feast's online store
   (feature view ``user_recommendations``) and kept as ``lake/recommendations/latest``, the
   view's source.
@@ -12,6 +13,7 @@ online features), run over all users in chunks with one online read per chunk. O
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import date
 
@@ -25,19 +27,25 @@ RANK = "rank"
 SCORE = "score"
 MODEL_VERSION = "model_version"
 FALLBACK = "fallback_reason"
+REASONS = "reasons"  # JSON list of the item's reasons (explain)
 ONLINE_VIEW = "user_recommendations"
 CHUNK = 500
 
 
-def score_users(engine, user_ids: list[str], k: int) -> pd.DataFrame:
-    """Long table of the engine's top-``k`` per user."""
+def score_users(engine, user_ids: list[str], k: int, explain: bool = False) -> pd.DataFrame:
+    """Long table of the engine's top-``k`` per user (``explain``: with each item's reasons)."""
     rows = []
     for lo in range(0, len(user_ids), CHUNK):
         chunk = user_ids[lo : lo + CHUNK]
-        for user, ranked in zip(chunk, engine.recommend_many(chunk, k), strict=True):
+        answers = engine.recommend_many(chunk, k, explain=explain)
+        for user, ranked in zip(chunk, answers, strict=True):
             for rank, (item, score) in enumerate(ranked.items, start=1):
-                rows.append((user, rank, item, score, ranked.fallback))
-    out = pd.DataFrame(rows, columns=[S.USER_ID, RANK, S.ITEM_ID, SCORE, FALLBACK])
+                row = (user, rank, item, score, ranked.fallback)
+                if explain:
+                    row += (json.dumps(ranked.reasons[rank - 1]),)
+                rows.append(row)
+    columns = [S.USER_ID, RANK, S.ITEM_ID, SCORE, FALLBACK, *([REASONS] if explain else [])]
+    out = pd.DataFrame(rows, columns=columns)
     out[MODEL_VERSION] = engine.version
     return out
 
@@ -57,7 +65,9 @@ def to_wide(top: pd.DataFrame, scored_at: pd.Timestamp) -> pd.DataFrame:
     return wide
 
 
-def batch_score(settings: Settings, ds: date, k: int = 100, to_online: bool = False) -> dict:
+def batch_score(
+    settings: Settings, ds: date, k: int = 100, to_online: bool = False, explain: bool = False
+) -> dict:
     """Score every user of the champion; write the ``ds`` partition (and the online store)."""
     from serving.models import load_arm
     from training import registry
@@ -74,7 +84,7 @@ def batch_score(settings: Settings, ds: date, k: int = 100, to_online: bool = Fa
     # a user forgotten since the champion was trained is still in its vocabulary: no list
     gone = forgotten(settings)
     users = [u for u in engine.model.user_index if u not in gone]
-    top = score_users(engine, users, k)
+    top = score_users(engine, users, k, explain)
 
     out = settings.paths.recommendations_for(ds)
     shutil.rmtree(out, ignore_errors=True)  # a rerun replaces the partition

@@ -143,6 +143,7 @@ def register_version(
     from served_model.ranker import Ranker
     from served_model.two_tower import TwoTower
     from training import registry
+    from training.ranking import zoo_sources
 
     purchases = pseudonymized(purchases, Pseudonymizer.of(settings))
     torch.manual_seed(seed)
@@ -155,11 +156,14 @@ def register_version(
         from training.compress import export_onnx
 
         example = np.random.default_rng(seed).random((8, len(RANKER_FEATURES)), np.float32)
-        ranker = OnnxRanker(export_onnx(ranker, example), "onnx", ranker_params(ranker))
+        ranker = OnnxRanker(export_onnx(ranker, example), "onnx", ranker_params(ranker),
+                            features=ranker.feature_names)  # fmt: skip
     elif ranker_format != "torch":
         raise ValueError(f"ranker_format: 'torch' or 'onnx', not {ranker_format!r}")
+    fit = zoo_sources(settings, model)  # the nightly zoo tables, as a real version has them
+    scores = fit(purchases) if fit is not None else None
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_artifacts(Path(tmp), model, ranker, purchases, catalog)
+        files = write_artifacts(Path(tmp), model, ranker, purchases, catalog, scores)
         run_id = registry.start_run(settings, DS.isoformat(), {"synthetic": True, "seed": seed})
         uri = registry.log_model(settings, run_id, model, "model", extra_files=files)
     version = registry.register(settings, uri, run_id)

@@ -82,6 +82,17 @@ class TrainConfig(BaseModel):
         3, ge=1, description="serving ranker: past baskets per user replayed as examples"
     )
     ranker_batch_size: int = Field(2048, ge=8, description="serving ranker: rows per step")
+    ranker_retrieval: Literal["earlier", "run"] = Field(
+        "earlier",
+        description="serving ranker: the two-tower that retrieves the replayed lists: "
+        "'earlier' is trained without the replayed baskets (no leak; one more training), "
+        "'run' is the run's own (it has seen the baskets it labels: the ablation)",
+    )
+    zoo_sources: list[Literal["user_knn", "ease"]] = Field(
+        default_factory=lambda: ["user_knn", "ease"],
+        description="zoo scorers fitted nightly as candidate sources and ranker features "
+        "(zoo/sources.py), each with its eval.model_configs entry",
+    )
     ranker_lr: float = Field(2e-3, gt=0, description="serving ranker: Adam learning rate")
     ranker_validation_share: float = Field(
         0.1, gt=0, lt=1, description="serving ranker: share of users that picks the best epoch"
@@ -169,6 +180,7 @@ class EvalConfig(BaseModel):
                 "half_life_days": 33.4,
             },
             "item_knn": {"neighbors": 239, "shrink": 87.6, "repeat_weight": 2.8},
+            "ease": {"l2": 255.3, "repeat_weight": 2.78},
         },  # fmt: skip
         description="per zoo model, its config (e.g. tuned by `shopml tune`)",
     )
@@ -179,6 +191,10 @@ class ServingConfig(BaseModel):
 
     ann_candidates: int = Field(120, ge=0, le=2000, description="from the faiss index")
     history_candidates: int = Field(40, ge=0, le=2000, description="the user's own purchases")
+    user_knn_candidates: int = Field(
+        40, ge=0, le=2000, description="the TIFU-kNN scorer's top items (Tables.scores)"
+    )
+    ease_candidates: int = Field(20, ge=0, le=2000, description="EASE's top items")
     knn_candidates: int = Field(30, ge=0, le=2000, description="item-kNN of the user's items")
     popular_candidates: int = Field(10, ge=0, le=2000, description="global popularity")
     max_candidates: int = Field(

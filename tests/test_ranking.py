@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from served_model.ranker import ranker_inputs
+from served_model.ranker import HISTORY_FEATURES, ranker_inputs
 from shopml import schema as S
 
 
@@ -18,12 +18,13 @@ def _ts(day: int, second: int = 0) -> pd.Timestamp:
 def test_ranker_inputs_broadcast_one_user_row_and_zero_missing_values():
     user = np.arange(len(S.USER_FEATURES), dtype=np.float32)
     items = np.full((3, len(S.ITEM_FEATURES)), np.nan, dtype=np.float32)
-    history = np.array([[2.0, 3.0, 0.5], [0.0, 365.0, 0.0], [1.0, 0.0, 1.5]])
+    h = len(HISTORY_FEATURES)
+    history = np.arange(3 * h, dtype=np.float32).reshape(3, h)
     x = ranker_inputs(user, items, history)
-    assert x.shape == (3, len(S.USER_FEATURES) + len(S.ITEM_FEATURES) + 3)
+    assert x.shape == (3, len(S.USER_FEATURES) + len(S.ITEM_FEATURES) + h)
     assert (x[:, : len(S.USER_FEATURES)] == user).all()
-    assert (x[:, len(S.USER_FEATURES) : -3] == 0).all()
-    assert x[:, -3:].tolist() == history.tolist()
+    assert (x[:, len(S.USER_FEATURES) : -h] == 0).all()
+    assert x[:, -h:].tolist() == history.tolist()
 
 
 def test_ranker_learns_the_reorder_signal():
@@ -39,7 +40,14 @@ def test_ranker_learns_the_reorder_signal():
     x = ranker_inputs(
         rng.random((n, len(S.USER_FEATURES)), dtype=np.float32),
         rng.random((n, len(S.ITEM_FEATURES)), dtype=np.float32),
-        np.stack([prior, rng.random(n, dtype=np.float32) * 30, rng.random(n, dtype=np.float32)], 1),
+        np.stack(
+            [
+                prior,
+                rng.random(n, dtype=np.float32) * 30,
+                *rng.random((len(HISTORY_FEATURES) - 2, n), dtype=np.float32),
+            ],
+            1,
+        ),
     )
     val = (x[-500:], label[-500:])
     ranker, curve = fit_ranker(x[:-500], label[:-500], epochs=5, seed=0, validation=val,

@@ -177,3 +177,29 @@ def test_a_zoo_model_learns_on_two_horovod_workers(data):
     assert len(model.curve) == 8 and np.isfinite(model.curve).all()
     assert model.curve[-1] < 0.8 * model.curve[0]  # the loss fell across both ranks
     assert model.score(np.array([0])).shape == (1, data.n_items)
+
+
+def test_zoo_sources_are_each_users_top_items_in_the_served_index_space():
+    """The nightly zoo tables (served candidate sources and ranker features) hold exactly the
+    zoo model's own top items per user, mapped onto the two-tower's vocabularies: users and
+    items it does not know are dropped, row 0 (unknown users) stays empty."""
+    from zoo.hybrid import raw_events
+    from zoo.sources import zoo_scores
+
+    events = raw_events(_clustered())
+    data = from_events(events)
+    served_users = [u for u in data.user_ids if u != data.user_ids[0]]  # one user unknown
+    user_index = {u: i + 1 for i, u in enumerate(served_users)}
+    item_ids = sorted([*data.item_ids, "never_bought"])
+    config = {"own_weight": 0.5, "neighbors": 5}
+    tables = zoo_scores(user_index, item_ids, events, {"user_knn": config}, top_n=3)
+    table = tables["user_knn"]
+    assert table.shape == (len(served_users) + 1, len(item_ids))
+    assert table[0].nnz == 0 and (table.getnnz(axis=1)[1:] == 3).all()
+    own = build("user_knn", **config).fit(data).score(np.arange(data.n_users))
+    for u in (1, 7):
+        expected = set(data.item_ids[np.argsort(-own[u])[:3]])
+        row = table[user_index[data.user_ids[u]]]
+        assert {item_ids[i] for i in row.indices} == expected
+    with pytest.raises(ValueError, match="unknown zoo sources"):
+        zoo_scores(user_index, item_ids, events, {"item_knn": {}})

@@ -94,15 +94,16 @@ def test_temporal_cut_keeps_baskets_whole_and_train_in_the_past():
         splits.temporal_cut(data, cutoff="2026-01-01")
 
 
-def _recommenders_stratified(df, ratio, seed):
+def _recommenders_stratified(df, ratio, seed, column=S.USER_ID):
     """The Microsoft Recommenders python_stratified_split algorithm, written with pandas as in
-    recommenders/datasets/python_splitters.py (_do_stratification, is_random=True)."""
+    recommenders/datasets/python_splitters.py (_do_stratification, is_random=True); ``column``
+    is its ``filter_by`` column."""
     df = df.copy()
     np.random.seed(seed)
     df["random"] = np.random.rand(df.shape[0])
-    df = df.sort_values([S.USER_ID, "random"])
-    groups = df.groupby(S.USER_ID)
-    df["count"] = groups[S.USER_ID].transform("count")
+    df = df.sort_values([column, "random"])
+    groups = df.groupby(column)
+    df["count"] = groups[column].transform("count")
     df["rank"] = (groups.cumcount() + 1) / df["count"]
     return df[df["rank"] <= ratio].index
 
@@ -119,18 +120,20 @@ def _random_events(n, n_users, n_items, seed):
     )
 
 
-@pytest.mark.parametrize("ratio,seed", [(0.75, 42), (0.5, 7)])
-def test_stratified_split_reproduces_microsoft_recommenders_row_for_row(ratio, seed):
+@pytest.mark.parametrize("ratio,seed,by", [(0.75, 42, "user"), (0.5, 7, "user"),
+                                           (0.75, 42, "item")])  # fmt: skip
+def test_stratified_split_reproduces_microsoft_recommenders_row_for_row(ratio, seed, by):
     ev = _random_events(600, 25, 50, seed=1)
     data = from_events(ev)
-    sp = splits.stratified_split(data, ratio=ratio, seed=seed)
+    sp = splits.stratified_split(data, ratio=ratio, seed=seed, by=by)
     expected_train = np.zeros(len(ev), dtype=bool)
-    expected_train[_recommenders_stratified(ev, ratio, seed)] = True
+    column = S.USER_ID if by == "user" else S.ITEM_ID
+    expected_train[_recommenders_stratified(ev, ratio, seed, column)] = True
     got_train = np.zeros(len(ev), dtype=bool)
     # subset keeps row order: recover the rows through a row-number column
     tagged = data.subset(np.ones(len(ev), dtype=bool))
     tagged.events["row"] = np.arange(len(ev))
-    got = splits.stratified_split(tagged, ratio=ratio, seed=seed)
+    got = splits.stratified_split(tagged, ratio=ratio, seed=seed, by=by)
     got_train[got.train.events["row"].to_numpy()] = True
     np.testing.assert_array_equal(got_train, expected_train)
     assert len(sp.train.events) == expected_train.sum()

@@ -36,11 +36,15 @@ import torch
 from torch import nn
 
 from served_model.ranker import (
+    RANKER_FEATURES,
     OnnxRanker,
     Ranker,
+    features_of,
     ranker_inputs,
+    ranker_logits,
     ranker_params,
     ranker_scores,
+    ranker_view,
 )
 from served_model.two_tower import TwoTower
 from shopml import schema as S
@@ -80,9 +84,11 @@ def quantize_ranker_int8(ranker: nn.Module) -> nn.Module:
 
 
 def export_onnx(ranker: nn.Module, example: np.ndarray) -> bytes:
-    """The ranker as ONNX (dynamo exporter, dynamic batch), in eval mode (BatchNorm frozen)."""
+    """The ranker as ONNX (dynamo exporter, dynamic batch), in eval mode (BatchNorm frozen);
+    it reads the ranker's own columns (``features_of``) of ``example``'s rows."""
     ranker = copy.deepcopy(ranker).eval()
-    x = torch.from_numpy(np.ascontiguousarray(example[: max(2, min(len(example), 8))]))
+    example = ranker_view(ranker, example[: max(2, min(len(example), 8))])
+    x = torch.from_numpy(np.ascontiguousarray(example))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -121,8 +127,7 @@ def quantize_onnx_int8(model: bytes) -> bytes:
 
 def max_abs_diff(a: nn.Module | OnnxRanker, b: nn.Module | OnnxRanker, x: np.ndarray) -> float:
     """Largest absolute difference of two rankers' logits on rows ``x``."""
-    with torch.no_grad():
-        return float((a(torch.from_numpy(x)) - b(torch.from_numpy(x))).abs().max())
+    return float(np.abs(ranker_logits(a, x) - ranker_logits(b, x)).max())
 
 
 def save_ranker(ranker: nn.Module | OnnxRanker, path_stem: Path) -> Path:
@@ -136,9 +141,11 @@ def save_ranker(ranker: nn.Module | OnnxRanker, path_stem: Path) -> Path:
     return path
 
 
-def load_saved_ranker(path: Path, fmt: str, params: int = 0) -> nn.Module | OnnxRanker:
+def load_saved_ranker(
+    path: Path, fmt: str, params: int = 0, features: tuple[str, ...] = RANKER_FEATURES
+) -> nn.Module | OnnxRanker:
     if path.suffix == ".onnx":
-        return OnnxRanker(path.read_bytes(), fmt, params)
+        return OnnxRanker(path.read_bytes(), fmt, params, features=features)
     return torch.load(path, weights_only=False).eval()
 
 
@@ -165,8 +172,9 @@ def ranker_candidates(
     out["torch_int8"] = quantize_ranker_int8(teacher)
     params = ranker_params(teacher)
     onnx = export_onnx(teacher, probe)
-    out["onnx"] = OnnxRanker(onnx, "onnx", params)
-    out["onnx_int8"] = OnnxRanker(quantize_onnx_int8(onnx), "onnx_int8", params)
+    names = features_of(teacher)
+    out["onnx"] = OnnxRanker(onnx, "onnx", params, features=names)
+    out["onnx_int8"] = OnnxRanker(quantize_onnx_int8(onnx), "onnx_int8", params, features=names)
     student, curve = distil_ranker(
         teacher,
         x_train,
@@ -182,7 +190,9 @@ def ranker_candidates(
     student.format = "torch"
     out["student"] = student
     facts["student"] = {"distil_mse": float(curve[-1].get("val_loss", curve[-1]["loss"]))}
-    out["student_onnx"] = OnnxRanker(export_onnx(student, probe), "onnx", ranker_params(student))
+    out["student_onnx"] = OnnxRanker(
+        export_onnx(student, probe), "onnx", ranker_params(student), features=names
+    )
     for name, ranker in out.items():
         facts.setdefault(name, {})
         reference = student if name.startswith("student") else teacher

@@ -164,6 +164,37 @@ def evaluate_run(
     return table, pd.concat(per_user, ignore_index=True)
 
 
+def served_vs_best(
+    table: pd.DataFrame, per_user: pd.DataFrame, served: str, k: int, seed: int = 0
+) -> dict[str, Any]:
+    """The served path against the best other model of the table that is not the run's own
+    building block or a champion (a zoo model or a baseline), by mean NDCG@k, with the
+    paired-bootstrap CI of the per-user difference: which is better, and by how much."""
+    from mlkit.bootstrap import bootstrap_ci
+
+    metric = f"ndcg_at_{k}"
+    roles = table.set_index("model")["role"] if "role" in table else pd.Series(dtype=str)
+    peers = table[[roles.get(m, "zoo") in ("zoo", "baseline") for m in table["model"]]]
+    best = str(peers.sort_values(metric, ascending=False)["model"].iloc[0])
+    everyone = per_user[per_user["segment"] == "all"]
+
+    def scores(model: str) -> pd.Series:
+        return everyone[everyone["model"] == model].set_index("user_idx")["ndcg"].sort_index()
+
+    mine, theirs = scores(served), scores(best)
+    diff = (mine - theirs.reindex(mine.index)).dropna().to_numpy()
+    ci = bootstrap_ci(diff, n_boot=1000, seed=seed)
+    rows = table.set_index("model")[metric]
+    top = float(rows[[m for m in table["model"] if m.startswith("personal_top")]].max())
+    verdict = "better" if ci.low > 0 else "worse" if ci.high < 0 else "level (CI spans 0)"
+    return {
+        "served": served, "best_other": best, "served_ndcg": float(rows[served]),
+        "best_other_ndcg": float(rows[best]), "ratio": float(rows[served] / rows[best]),
+        "diff": ci.mean, "diff_ci_low": ci.low, "diff_ci_high": ci.high, "users": len(diff),
+        "ratio_to_personal_top_frequency": float(rows[served]) / top, "verdict": verdict,
+    }  # fmt: skip
+
+
 def write_results(table: pd.DataFrame, per_user: pd.DataFrame, run_dir: Path) -> Path:
     path = run_dir / "evaluation.json"
     path.write_text(json.dumps(table.to_dict("records"), indent=2, default=float))

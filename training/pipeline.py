@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import date
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -27,6 +28,7 @@ from training.evaluate import (
     ScorerFactory,
     evaluate_run,
     segments_of,
+    served_vs_best,
     write_results,
 )
 from training.train import CHECKPOINT, train_two_tower
@@ -141,10 +143,12 @@ def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, d
     from mlkit.two_stage import offline_engine, ranker_scorers
     from training.data import PROTOCOL, read_vocab
     from training.evaluate import run_interactions
+    from training.ranking import replay_two_tower, zoo_sources
 
     run_dir = settings.paths.run(ds)
     k, n, seed = settings.eval.k, settings.eval.compression_eval_users, settings.train.seed
     model = torch.load(run_dir / "model.pt", weights_only=False)
+    replay_model = replay_two_tower(settings, ds)  # retrieval that has not seen val baskets
     features = partial(point_in_time_features, settings)
     events = pd.read_parquet(run_dir / "train_events.parquet")
     _, _, val_users = _ranker_rows(settings, ds, rankers[next(iter(rankers))])
@@ -160,7 +164,8 @@ def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, d
     moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at.values})
     val_features = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
     purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
-    engine = offline_engine(purchases, model, None, settings.serving)
+    engine = offline_engine(purchases, replay_model, None, settings.serving,
+                            zoo_sources(settings, replay_model))  # fmt: skip
     scorers = ranker_scorers(engine, train, val_features, features, rankers)
     out["val"] = {
         name: evaluate_scores(f, train, test, k, exclude_seen=False, split=PROTOCOL)
@@ -175,7 +180,8 @@ def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, d
             train, pd.read_parquet(run_dir / "test.parquet").query(f"{S.USER_ID} in @users")
         )
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
-    engine = offline_engine(purchases, model, None, settings.serving)
+    engine = offline_engine(purchases, model, None, settings.serving,
+                            zoo_sources(settings, model))  # fmt: skip
     scorers = ranker_scorers(engine, train, test_features, features, rankers)
     out["test"] = {
         name: evaluate_scores(f, train, test, k, exclude_seen=False, split=PROTOCOL)
@@ -189,7 +195,7 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
     import numpy as np
 
     from mlkit.bootstrap import bootstrap_ci
-    from served_model.ranker import ranker_format, ranker_params
+    from served_model.ranker import features_of, ranker_format, ranker_params
     from training import compress as C
 
     run_dir = settings.paths.run(ds)
@@ -253,6 +259,7 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
         "chosen_file": paths[choice.chosen].name,
         "chosen_format": ranker_format(rankers[choice.chosen]),
         "chosen_params": ranker_params(rankers[choice.chosen]),
+        "chosen_features": list(features_of(rankers[choice.chosen])),
         "choice": choice.to_dict(),
         "table": table.replace({np.nan: None}).to_dict("records"),
     }
@@ -263,6 +270,7 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
 def served_ranker(run_dir: Path) -> torch.nn.Module:
     """The ranker the run serves: the compression gate's choice when ``compress`` made one,
     else the trained ranker."""
+    from served_model.ranker import LEGACY_FEATURES
     from training.compress import load_saved_ranker
 
     record = run_dir / COMPRESSION_DIR / COMPRESSION_FILE
@@ -273,6 +281,7 @@ def served_ranker(run_dir: Path) -> torch.nn.Module:
         run_dir / COMPRESSION_DIR / chosen["chosen_file"],
         chosen["chosen_format"],
         chosen["chosen_params"],
+        tuple(chosen.get("chosen_features", LEGACY_FEATURES)),
     )
 
 
@@ -280,11 +289,18 @@ def served_path(
     settings: Settings, purchases: pd.DataFrame, model: torch.nn.Module, ranker: torch.nn.Module
 ) -> ScorerFactory:
     """The path ``shopml serve`` answers with (retrieval + ranker, ``mlkit.two_stage``),
-    replayed on the holdout with Feast's point-in-time features; tables know ``purchases``."""
+    replayed on the holdout with Feast's point-in-time features; tables and zoo scorers know
+    ``purchases``. A ranker that reads no zoo score (a champion registered before they
+    existed) is replayed without the zoo sources, as it serves."""
     from mlkit.two_stage import offline_engine, scorer
+    from served_model.ranker import ZOO_SOURCES, features_of
+    from training.ranking import zoo_sources
+
+    reads_zoo = bool(set(ZOO_SOURCES.values()) & set(features_of(ranker)))
+    sources = zoo_sources(settings, model) if reads_zoo else None
 
     def factory(train: Interactions, test_users: pd.DataFrame) -> Callable:
-        engine = offline_engine(purchases, model, ranker.eval(), settings.serving)
+        engine = offline_engine(purchases, model, ranker.eval(), settings.serving, sources)
         return scorer(engine, train, test_users, partial(point_in_time_features, settings))
 
     return factory
@@ -321,6 +337,8 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     table, per_user = evaluate_run(run_dir, k, models, zoo, scorers=scorers)
     table.insert(1, "role", [role_of(m, set(zoo)) for m in table["model"]])
     write_results(table, per_user, run_dir)
+    versus = served_vs_best(table, per_user, SERVED, k, settings.train.seed)
+    (run_dir / SERVED_VS_BEST).write_text(json.dumps(versus, indent=2))
     curves = {
         "two-tower (train loss)": json.loads((run_dir / "loss_curve.json").read_text()),
         "ranker": json.loads((run_dir / "ranker_loss.json").read_text())["curve"],
@@ -328,10 +346,28 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     configs = {label: config for label, (_, config) in zoo.items()}
     with mlflow.start_run(run_id=_run_id(settings, ds)):
         report.log_evaluation(table, k, ds.isoformat(), SERVED, configs, curves)
+        mlflow.log_dict(versus, SERVED_VS_BEST)
+        mlflow.log_metrics({"served_vs_best_other.diff": versus["diff"],
+                            "served_vs_best_other.ratio": versus["ratio"]})  # fmt: skip
+        mlflow.set_tag("served_vs_best_other", served_line(versus, k))
     cols = ["model", "role", f"ndcg_at_{k}", f"recall_at_{k}", f"ndcg_at_{k}_ci_low",
             f"ndcg_at_{k}_ci_high", "size_mb", "latency_ms"]  # fmt: skip
     print(table[[c for c in cols if c in table]].to_string(index=False))
+    print(served_line(versus, k))
     return table
+
+
+SERVED_VS_BEST = "served_vs_best.json"
+
+
+def served_line(v: dict[str, Any], k: int) -> str:
+    """The evaluation's one-line answer: is the served path the best model of the run?"""
+    return (
+        f"served path {v['served_ndcg']:.4f} vs best other model {v['best_other']} "
+        f"{v['best_other_ndcg']:.4f} (NDCG@{k}): {v['verdict']}, {v['ratio']:.3f}x, difference "
+        f"{v['diff']:+.4f} [{v['diff_ci_low']:+.4f}, {v['diff_ci_high']:+.4f}] over {v['users']} "
+        f"users; {v['ratio_to_personal_top_frequency']:.3f}x personal top-frequency"
+    )
 
 
 def serving_artifacts(settings: Settings, ds: date, model: torch.nn.Module) -> list[Path]:
@@ -342,11 +378,16 @@ def serving_artifacts(settings: Settings, ds: date, model: torch.nn.Module) -> l
     """
     from served_model.bundle import write_artifacts
     from training.data import load_clean
+    from training.ranking import zoo_sources
 
     run_dir = settings.paths.run(ds)
     events, items = load_clean(settings, ds)
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
-    return write_artifacts(run_dir / "serving", model, served_ranker(run_dir), purchases, items)
+    fit = zoo_sources(settings, model)
+    scores = fit(purchases) if fit is not None else None
+    return write_artifacts(
+        run_dir / "serving", model, served_ranker(run_dir), purchases, items, scores
+    )
 
 
 @dataclass

@@ -32,6 +32,7 @@ from mlkit.two_stage import (
 from shopml import schema as S
 from shopml.config import ServingConfig
 from zoo.base import Base, build, check_positive, register
+from zoo.sources import source_fitter
 
 
 def raw_events(data: Interactions) -> pd.DataFrame:
@@ -64,19 +65,24 @@ class Hybrid(Base):
     lr: float = 2e-3
     seed: int = 42
     candidates: dict[str, Any] = field(default_factory=dict)  # ServingConfig overrides
+    # zoo scorers as sources and features (zoo.sources): name -> its config; {} = none
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_positive(rounds=self.rounds, epochs=self.epochs, batch_size=self.batch_size,
                        lr=self.lr)  # fmt: skip
         build("two_tower", **self.two_tower)  # a bad two-tower config fails before training
         self.cfg = ServingConfig(**self.candidates)  # as does a bad candidate setting
+        for name, config in self.sources.items():
+            build(name, **config)  # and a bad source config
 
     def fit(self, data: Interactions) -> Hybrid:
         self._fit_common(data)
         events = raw_events(data)
         self.two_tower_model = build("two_tower", **self.two_tower).fit(data)
         model = self.two_tower_model.net
-        rows = replayed_rows(model, events, self.rounds, no_features, self.cfg)
+        rows = replayed_rows(model, events, self.rounds, no_features, self.cfg,
+                             self._source_fit())  # fmt: skip
         self.ranker, self.curve = fit_ranker(
             ranker_matrix(rows), rows[S.LABEL].to_numpy(np.float32), self.epochs, self.seed,
             batch_size=self.batch_size, lr=self.lr,
@@ -84,12 +90,21 @@ class Hybrid(Base):
         self._events, self._data = events, data
         return self
 
+    def _source_fit(self):
+        """The zoo sources bound to the two-tower's vocabularies (None without sources)."""
+        if not self.sources:
+            return None
+        net = self.two_tower_model.net
+        return source_fitter(net.user_index, list(net.item_ids), self.sources)
+
     def _scorer(self):
         """The served path over every training purchase, each user's moment just after their
         last one; built on first use (the faiss index does not pickle, the rest does)."""
         if getattr(self, "_score_fn", None) is None:
             events = self._events
-            engine = offline_engine(events, self.two_tower_model.net, self.ranker, self.cfg)
+            engine = offline_engine(
+                events, self.two_tower_model.net, self.ranker, self.cfg, self._source_fit()
+            )
             last = events.groupby(S.USER_ID)[S.TIMESTAMP].max() + pd.Timedelta(seconds=1)
             moments = pd.DataFrame(
                 {S.USER_ID: last.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: last.to_numpy()}
