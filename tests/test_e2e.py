@@ -81,9 +81,30 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     assert (entry.action, entry.champion_before, entry.champion_after) == ("gate", None, "1")
     assert entry.promoted and entry.metrics["diff_vs_baseline_ci_low"] > 0
     assert entry.actor.startswith("airflow:nightly_retrain/")
-    # the registered version carries what serving needs: index, ranker, candidate tables
+    # the registered version carries what serving needs: index, ranker, candidate tables and
+    # the zoo scorers' per-user tables the ranker reads
     manifest = json.loads((run / "serving" / "serving_manifest.json").read_text())
     assert manifest["items"] == len(json.loads((run / "vocab.json").read_text())["items"])
+    assert manifest["scores"] == ["ease", "user_knn"] and manifest["format_version"] == 4
+    assert "user_item_user_knn_score" in manifest["ranker"]["features"]
+    # the replay's two-tower never saw a replayed basket: its examples end before each
+    # user's last train.ranker_rounds (3) training baskets
+    from mlkit.splits import split_last_basket
+
+    events = pd.read_parquet(run / "train_events.parquet")
+    replayed = []
+    for _ in range(3):
+        inner = split_last_basket(events)
+        replayed.append(inner.test)
+        events = inner.train
+    first = pd.concat(replayed).groupby(S.USER_ID)[S.TIMESTAMP].min()
+    seen = pd.read_parquet(run / "earlier" / "train.parquet")
+    seen = seen[seen[S.USER_ID].isin(first.index)]  # users with one basket replay none
+    assert len(seen) and (seen[S.ENTITY_TIMESTAMP] < seen[S.USER_ID].map(first)).all()
+    # the run says whether the served path beats the best other model, with the paired CI
+    versus = json.loads((run / "served_vs_best.json").read_text())
+    assert versus["best_other"] in table.index and versus["served"] == "two_stage"
+    assert versus["diff_ci_low"] <= versus["diff"] <= versus["diff_ci_high"]
     # the ranker beats a constant guess of its positive rate (log-loss = the rate's entropy)
     ranker = json.loads((run / "ranker_loss.json").read_text())
     p = ranker["positive_rate"]

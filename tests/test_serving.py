@@ -124,6 +124,14 @@ def test_explain_gives_each_item_its_source_and_the_rankers_reasons(client, depl
         "/recommendations", json={"user_ids": [raw], "k": 8, "explain": True}
     ).json()["results"][0]
     assert batch["items"] == body["items"]
+    # batch scoring writes the same reasons, as JSON, when asked
+    import json
+
+    from serving.batch import REASONS, score_users
+
+    top = score_users(_engine(client), [dep.pseudonym(raw)], 8, explain=True)
+    assert [json.loads(r) for r in top[REASONS]] == [i["reasons"] for i in body["items"]]
+    assert REASONS not in score_users(_engine(client), [dep.pseudonym(raw)], 8)
 
 
 def test_feature_ablation_attributes_a_logit_to_the_group_that_moves_it():

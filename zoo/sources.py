@@ -30,7 +30,7 @@ from shopml import schema as S
 from zoo.base import build
 
 TOP_N = 100  # items kept per user and scorer: above every default quota (ServingConfig)
-_CHUNK = 2048  # users scored at once: a dense (chunk, n_items) float32 block
+_BLOCK = 50_000_000  # scores per dense (users, n_items) float32 block: 200 MB
 
 
 def top_n_rows(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,8 +66,9 @@ def zoo_scores(
     for name, config in configs.items():
         model = build(name, **dict(config)).fit(data)
         r_all, c_all, v_all = [], [], []
-        for lo in range(0, data.n_users, _CHUNK):
-            users = np.arange(lo, min(lo + _CHUNK, data.n_users))
+        chunk = max(1, _BLOCK // max(data.n_items, 1))
+        for lo in range(0, data.n_users, chunk):
+            users = np.arange(lo, min(lo + chunk, data.n_users))
             r, c, v = top_n_rows(model.score(users), top_n)
             r_all.append(rows_of[users[r]])
             c_all.append(cols_of[c])
