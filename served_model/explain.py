@@ -88,6 +88,12 @@ def source_text(
     return SOURCE_TEXT.get(source, source)
 
 
+def prepare() -> None:
+    """Import the attribution library now: it takes seconds (matplotlib comes with it), and
+    the first ``?explain=true`` must not stall the requests queued behind it."""
+    import captum.attr  # noqa: F401
+
+
 def attributions(ranker: Any, rows: np.ndarray, baseline: np.ndarray) -> np.ndarray:
     """Each feature group's effect on the ranker's logit for each of ``rows`` (full-width
     ``RANKER_FEATURES`` rows): captum's ``FeatureAblation`` with the group's columns set

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from served_model.engine import TwoStage
+from served_model.explain import prepare as prepare_explanations
 from served_model.features import FeaturesUnavailable, OnlineFeatures
 from served_model.search import SearchBundle, SearchEngine
 from serving.observability import Metrics
@@ -80,7 +81,10 @@ def load_arm(
         engine.refresh_item_features()
     except FeaturesUnavailable:
         log.exception("item features unavailable while loading version %s", version)
-    engine.recommend(next(iter(model.user_index), ""), 10)  # warm-up: first request is not slow
+    # warm-up, explained: the first request is not slow, nor the first ?explain=true (its
+    # attribution library takes seconds to import, which would stall every request behind it)
+    prepare_explanations()
+    engine.recommend(next(iter(model.user_index), ""), 10, explain=True)
     return Arm(alias, version, engine)
 
 
