@@ -366,7 +366,10 @@ def served_line(v: dict[str, Any], k: int) -> str:
         f"served path {v['served_ndcg']:.4f} vs best other model {v['best_other']} "
         f"{v['best_other_ndcg']:.4f} (NDCG@{k}): {v['verdict']}, {v['ratio']:.3f}x, difference "
         f"{v['diff']:+.4f} [{v['diff_ci_low']:+.4f}, {v['diff_ci_high']:+.4f}] over {v['users']} "
-        f"users; {v['ratio_to_personal_top_frequency']:.3f}x personal top-frequency"
+        f"users; {v['ratio_to_personal_top_frequency']:.3f}x personal top-frequency "
+        f"({v['diff_to_personal_top_frequency']:+.4f} "
+        f"[{v['diff_to_personal_top_frequency_ci_low']:+.4f}, "
+        f"{v['diff_to_personal_top_frequency_ci_high']:+.4f}])"
     )
 
 
