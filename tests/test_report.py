@@ -28,6 +28,9 @@ def tracking(tmp_path):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # artifacts under tmp_path too: a SQLite store's default artifact root is ./mlruns, which
+    # left every test run's plots in the working tree
+    mlflow.create_experiment("report-test", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("report-test")
     yield mlflow
     mlflow.set_tracking_uri(None)
