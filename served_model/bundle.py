@@ -161,7 +161,7 @@ class Tables:
     history_last: sparse.csr_matrix  # as ``history``: day (since 1970) of the last purchase
     user_last: np.ndarray  # per history row: day of the user's latest purchase
     # zoo scorer -> (history rows, n_items) its top-N items per user with their scores,
-    # computed nightly from the same purchases (``training.sources``); empty before format 4
+    # computed nightly from the same purchases (``zoo.sources``); empty before format 4
     scores: dict[str, sparse.csr_matrix] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
@@ -252,7 +252,7 @@ def build_tables(
     ``purchases`` has user_id, item_id, timestamp; ``catalog`` item_id and, when the retailer
     has it, category. Both are mapped onto the model's vocabularies (unknown ids dropped).
     ``scores`` are the zoo scorers' per-user top-N tables, already in the model's index
-    space (``training.sources.zoo_scores`` fits them on the same purchases).
+    space (``zoo.sources.zoo_scores`` fits them on the same purchases).
     """
     from served_model.similarity import cosine_neighbours
 

@@ -232,12 +232,12 @@ class TwoStage:
         if len(cand) == 0:
             return Ranked(self.popular(k), "no_candidates", stages, counts, memo)
         with _timed(stages, "ranking"):
-            scores = self.score(cand, history, user_features, item_features[cand])
+            x = ranker_inputs(user_features, item_features[cand], history)
+            scores = ranker_scores(self.bundle.ranker, x)
             top = np.argsort(-scores, kind="stable")[:k]
         items = [(self.item_ids[cand[i]], float(scores[i])) for i in top]
         if explain:
             with _timed(stages, "explain"):
-                x = ranker_inputs(user_features, item_features[cand], history)
                 reasons = self._reasons(uidx, x, top, cand, history, origin)
             return Ranked(items, None, stages, counts, memo, reasons)
         self._remember(uidx, row, answer=(asked, items, counts))

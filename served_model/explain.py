@@ -26,10 +26,10 @@ import torch
 from served_model.ranker import (
     DAYS_BEFORE_LATEST,
     FEATURE_GROUPS,
+    HISTORY_FEATURES,
     NEVER_DAYS,
     PRIOR_PURCHASES,
     RANKER_FEATURES,
-    features_of,
     ranker_logits,
 )
 
@@ -49,10 +49,13 @@ SOURCE_TEXT: dict[str, str] = {
     "ann": "it matches your taste",
     "popular": "popular right now",
 }
-_GROUP_OF = np.array(
-    [next(g for g, fs in FEATURE_GROUPS.items() if f in fs) for f in RANKER_FEATURES],
-    dtype=object,
-)
+_GROUPS = list(FEATURE_GROUPS)
+# ``RANKER_FEATURES`` column -> its group's index (captum's feature mask), and one column of
+# each group (every column of a group carries the group's effect)
+_GROUP_OF = [next(i for i, g in enumerate(_GROUPS) if f in FEATURE_GROUPS[g])
+             for f in RANKER_FEATURES]  # fmt: skip
+_MASK = torch.tensor(_GROUP_OF)[None]
+_FIRST_COLUMN = [_GROUP_OF.index(i) for i in range(len(_GROUPS))]
 
 
 def _times(n: float) -> str:
@@ -68,12 +71,11 @@ def source_text(
 ) -> str:
     """The source's reason for one candidate; ``history`` is its row of
     ``HISTORY_FEATURES`` evidence (the engine's), ``seed_item`` the bought item whose
-    co-purchase neighbour it is (item-kNN), ``category`` its category (popularity)."""
-    from served_model.ranker import HISTORY_FEATURES
-
+    co-purchase neighbour it is (item-kNN), ``category`` its category (popularity). A bought
+    item found by another source than item-kNN is explained by the purchases themselves."""
     prior = float(history[HISTORY_FEATURES.index(PRIOR_PURCHASES)])
     days = float(history[HISTORY_FEATURES.index(DAYS_BEFORE_LATEST)])
-    if source == "history" or (prior > 0 and source not in ("item_knn",)):
+    if source == "history" or (prior > 0 and source != "item_knn"):
         text = f"you bought it {_times(prior)}"
         if 0 < days < NEVER_DAYS:
             text += f", last {days:.0f} days before your latest order"
@@ -97,12 +99,9 @@ def prepare() -> None:
 def attributions(ranker: Any, rows: np.ndarray, baseline: np.ndarray) -> np.ndarray:
     """Each feature group's effect on the ranker's logit for each of ``rows`` (full-width
     ``RANKER_FEATURES`` rows): captum's ``FeatureAblation`` with the group's columns set
-    to ``baseline``'s. Shape ``(len(rows), len(FEATURE_GROUPS))``; groups the ranker does not
-    read are 0."""
+    to ``baseline``'s. Shape ``(len(rows), len(FEATURE_GROUPS))``; a group the ranker does not
+    read is 0 (``ranker_view`` drops its columns, so replacing them changes nothing)."""
     from captum.attr import FeatureAblation
-
-    groups = list(FEATURE_GROUPS)
-    mask = torch.tensor([groups.index(g) for g in _GROUP_OF])[None]  # columns -> group id
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(ranker_logits(ranker, x.numpy()))
@@ -110,31 +109,22 @@ def attributions(ranker: Any, rows: np.ndarray, baseline: np.ndarray) -> np.ndar
     inputs = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     base = torch.from_numpy(np.ascontiguousarray(baseline, dtype=np.float32))[None]
     attr = FeatureAblation(forward).attribute(
-        inputs, baselines=base, feature_mask=mask, perturbations_per_eval=len(groups)
+        inputs, baselines=base, feature_mask=_MASK, perturbations_per_eval=len(_GROUPS)
     )
-    per_column = attr.numpy()
-    out = np.zeros((len(rows), len(groups)), dtype=np.float32)
-    for g in range(len(groups)):  # every column of a group carries the group's effect
-        cols = np.flatnonzero(mask[0].numpy() == g)
-        out[:, g] = per_column[:, cols[0]]
-    read = set(features_of(ranker))
-    unread = [i for i, g in enumerate(groups) if not read & set(FEATURE_GROUPS[g])]
-    out[:, unread] = 0.0
-    return out
+    return attr.numpy()[:, _FIRST_COLUMN].astype(np.float32)
 
 
 def ranker_reasons(effects: np.ndarray) -> list[dict[str, Any]]:
     """The strongest positive group effects of one item, in words (at most
     :data:`TOP_ATTRIBUTIONS`)."""
-    groups = list(FEATURE_GROUPS)
     order = np.argsort(-effects, kind="stable")[:TOP_ATTRIBUTIONS]
     return [
         {
             "kind": "ranker",
-            "group": groups[i],
+            "group": _GROUPS[i],
             "effect": round(float(effects[i]), 4),
-            "text": GROUP_TEXT[groups[i]],
-        }  # fmt: skip
+            "text": GROUP_TEXT[_GROUPS[i]],
+        }
         for i in order
         if effects[i] > 0
     ]
