@@ -132,19 +132,15 @@ def main() -> None:
 def lead_table(fitted: dict, k: int, n_boot: int = 1000) -> str:
     """The best model's per-user NDCG@k difference to every other row, with its paired
     bootstrap 95% CI (the same users, resampled together): a lead inside the CI is a tie."""
-    from mlkit.bootstrap import bootstrap_ci
+    from mlkit.bootstrap import paired_ci
 
-    per_user = {
-        name: f.result.segments["all"].set_index("user_idx")["ndcg"].sort_index()
-        for name, f in fitted.items()
-    }
+    per_user = {name: f.result.user_values() for name, f in fitted.items()}
     best = max(per_user, key=lambda n: per_user[n].mean())
     rows = []
     for name, scores in per_user.items():
         if name == best:
             continue
-        diff = (per_user[best] - scores.reindex(per_user[best].index)).dropna().to_numpy()
-        ci = bootstrap_ci(diff, n_boot=n_boot, seed=0)
+        ci = paired_ci(per_user[best], scores, n_boot=n_boot, seed=0)
         ratio = per_user[best].mean() / max(scores.mean(), 1e-12)
         rows.append((name, f"{ratio:.3f}x", f"{ci.mean:+.4f}", f"[{ci.low:+.4f}, {ci.high:+.4f}]",
                      "yes" if ci.low > 0 else "no"))  # fmt: skip

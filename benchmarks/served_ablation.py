@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlkit.bootstrap import bootstrap_ci
+from mlkit.bootstrap import paired_ci
 from mlkit.two_stage import fit_ranker, ranker_matrix, replayed_rows
 from served_model.ranker import FEATURE_GROUPS, LEGACY_FEATURES, RANKER_FEATURES
 from shopml import schema as S
@@ -106,13 +106,8 @@ def table(settings: Settings, ds: date) -> pd.DataFrame:
     for name in built:
         row = {"variant": name}
         for split in ("val", "test"):
-
-            def per_user(n: str, split: str = split) -> pd.Series:
-                frame = evaluated[split][n].segments["all"]
-                return frame.set_index("user_idx")["ndcg"].sort_index()
-
-            mine, ref = per_user(name), per_user(FULL)
-            ci = bootstrap_ci((mine - ref).to_numpy(), n_boot=1000, seed=settings.train.seed)
+            mine = evaluated[split][name].user_values()
+            ci = paired_ci(mine, evaluated[split][FULL].user_values(), seed=settings.train.seed)
             row |= {f"{split}_ndcg": float(mine.mean()), f"{split}_diff": ci.mean,
                     f"{split}_ci_low": ci.low, f"{split}_ci_high": ci.high,
                     f"{split}_users": len(mine)}  # fmt: skip

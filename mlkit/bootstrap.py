@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,18 @@ def bootstrap_ci(
     means = bootstrap_means(v, n_boot, seed)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return ConfidenceInterval(float(v.mean()), float(low), float(high), alpha, n_boot)
+
+
+def paired_ci(
+    values: pd.Series, reference: pd.Series, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> ConfidenceInterval:
+    """Percentile CI of the mean per-user difference ``values - reference``, both indexed by
+    user: the paired interval every comparison of two models on one split reports. The two
+    must cover the same users (models compared on different users are not paired)."""
+    if set(values.index) != set(reference.index):
+        raise ValueError(
+            f"a paired comparison needs the same users: {len(values)} and {len(reference)} "
+            f"users, {len(set(values.index) ^ set(reference.index))} in only one of them"
+        )
+    diff = values.sort_index() - reference.sort_index()
+    return bootstrap_ci(diff.to_numpy(), n_boot=n_boot, alpha=alpha, seed=seed)

@@ -301,6 +301,11 @@ class EvaluationResult:
         out["users"] = float(len(frame))
         return out
 
+    def user_values(self, metric: str = "ndcg", segment: str = "all") -> pd.Series:
+        """One metric per user of a segment, indexed by ``user_idx`` (what paired
+        comparisons, ``mlkit.bootstrap.paired_ci``, take)."""
+        return self.segments[segment].set_index("user_idx")[metric].sort_index()
+
     def table(self) -> pd.DataFrame:
         """One row per segment with the means and the protocol (for JSON, MLflow, reports)."""
         rows = [{"segment": name, **self.means(name)} for name in self.segments]

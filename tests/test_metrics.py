@@ -209,6 +209,23 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
         M.bootstrap_ci([1.0], alpha=1.5)
 
 
+def test_paired_ci_pairs_users_by_index_and_refuses_different_users():
+    """The one paired comparison: per-user differences matched by user, not by position."""
+    import pandas as pd
+
+    from mlkit.bootstrap import bootstrap_ci, paired_ci
+
+    rng = np.random.default_rng(0)
+    ref = pd.Series(rng.random(50), index=rng.permutation(50))
+    mine = (ref + 0.1).sample(frac=1.0, random_state=1)  # same users, another order
+    ci = paired_ci(mine, ref, n_boot=200, seed=3)
+    assert ci.mean == pytest.approx(0.1) and ci.low == pytest.approx(0.1)
+    diff = (mine.sort_index() - ref.sort_index()).to_numpy()
+    assert ci == bootstrap_ci(diff, n_boot=200, seed=3)
+    with pytest.raises(ValueError, match="same users"):
+        paired_ci(mine.iloc[1:], ref)
+
+
 def _tiny():
     """3 users, 4 items. Train: u0 {i0, i1}, u1 {i0, i2}, u2 {i0}. Test: u0 i2, u1 i1, u2 i3."""
     t0 = pd.Timestamp("2025-01-01", tz="UTC")

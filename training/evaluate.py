@@ -171,7 +171,7 @@ def served_vs_best(
     building block or a champion (a zoo model or a baseline), by mean NDCG@k, with the
     paired-bootstrap CI of the per-user difference: which is better, and by how much; and
     the same difference to personal top-frequency, the baseline to beat on repeat data."""
-    from mlkit.bootstrap import bootstrap_ci
+    from mlkit.bootstrap import paired_ci
 
     metric = f"ndcg_at_{k}"
     roles = table.set_index("model")["role"] if "role" in table else pd.Series(dtype=str)
@@ -182,12 +182,10 @@ def served_vs_best(
     def scores(model: str) -> pd.Series:
         return everyone[everyone["model"] == model].set_index("user_idx")["ndcg"].sort_index()
 
-    def paired(other: str) -> tuple[int, Any]:
-        mine, theirs = scores(served), scores(other)
-        diff = (mine - theirs.reindex(mine.index)).dropna().to_numpy()
-        return len(diff), bootstrap_ci(diff, n_boot=1000, seed=seed)
+    def paired(other: str) -> Any:
+        return paired_ci(scores(served), scores(other), seed=seed)
 
-    users, ci = paired(best)
+    users, ci = len(scores(served)), paired(best)
     rows = table.set_index("model")[metric]
     verdict = "better" if ci.low > 0 else "worse" if ci.high < 0 else "level (CI spans 0)"
     out = {
@@ -197,7 +195,7 @@ def served_vs_best(
         "verdict": verdict,
     }  # fmt: skip
     if TOP_FREQUENCY in set(table["model"]):
-        _, top = paired(TOP_FREQUENCY)
+        top = paired(TOP_FREQUENCY)
         out |= {"ratio_to_personal_top_frequency": float(rows[served] / rows[TOP_FREQUENCY]),
                 "diff_to_personal_top_frequency": top.mean,
                 "diff_to_personal_top_frequency_ci_low": top.low,

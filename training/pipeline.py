@@ -194,7 +194,7 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
     """Build, measure and choose the served ranker's compressed candidates (module doc)."""
     import numpy as np
 
-    from mlkit.bootstrap import bootstrap_ci
+    from mlkit.bootstrap import paired_ci
     from served_model.ranker import features_of, ranker_format, ranker_params
     from training import compress as C
 
@@ -221,8 +221,7 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
     metric = "ndcg"
 
     def per_user(split: str, name: str) -> pd.Series:
-        frame = evaluated[split][name].segments["all"]
-        return frame.set_index("user_idx")[metric].sort_index()
+        return evaluated[split][name].user_values(metric)
 
     rows = []
     for name, ranker in rankers.items():
@@ -232,7 +231,7 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
                **facts.get(name, {})}  # fmt: skip
         for split in ("val", "test"):
             mine, ref = per_user(split, name), per_user(split, C.TEACHER)
-            ci = bootstrap_ci((mine - ref).to_numpy(), n_boot=1000, seed=cfg.seed)
+            ci = paired_ci(mine, ref, seed=cfg.seed)
             row |= {f"{split}_ndcg": float(mine.mean()), f"{split}_users": len(mine),
                     f"{split}_diff": ci.mean, f"{split}_diff_ci_low": ci.low,
                     f"{split}_diff_ci_high": ci.high}  # fmt: skip
