@@ -29,7 +29,8 @@ def _environment():
     return load_settings()
 
 
-_EVAL = _environment().eval  # the Params' defaults are the environment's settings
+_ENV = _environment()  # the Params' defaults are the environment's settings
+_EVAL = _ENV.eval
 
 PARAMS = {
     "source": Param(
@@ -54,6 +55,16 @@ PARAMS = {
         maximum=64,
         title="Horovod workers",
         description="Processes started by horovodrun -np.",
+    ),
+    "served_study_trials": Param(
+        _ENV.train.served_study_trials,
+        type="integer",
+        minimum=0,
+        maximum=500,
+        title="Served configuration trials",
+        description="Optuna trials that choose the served path's source quotas, ranking depth "
+        "and ranker (size, features) on validation, the current settings first; 0 serves the "
+        "settings' configuration.",
     ),
     "promotion_margin": Param(
         0.0,

@@ -35,7 +35,7 @@ from mlkit.launch import train as launch
 from mlkit.loop import Curve, LoopConfig
 from mlkit.splits import split_last_basket
 from served_model.bundle import Bundle, build_index, build_tables, item_matrix
-from served_model.engine import TwoStage
+from served_model.engine import NOT_IN_SOURCE, QUOTAS, SOURCES, TwoStage
 from served_model.ranker import (
     HISTORY_FEATURES,
     Ranker,
@@ -48,6 +48,9 @@ from shopml import schema as S
 from shopml.config import ServingConfig, TrainConfig
 
 CAND = "candidate_index"
+REPLAY_ROUND = "replay_round"  # replayed_rows: 0 is each user's latest replayed basket
+# candidate_rows: the candidate's position in each source's list (NOT_IN_SOURCE: absent)
+RANK_COLUMNS = tuple(f"rank_{s}" for s in SOURCES)
 # Rows with user_id, item_id and event_timestamp in; the same rows, in order, with the
 # user's and the item's features (USER_FEATURES, ITEM_FEATURES) valid at that time out.
 FeatureSource = Callable[[pd.DataFrame], pd.DataFrame]
@@ -86,8 +89,9 @@ def candidate_rows(
     engine: TwoStage, at: pd.Series, user_features: pd.DataFrame, features: FeatureSource
 ) -> pd.DataFrame:
     """One row per (user, servable candidate) at the moment ``at[user]``: user_id, item_id,
-    the candidate's item index, its history features and the user's and item's features
-    then. ``user_features`` (indexed by user) feeds retrieval's user vector."""
+    the candidate's item index, its history features, its position in each source's list
+    (:data:`RANK_COLUMNS`, for :func:`select_candidates`) and the user's and item's
+    features then. ``user_features`` (indexed by user) feeds retrieval's user vector."""
     model, cfg = engine.model, engine.cfg
     item_ids = np.asarray(model.item_ids, dtype=object)
     frames = []
@@ -95,12 +99,14 @@ def candidate_rows(
         if user not in model.user_index or user not in user_features.index:
             continue  # unknown to the model: serving answers with popularity
         feats = np.nan_to_num(user_features.loc[user, list(S.USER_FEATURES)].to_numpy(np.float32))
-        cand, history, _, _, _ = engine.retrieve(model.user_index[user], feats)
-        frame = pd.DataFrame(history, columns=list(HISTORY_FEATURES))
-        frames.append(frame.assign(**{S.USER_ID: user, S.ITEM_ID: item_ids[cand], CAND: cand,
-                                      S.ENTITY_TIMESTAMP: ts}))  # fmt: skip
+        got = engine.retrieve(model.user_index[user], feats, ranks=True)
+        frame = pd.DataFrame(got.history, columns=list(HISTORY_FEATURES))
+        frame[list(RANK_COLUMNS)] = got.ranks
+        frames.append(frame.assign(**{S.USER_ID: user, S.ITEM_ID: item_ids[got.cand],
+                                      CAND: got.cand, S.ENTITY_TIMESTAMP: ts}))  # fmt: skip
     if not frames:
-        columns = [S.USER_ID, S.ITEM_ID, CAND, S.ENTITY_TIMESTAMP, *HISTORY_FEATURES]
+        columns = [S.USER_ID, S.ITEM_ID, CAND, S.ENTITY_TIMESTAMP, *HISTORY_FEATURES,
+                   *RANK_COLUMNS]  # fmt: skip
         return pd.DataFrame(columns=columns)
     rows = features(pd.concat(frames, ignore_index=True))  # same order, features added
     reorderable = rows[S.ITEM_REORDER_RATE].to_numpy() > cfg.reorder_min_rate
@@ -108,6 +114,31 @@ def candidate_rows(
         rows[CAND].to_numpy(), rows[list(HISTORY_FEATURES)].to_numpy(), reorderable
     )
     return rows[keep].groupby(S.USER_ID, sort=False).head(cfg.max_candidates)
+
+
+def select_candidates(rows: pd.DataFrame, cfg: ServingConfig) -> pd.DataFrame:
+    """The rows ``cfg``'s quotas and ``max_candidates`` would have retrieved, out of rows
+    retrieved with quotas at least as large (their :data:`RANK_COLUMNS`).
+
+    Exact because each source's list with a smaller quota is a prefix of its list with a
+    larger one, and the filters judge each candidate alone: a candidate is kept when some
+    source lists it within its quota, ordered as the union orders it (by the first such
+    source in priority order, then its position there), and each user's list is cut at
+    ``max_candidates``. (The one approximation: faiss's HNSW search depth follows the ANN
+    quota, so a smaller quota's list can differ from a prefix in rare near-ties.)"""
+    ranks = rows[list(RANK_COLUMNS)].to_numpy(np.int64)
+    quotas = np.array([getattr(cfg, QUOTAS[s]) for s in SOURCES], dtype=np.int64)
+    within = (ranks != NOT_IN_SOURCE) & (ranks < quotas)
+    kept = within.any(axis=1)
+    first = within.argmax(axis=1)
+    position = ranks[np.arange(len(rows)), first]
+    order = pd.DataFrame({"user": rows[S.USER_ID].to_numpy(), "source": first, "rank": position})
+    order = order[kept]
+    # stable on the replay's user order, so a user's rows stay together as they were
+    order["user"] = pd.Categorical(order["user"], categories=pd.unique(rows[S.USER_ID]))
+    order = order.sort_values(["user", "source", "rank"], kind="stable")
+    chosen = order.groupby("user", sort=False, observed=True).head(cfg.max_candidates).index
+    return rows.iloc[chosen.to_numpy()]  # ``order``'s index: positions in ``rows``
 
 
 def replayed_rows(
@@ -121,9 +152,10 @@ def replayed_rows(
     """The ranker's examples: each user's last basket in ``events`` held out again, the lists
     the served path retrieves just before it, labelled by that basket; then the basket before
     that, ``rounds`` times (each round's tables and zoo scorers know only earlier
-    purchases). ``model`` retrieves; it should not have learnt from these baskets."""
+    purchases; :data:`REPLAY_ROUND` numbers them, 0 the latest). ``model`` retrieves; it
+    should not have learnt from these baskets."""
     frames = []
-    for _ in range(rounds):
+    for r in range(rounds):
         inner = split_last_basket(events)
         if inner.test.empty:
             break
@@ -135,7 +167,7 @@ def replayed_rows(
         rows = candidate_rows(engine, at, users, features)
         bought = pd.MultiIndex.from_frame(inner.test[[S.USER_ID, S.ITEM_ID]])
         label = pd.MultiIndex.from_frame(rows[[S.USER_ID, S.ITEM_ID]]).isin(bought)
-        frames.append(rows.assign(**{S.LABEL: label.astype(np.float32)}))
+        frames.append(rows.assign(**{S.LABEL: label.astype(np.float32), REPLAY_ROUND: r}))
         events = inner.train
     if not frames:
         raise ValueError(
@@ -143,6 +175,20 @@ def replayed_rows(
             "check the source or widen max_users"
         )
     return pd.concat(frames, ignore_index=True)
+
+
+def replayed_baskets(events: pd.DataFrame, rounds: int) -> list[pd.DataFrame]:
+    """The held-out baskets :func:`replayed_rows` labels its rounds with, round ``r`` at
+    position ``r``: what a replayed list is judged against, items it did not retrieve
+    included."""
+    out = []
+    for _ in range(rounds):
+        inner = split_last_basket(events)
+        if inner.test.empty:
+            break
+        out.append(inner.test)
+        events = inner.train
+    return out
 
 
 def ranker_matrix(rows: pd.DataFrame) -> np.ndarray:
@@ -163,9 +209,11 @@ class RankerTask:
     y: np.ndarray
     validation: tuple[np.ndarray, np.ndarray] | None = None
     features: tuple[str, ...] | None = None  # None: all of RANKER_FEATURES
+    cross_layers: int = 2
+    hidden: int = 64
 
     def build(self) -> Ranker:
-        return Ranker(features=self.features)
+        return Ranker(self.cross_layers, self.hidden, features=self.features)
 
     def dataset(self, net: nn.Module) -> torch.utils.data.Dataset:
         x = np.ascontiguousarray(ranker_view(net, self.x))
@@ -193,11 +241,14 @@ def fit_ranker(
     batch_size: int = TrainConfig.model_fields["ranker_batch_size"].default,
     lr: float = TrainConfig.model_fields["ranker_lr"].default,
     features: tuple[str, ...] | None = None,
+    cross_layers: int = 2,
+    hidden: int = 64,
 ) -> tuple[Ranker, Curve]:
     """Train the ranker in this process with the one loop; returns it and its curve.
-    ``features`` (a subset of ``RANKER_FEATURES``) makes a ranker that reads only those."""
+    ``features`` (a subset of ``RANKER_FEATURES``) makes a ranker that reads only those;
+    ``cross_layers`` and ``hidden`` size it (``served_model.ranker.Ranker``)."""
     cfg = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, name="ranker")
-    task = RankerTask(x, y, validation, features)
+    task = RankerTask(x, y, validation, features, cross_layers, hidden)
     return launch(task, cfg, workers=1)  # the loop returns it in eval mode
 
 

@@ -26,7 +26,11 @@ version up to ``FORMAT_VERSION`` so a rollback to an older champion still serves
   compression gate chose (``training.compress``). Without the entry, ``ranker.pt``.
 * 4: ``tables.npz`` may hold ``scores``, the zoo scorers' top-N items per user (TIFU-kNN,
   EASE: candidate sources and ranker features), and the manifest's ``ranker`` entry names
-  the ranker's ``features``. Rankers of earlier formats read ``LEGACY_FEATURES``.
+  the ranker's ``features``. Rankers of earlier formats read ``LEGACY_FEATURES``. The
+  manifest may name ``retrieval``: the source quotas and ranking depth chosen with the ranker
+  on validation (``training.served_study``); the engine serves with them unless the operator
+  set them (``served_model.engine.version_config``). It is additive: a reader that ignores
+  it serves the version with its settings' quotas, as before.
 
 A bundle newer than this code is refused with a message rather than half-loaded.
 """
@@ -320,8 +324,11 @@ def write_artifacts(
     purchases: pd.DataFrame,
     catalog: pd.DataFrame,
     scores: dict[str, sparse.csr_matrix] | None = None,
+    retrieval: dict[str, int] | None = None,
 ) -> list[Path]:
-    """Build the index and tables of ``model``; returns the files to log with it."""
+    """Build the index and tables of ``model``; returns the files to log with it.
+    ``retrieval``: the quotas and ranking depth the ranker was chosen with (the manifest's
+    ``retrieval``), which serving then uses unless its operator set them."""
     import faiss
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -346,6 +353,7 @@ def write_artifacts(
         "categories": len(tables.category_popular),
         "in_catalog": int(tables.in_catalog.sum()),
         "scores": sorted(tables.scores),
+        "retrieval": dict(retrieval or {}),
         "ranker": {
             "features": list(features_of(ranker)),
             "file": ranker_path.name,
@@ -402,6 +410,9 @@ class Bundle:
     tables: Tables
     item_vectors: np.ndarray  # (n_items, dim + 1), the rows the index holds
     ranker_info: dict[str, Any] | None = None  # format, bytes, params (serving reports them)
+    # the version's own quotas and ranking depth (the manifest's ``retrieval``, chosen on
+    # validation with its ranker); empty: the settings' (``served_model.engine.version_config``)
+    retrieval: dict[str, int] = field(default_factory=dict)
 
 
 def load_bundle(version: str, model: TwoTower, files: Path) -> Bundle:
@@ -422,4 +433,5 @@ def load_bundle(version: str, model: TwoTower, files: Path) -> Bundle:
     model.eval()
     tables = Tables.load(files / TABLES_FILE)
     info = ranker_info(files, ranker)
-    return Bundle(version, model, ranker, index, tables, item_matrix(model), info)
+    retrieval = manifest_of(files).get("retrieval", {})
+    return Bundle(version, model, ranker, index, tables, item_matrix(model), info, retrieval)

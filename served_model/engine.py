@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +51,12 @@ from shopml import schema as S
 from shopml.config import ServingConfig
 
 SOURCES = ("history", *ZOO_SOURCES, "ann", "item_knn", "popular")  # in order of priority
+# each source's quota: the ``ServingConfig`` field that caps how many items it gives
+QUOTAS = {s: "knn_candidates" if s == "item_knn" else f"{s}_candidates" for s in SOURCES}
+# what a version's own retrieval settings may set (the manifest's ``retrieval``, chosen on
+# validation by ``training.served_study``): the quotas and how many candidates are ranked
+RETRIEVAL_FIELDS = (*QUOTAS.values(), "max_candidates")
+NOT_IN_SOURCE = -1  # a rank of :class:`Retrieved`: the source did not give the item
 _COL = {f: i for i, f in enumerate(HISTORY_FEATURES)}
 _NO_HISTORY = np.array([NEVER_DAYS if f == DAYS else 0.0 for f in HISTORY_FEATURES], np.float32)
 KNN_SEEDS = 10  # the user's most bought items whose neighbours are candidates
@@ -99,6 +106,31 @@ class _Memo:
     answer: tuple[tuple[int, int], list, dict] | None = None
 
 
+class Retrieved(NamedTuple):
+    """Stage 1's answer for one user (:meth:`TwoStage.retrieve`); nothing is filtered yet."""
+
+    cand: np.ndarray  # candidates, in the sources' order of priority
+    history: np.ndarray  # the evidence on each (HISTORY_FEATURES)
+    counts: dict[str, int]  # candidates per source
+    memo: str | None  # the ANN memo's "hit" or "miss"
+    origin: np.ndarray  # the source that found each candidate first
+    # when asked: each candidate's position in each source's list (columns in SOURCES order,
+    # NOT_IN_SOURCE where absent), from which a smaller quota's union is exactly recomputed
+    ranks: np.ndarray | None = None
+
+
+def version_config(cfg: ServingConfig, retrieval: dict[str, int]) -> ServingConfig:
+    """``cfg`` with a version's own retrieval settings (``Bundle.retrieval``) applied to the
+    fields the operator did not set: a version serves with the quotas it was chosen and
+    evaluated with, and an explicit setting (e.g. ``SHOPML_SERVING__ANN_CANDIDATES``) still
+    wins, as an operator's override should."""
+    unknown = sorted(set(retrieval) - set(RETRIEVAL_FIELDS))
+    if unknown:
+        raise ValueError(f"a version's retrieval settings name unknown fields {unknown}")
+    update = {k: v for k, v in retrieval.items() if k not in cfg.model_fields_set}
+    return cfg.model_copy(update=update) if update else cfg
+
+
 def _row_key(user_features: np.ndarray) -> bytes:
     return user_features.astype(np.float32).tobytes()
 
@@ -120,11 +152,11 @@ class TwoStage:
         self.version = bundle.version
         self.model = bundle.model
         self.features = features
-        self.cfg = cfg
+        self.cfg = version_config(cfg, bundle.retrieval)
         self.item_ids = np.asarray(self.model.item_ids, dtype=object)
         self.item_pos = {it: i for i, it in enumerate(self.model.item_ids)}
         if bundle.index is not None and hasattr(bundle.index, "hnsw"):
-            bundle.index.hnsw.efSearch = max(cfg.ann_ef_search, cfg.ann_candidates)
+            bundle.index.hnsw.efSearch = max(self.cfg.ann_ef_search, self.cfg.ann_candidates)
         self.item_features: np.ndarray | None = None  # set by refresh_item_features
         self.reorderable = np.ones(len(self.item_ids), dtype=bool)
         self._item_generation = 0  # counts refresh_item_features: answers made before are stale
@@ -220,7 +252,7 @@ class TwoStage:
             _, items, counts = memo.answer
             return Ranked(list(items), None, stages, dict(counts), "answer")
         with _timed(stages, "retrieval"):
-            cand, history, counts, memo, origin = self.retrieve(uidx, user_features)
+            cand, history, counts, memo, origin, _ = self.retrieve(uidx, user_features)
         with _timed(stages, "filter"):
             keep = self.servable(cand, history, reorderable[cand])
             cand, history, origin = (
@@ -292,12 +324,9 @@ class TwoStage:
             }
         return self._categories
 
-    def retrieve(
-        self, uidx: int, user_features: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, int], str | None, np.ndarray]:
-        """Stage 1: (candidates in priority order, the evidence on each
-        (``HISTORY_FEATURES``), candidates per source, the ANN memo's hit or miss, the source
-        that found each candidate first). Nothing is filtered yet."""
+    def retrieve(self, uidx: int, user_features: np.ndarray, ranks: bool = False) -> Retrieved:
+        """Stage 1 (:class:`Retrieved`); ``ranks``: with each candidate's position in every
+        source's list (what the offline study of the quotas needs; serving does not ask)."""
         query, ann, memo = self._ann(uidx, user_features)
         hist_items, hist_counts, hist_last = self._history(uidx)
         by_count = hist_items[np.argsort(-hist_counts, kind="stable")]
@@ -321,7 +350,15 @@ class TwoStage:
         for name, (items, values) in zoo.items():
             hit, at = _lookup(items, cand)
             history[hit, _COL[ZOO_SOURCES[name]]] = values[at[hit]]
-        return cand, history, counts, memo, origin
+        positions = None
+        if ranks:
+            positions = np.full((len(cand), len(SOURCES)), NOT_IN_SOURCE, dtype=np.int32)
+            for j, name in enumerate(SOURCES):
+                listed = sources.get(name, np.zeros(0, np.int64))
+                order = np.argsort(listed, kind="stable")
+                hit, at = _lookup(listed[order], cand)
+                positions[hit, j] = order[at[hit]]
+        return Retrieved(cand, history, counts, memo, origin, positions)
 
     def _zoo_row(self, name: str, uidx: int) -> tuple[np.ndarray, np.ndarray]:
         """A zoo scorer's top items for the user (sorted by index) and their scores; empty

@@ -94,6 +94,13 @@ class TrainConfig(BaseModel):
         "(zoo/sources.py), each with its eval.model_configs entry",
     )
     ranker_lr: float = Field(2e-3, gt=0, description="serving ranker: Adam learning rate")
+    served_study_trials: int = Field(
+        16,
+        ge=0,
+        description="served configuration (source quotas, ranking depth, ranker size and "
+        "features): Optuna trials on validation, the settings' configuration first "
+        "(training.served_study); 0 serves the settings' configuration",
+    )
     ranker_validation_share: float = Field(
         0.1, gt=0, lt=1, description="serving ranker: share of users that picks the best epoch"
     )
@@ -515,6 +522,7 @@ PARAM_FIELDS: dict[str, tuple[str, str]] = {
     "max_users": ("land", "max_users"),
     "epochs": ("train", "epochs"),
     "workers": ("train", "workers"),
+    "served_study_trials": ("train", "served_study_trials"),
     "promotion_margin": ("eval", "promotion_margin"),
     "models": ("eval", "models"),
     "model_configs": ("eval", "model_configs"),

@@ -37,6 +37,7 @@ def test_every_dag_param_reaches_its_settings_field(monkeypatch):
         "max_users": 7,
         "epochs": 2,
         "workers": 1,
+        "served_study_trials": 3,
         "promotion_margin": 0.02,
         "models": ["ease"],
         "model_configs": {"ease": {"l2": 10.0}},

@@ -39,6 +39,7 @@ def test_dagbag_imports_without_errors_and_graph_is_a_chain(monkeypatch):
         "max_users",
         "epochs",
         "workers",
+        "served_study_trials",
         "promotion_margin",
         "precompute_k",
         "models",

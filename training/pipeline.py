@@ -141,12 +141,14 @@ def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, d
     from mlkit.metrics import evaluate as evaluate_scores
     from mlkit.splits import split_last_basket
     from mlkit.two_stage import offline_engine, ranker_scorers
+    from served_model.engine import version_config
     from training.data import PROTOCOL, read_vocab
     from training.evaluate import run_interactions
-    from training.ranking import replay_two_tower, zoo_sources
+    from training.ranking import replay_two_tower, served_retrieval, zoo_sources
 
     run_dir = settings.paths.run(ds)
     k, n, seed = settings.eval.k, settings.eval.compression_eval_users, settings.train.seed
+    serving = version_config(settings.serving, served_retrieval(run_dir))  # the chosen quotas
     model = torch.load(run_dir / "model.pt", weights_only=False)
     replay_model = replay_two_tower(settings, ds)  # retrieval that has not seen val baskets
     features = partial(point_in_time_features, settings)
@@ -164,7 +166,7 @@ def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, d
     moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at.values})
     val_features = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
     purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
-    engine = offline_engine(purchases, replay_model, None, settings.serving,
+    engine = offline_engine(purchases, replay_model, None, serving,
                             zoo_sources(settings, replay_model))  # fmt: skip
     scorers = ranker_scorers(engine, train, val_features, features, rankers)
     out["val"] = {
@@ -180,7 +182,7 @@ def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, d
             train, pd.read_parquet(run_dir / "test.parquet").query(f"{S.USER_ID} in @users")
         )
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
-    engine = offline_engine(purchases, model, None, settings.serving,
+    engine = offline_engine(purchases, model, None, serving,
                             zoo_sources(settings, model))  # fmt: skip
     scorers = ranker_scorers(engine, train, test_features, features, rankers)
     out["test"] = {
@@ -285,21 +287,28 @@ def served_ranker(run_dir: Path) -> torch.nn.Module:
 
 
 def served_path(
-    settings: Settings, purchases: pd.DataFrame, model: torch.nn.Module, ranker: torch.nn.Module
+    settings: Settings,
+    purchases: pd.DataFrame,
+    model: torch.nn.Module,
+    ranker: torch.nn.Module,
+    retrieval: dict[str, int],
 ) -> ScorerFactory:
     """The path ``shopml serve`` answers with (retrieval + ranker, ``mlkit.two_stage``),
     replayed on the holdout with Feast's point-in-time features; tables and zoo scorers know
-    ``purchases``. A ranker that reads no zoo score (a champion registered before they
+    ``purchases``; ``retrieval``: the version's own quotas (``served_model.engine.
+    version_config``). A ranker that reads no zoo score (a champion registered before they
     existed) is replayed without the zoo sources, as it serves."""
     from mlkit.two_stage import offline_engine, scorer
+    from served_model.engine import version_config
     from served_model.ranker import ZOO_SOURCES, features_of
     from training.ranking import zoo_sources
 
     reads_zoo = bool(set(ZOO_SOURCES.values()) & set(features_of(ranker)))
     sources = zoo_sources(settings, model) if reads_zoo else None
+    cfg = version_config(settings.serving, retrieval)
 
     def factory(train: Interactions, test_users: pd.DataFrame) -> Callable:
-        engine = offline_engine(purchases, model, ranker.eval(), settings.serving, sources)
+        engine = offline_engine(purchases, model, ranker.eval(), cfg, sources)
         return scorer(engine, train, test_users, partial(point_in_time_features, settings))
 
     return factory
@@ -309,6 +318,7 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     """Model, int8 copy, champion, baselines and the Params' zoo models on the same holdout."""
     import mlflow
 
+    from training.ranking import served_retrieval
     from zoo import build
 
     run_dir = settings.paths.run(ds)
@@ -323,14 +333,17 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
     events = pd.read_parquet(run_dir / "train_events.parquet")
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]  # the tables know no held-out basket
     # the path `shopml serve` answers with: retrieval + ranker, point-in-time features
-    scorers = {SERVED: served_path(settings, purchases, models["two_tower"], ranker)}
+    scorers = {SERVED: served_path(settings, purchases, models["two_tower"], ranker,
+                                   served_retrieval(run_dir))}  # fmt: skip
     champ = registry.champion_version(settings)
     if champ is not None:
-        model, champion_ranker = registry.load_servable(settings, champ, run_dir / "champion")
+        model, champion_ranker, retrieval = registry.load_servable(
+            settings, champ, run_dir / "champion"
+        )
         models[f"champion_v{champ}"] = model
         if champion_ranker is not None:  # versions registered before two-stage serving have none
             scorers[f"champion_v{champ}_{SERVED}"] = served_path(
-                settings, purchases, model, champion_ranker
+                settings, purchases, model, champion_ranker, retrieval
             )
     k = settings.eval.k
     table, per_user = evaluate_run(run_dir, k, models, zoo, scorers=scorers)
@@ -380,16 +393,15 @@ def serving_artifacts(settings: Settings, ds: date, model: torch.nn.Module) -> l
     """
     from served_model.bundle import write_artifacts
     from training.data import load_clean
-    from training.ranking import zoo_sources
+    from training.ranking import served_retrieval, zoo_sources
 
     run_dir = settings.paths.run(ds)
     events, items = load_clean(settings, ds)
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
     fit = zoo_sources(settings, model)
     scores = fit(purchases) if fit is not None else None
-    return write_artifacts(
-        run_dir / "serving", model, served_ranker(run_dir), purchases, items, scores
-    )
+    return write_artifacts(run_dir / "serving", model, served_ranker(run_dir), purchases, items,
+                           scores, served_retrieval(run_dir))  # fmt: skip
 
 
 @dataclass

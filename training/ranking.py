@@ -31,7 +31,14 @@ import pandas as pd
 import torch
 
 from mlkit.splits import split_last_basket
-from mlkit.two_stage import SourceFit, fit_ranker, ranker_matrix, replayed_rows
+from mlkit.two_stage import (
+    SourceFit,
+    fit_ranker,
+    ranker_matrix,
+    replayed_baskets,
+    replayed_rows,
+    select_candidates,
+)
 from served_model.two_tower import TwoTower
 from shopml import schema as S
 from shopml.config import Settings
@@ -40,6 +47,14 @@ from shopml.feast_store import point_in_time_features
 RANKER_ROWS = "ranker_rows.npz"  # x, y and the validation mask of the ranker's rows
 RANKER_VALIDATION_USERS = "ranker_validation_users.json"
 EARLIER_DIR = "earlier"  # the replay's two-tower: its examples, vocabulary and model
+SERVED_STUDY = "served_study.json"  # the served configuration and how it was chosen
+
+
+def served_retrieval(run_dir) -> dict[str, int]:
+    """The run's chosen quotas and ranking depth (``training.served_study``); empty when the
+    run serves the settings' (no study, or a run from before it)."""
+    path = run_dir / SERVED_STUDY
+    return json.loads(path.read_text()).get("retrieval", {}) if path.exists() else {}
 
 
 def zoo_sources(settings: Settings, model: TwoTower) -> SourceFit | None:
@@ -97,10 +112,15 @@ def replay_two_tower(settings: Settings, ds: date) -> TwoTower:
 
 
 def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
-    """Fit the ranker on replayed candidate lists; writes ``ranker.pt`` and its curve.
+    """Choose the served configuration and fit its ranker on replayed candidate lists; writes
+    ``ranker.pt``, its curve and ``served_study.json``.
 
-    ``train.ranker_validation_share`` of the users (seeded) is the validation set; the epoch
-    with the lowest validation loss is kept."""
+    With ``train.served_study_trials`` > 0 the quotas, ranking depth and the ranker's size
+    and features are chosen on validation first (``training.served_study``). The ranker then
+    learns on every replayed round; ``train.ranker_validation_share`` of the users (seeded)
+    picks its best epoch (lowest validation loss)."""
+    from training.served_study import DEFAULT_RANKER, served_study, upper_config
+
     cfg = settings.train
     run_dir = settings.paths.run(ds)
     events = pd.read_parquet(run_dir / "train_events.parquet")
@@ -109,8 +129,16 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
     else:
         model = torch.load(run_dir / "model.pt", weights_only=False)
     features = partial(point_in_time_features, settings)
-    rows = replayed_rows(model, events, cfg.ranker_rounds, features, settings.serving,
+    study = cfg.served_study_trials > 0
+    replay = upper_config(settings.serving) if study else settings.serving
+    rows = replayed_rows(model, events, cfg.ranker_rounds, features, replay,
                          zoo_sources(settings, model))  # fmt: skip
+    if study:
+        record = served_study(settings, rows, replayed_baskets(events, cfg.ranker_rounds))
+        rows = select_candidates(rows, settings.serving.model_copy(update=record["retrieval"]))
+    else:
+        record = {"retrieval": {}, "ranker": DEFAULT_RANKER, "trials": []}
+    (run_dir / SERVED_STUDY).write_text(json.dumps(record, indent=2))
     x, y = ranker_matrix(rows), rows[S.LABEL].to_numpy(np.float32)
     users = rows[S.USER_ID].unique()
     rng = np.random.default_rng(cfg.seed)
@@ -124,6 +152,9 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
         (x[val], y[val]),
         batch_size=cfg.ranker_batch_size,
         lr=cfg.ranker_lr,
+        features=tuple(record["ranker"]["features"]),
+        cross_layers=record["ranker"]["cross_layers"],
+        hidden=record["ranker"]["hidden"],
     )
     torch.save(ranker, run_dir / "ranker.pt")
     # the rows it learnt from and its validation users: what ``compress`` distils on and
@@ -132,6 +163,25 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
     (run_dir / RANKER_VALIDATION_USERS).write_text(
         json.dumps(sorted(map(str, rows.loc[val, S.USER_ID].unique())))
     )
-    record = {"positive_rate": float(y.mean()), "curve": curve}
-    (run_dir / "ranker_loss.json").write_text(json.dumps(record))
-    return {"rows": len(rows), "positives": int(y.sum()), "users": len(users), "curve": curve}
+    (run_dir / "ranker_loss.json").write_text(
+        json.dumps({"positive_rate": float(y.mean()), "curve": curve})
+    )
+    if study:
+        _log_study(settings, ds, record)
+    return {"rows": len(rows), "positives": int(y.sum()), "users": len(users), "curve": curve,
+            "served": {"retrieval": record["retrieval"], "ranker": record["ranker"]}}  # fmt: skip
+
+
+def _log_study(settings: Settings, ds: date, record: dict) -> None:
+    """The study into the night's MLflow run (``training.report.log_served_study``)."""
+    import mlflow
+
+    from training import registry, report
+
+    run_file = settings.paths.run(ds) / "mlflow_run_id"
+    if not run_file.exists():  # the ranker trained outside a nightly run (no ``train`` task)
+        return
+    run_id = run_file.read_text().strip()
+    registry.use_tracking(settings)
+    with mlflow.start_run(run_id=run_id):
+        report.log_served_study(record, settings.eval.k)

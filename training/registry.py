@@ -195,14 +195,15 @@ def download_version(settings: Settings, version: str, dst: Path) -> Path:
 
 def load_servable(
     settings: Settings, version: str, dst: Path
-) -> tuple[TwoTower, torch.nn.Module | None]:
-    """A version's two-tower and the ranker registered with it (None when it has none)."""
-    from served_model.bundle import load_model_dir, load_ranker, ranker_file
+) -> tuple[TwoTower, torch.nn.Module | None, dict[str, int]]:
+    """A version's two-tower, the ranker registered with it (None when it has none) and its
+    own retrieval settings (the manifest's ``retrieval``; empty: the settings')."""
+    from served_model.bundle import load_model_dir, load_ranker, manifest_of, ranker_file
 
     local = download_version(settings, version, dst)
     files = local / "extra_files"
     ranker = load_ranker(files) if ranker_file(files).exists() else None
-    return load_model_dir(local), ranker
+    return load_model_dir(local), ranker, manifest_of(files).get("retrieval", {})
 
 
 def set_champion(settings: Settings, version: str) -> None:

@@ -193,6 +193,47 @@ def log_evaluation(
         mlflow.log_figure(loss_curves(curves), f"{PLOTS}/loss_curves.png")
 
 
+def served_study_trials(record: Mapping[str, Any], k: int) -> Figure:
+    """Validation NDCG@k of each trial of the served study, the settings' configuration
+    (trial 0) and the chosen one marked."""
+    key = f"val_ndcg_at_{k}"
+    trials = record["trials"]
+    fig = _figure(3.2)
+    ax = fig.subplots()
+    ax.plot([t["trial"] for t in trials], [t[key] for t in trials], "o", color="#2166ac",
+            label="trial")  # fmt: skip
+    ax.axhline(record[f"default_{key}"], color="#969696", ls="--", label="settings (trial 0)")
+    ax.plot([record["chosen_trial"]], [record[key]], "*", ms=14, color="#1b7837", label="chosen")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"validation NDCG@{k}")
+    ax.set_title("served configuration: study on validation")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def log_served_study(record: Mapping[str, Any], k: int) -> None:
+    """The served study (``training.served_study``) into the active (parent) run: the chosen
+    configuration as ``served.*`` params, its validation NDCG@k beside the settings', every
+    trial as a table and the trials plot."""
+    import mlflow
+
+    key = f"val_ndcg_at_{k}"
+    chosen = {**record["retrieval"], **{f"ranker.{p}": v for p, v in record["ranker"].items()}}
+    mlflow.log_params({f"served.{p}": str(v)[:500] for p, v in chosen.items()})
+    mlflow.log_metrics({f"served_study.{key}": record[key],
+                        f"served_study.default_{key}": record[f"default_{key}"],
+                        "served_study.trials": len(record["trials"])})  # fmt: skip
+    mlflow.log_dict(dict(record), "served_study.json")
+    trials = pd.DataFrame(
+        [{"trial": t["trial"], key: round(t[key], 4), "train_rows": t["train_rows"],
+          **t["retrieval"], "cross_layers": t["ranker"]["cross_layers"],
+          "hidden": t["ranker"]["hidden"], "features": len(t["ranker"]["features"])}
+         for t in record["trials"]]
+    )  # fmt: skip
+    mlflow.log_table(trials, "served_study_trials.json")
+    mlflow.log_figure(served_study_trials(record, k), f"{PLOTS}/served_study.png")
+
+
 def decision_markdown(
     verdict: Any,
     table: pd.DataFrame,
