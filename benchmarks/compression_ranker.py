@@ -4,7 +4,8 @@
 :func:`ranker_table` takes the latest nightly run that has a ``compression/`` folder (written
 by the ``compress`` task, ``training.pipeline.compress``), loads every saved candidate and
 re-measures the ranking stage's latency for all of them in this one process, interleaved, at
-the serving shape (one user, 200 candidates), with a bootstrap CI of each p50. NDCG@10
+the serving shape (one user, the run's ranking depth: 200 candidates by default), with a
+bootstrap CI of each p50. NDCG@10
 (validation and test, with the paired-bootstrap CI of the difference to the teacher) is the
 one the nightly measured on the served path; it is read, not recomputed.
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from served_model.ranker import RANKER_FEATURES
+from served_model.ranker import LEGACY_FEATURES, RANKER_FEATURES
 from shopml.config import load_settings
 from training import compress as C
 from training.pipeline import COMPRESSION_DIR, COMPRESSION_FILE
@@ -51,8 +52,12 @@ def ranker_table(home: Path | None = None, repeats: int = 500) -> pd.DataFrame:
     folder = latest_compression(home)
     record = json.loads((folder / COMPRESSION_FILE).read_text())
     nightly = pd.DataFrame(record["table"]).set_index("candidate")
+    # every candidate reads the teacher's features (students are built on them)
+    features = tuple(record.get("chosen_features", LEGACY_FEATURES))
     rankers = {
-        name: C.load_saved_ranker(folder / row["file"], row["format"], int(row["params"]))
+        name: C.load_saved_ranker(
+            folder / row["file"], row["format"], int(row["params"]), features
+        )  # fmt: skip
         for name, row in nightly.iterrows()
     }
     rows_file = folder.parent / RANKER_ROWS
@@ -62,7 +67,8 @@ def ranker_table(home: Path | None = None, repeats: int = 500) -> pd.DataFrame:
     else:  # rows not kept: any plausible rows time the same arithmetic
         x = np.random.default_rng(0).lognormal(size=(1000, len(RANKER_FEATURES)))
         x = x.astype(np.float32)
-    times = C.ranking_latency(rankers, C.serving_rows(x), repeats=repeats)
+    depth = int(record.get("serving_rows", C.SERVING_ROWS))  # the run's ranking depth
+    times = C.ranking_latency(rankers, C.serving_rows(x, depth), repeats=repeats)
     out = []
     for name in rankers:
         row = nightly.loc[name]

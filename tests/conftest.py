@@ -70,8 +70,13 @@ def airflow_cli(env: dict[str, str], *args: str, timeout: int = 1200):
 # real Airflow scheduler (cli/airflow_run.py, as `make demo` does) and shared by the end-to-end
 # and browser tests; the Airflow services stay up until the session ends.
 PIPELINE_DS = "2025-12-31"
-PIPELINE_CONF = {"max_users": 100, "epochs": 20, "workers": 2, "precompute_k": 5,
-                 "served_study_trials": 3}
+PIPELINE_CONF = {
+    "max_users": 100,
+    "epochs": 20,
+    "workers": 2,
+    "precompute_k": 5,
+    "served_study_trials": 3,
+}
 # In every raw user id of the shared run's source (tests/test_e2e.py searches the whole state
 # for it: Instacart's own ids, small integers, would match any file and prove nothing).
 PLANTED = "Zq9planted"

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cli.airflow_run import log_text
+from served_model.ranker import RANKER_FEATURES
 from shopml import schema as S
 from tests.conftest import PIPELINE_CONF, PIPELINE_DS, PLANTED
 
@@ -86,7 +87,15 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     manifest = json.loads((run / "serving" / "serving_manifest.json").read_text())
     assert manifest["items"] == len(json.loads((run / "vocab.json").read_text())["items"])
     assert manifest["scores"] == ["ease", "user_knn"] and manifest["format_version"] == 4
-    assert "user_item_user_knn_score" in manifest["ranker"]["features"]
+    # ... and the configuration the study chose on validation (3 trials: the Param), the
+    # settings' first: the ranker's features and the quotas serving will use
+    study = json.loads((run / "served_study.json").read_text())
+    assert len(study["trials"]) == 3 and study["trials"][0]["ranker"]["features"] == list(
+        RANKER_FEATURES
+    )
+    assert study["val_ndcg_at_10"] == max(t["val_ndcg_at_10"] for t in study["trials"]) > 0
+    assert manifest["retrieval"] == study["retrieval"] and manifest["retrieval"]
+    assert manifest["ranker"]["features"] == study["ranker"]["features"]
     # the replay's two-tower never saw a replayed basket: its examples end before each
     # user's last train.ranker_rounds (3) training baskets
     from mlkit.splits import split_last_basket

@@ -28,8 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DS = "2025-12-31"
 # 3 epochs lose to popularity (no champion); ~1.5 s an epoch, as tests/test_e2e.py
-CONF = {"max_users": 100, "epochs": 20, "workers": 2, "precompute_k": 5,
-        "served_study_trials": 3}
+CONF = {"max_users": 100, "epochs": 20, "workers": 2, "precompute_k": 5, "served_study_trials": 3}
 PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("PGPORT", "5432"))
 PG_USER = os.environ.get("PGUSER", "postgres")

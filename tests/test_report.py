@@ -81,3 +81,29 @@ def test_decision_markdown_carries_the_date_numbers_and_every_reason():
     assert all(f"- {r}" in text for r in verdict.reasons)
     fig = report.gate_difference(verdict.numbers, verdict.promote, "ndcg")
     assert fig.axes and fig.axes[0].get_title() == "Gate: PROMOTED"
+
+
+def test_the_served_study_logs_its_choice_beside_the_settings_and_every_trial(tracking):
+    trials = [
+        {"trial": n, "retrieval": {"ann_candidates": a, "max_candidates": 200},
+         "ranker": {"cross_layers": 2, "hidden": 64, "features": ["f1", "f2"][: 1 + n % 2]},
+         "val_ndcg_at_10": v, "train_rows": 1000 + n}
+        for n, (a, v) in enumerate([(120, 0.41), (40, 0.44), (200, 0.39)])
+    ]  # fmt: skip
+    record = {"retrieval": trials[1]["retrieval"], "ranker": trials[1]["ranker"],
+              "val_ndcg_at_10": 0.44, "chosen_trial": 1, "default_val_ndcg_at_10": 0.41,
+              "trials": trials}  # fmt: skip
+    with tracking.start_run(run_name="nightly-2025-12-31") as run:
+        report.log_served_study(record, 10)
+    client = tracking.MlflowClient()
+    got = client.get_run(run.info.run_id).data
+    assert got.params["served.ann_candidates"] == "40"
+    assert got.params["served.ranker.features"] == "['f1', 'f2']"
+    assert got.metrics["served_study.val_ndcg_at_10"] == pytest.approx(0.44)
+    assert got.metrics["served_study.default_val_ndcg_at_10"] == pytest.approx(0.41)
+    assert got.metrics["served_study.trials"] == 3
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"served_study.json", "served_study_trials.json"} <= paths
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
+        "plots/served_study.png"
+    ]

@@ -50,7 +50,8 @@ from served_model.two_tower import TwoTower
 from shopml import schema as S
 
 TEACHER = "teacher_fp32"
-SERVING_ROWS = 200  # candidates ranked per request (serving.max_candidates' default)
+SERVING_ROWS = 200  # candidates ranked per request (serving.max_candidates' default); the
+# pipeline measures at the run's own ranking depth (its served study's max_candidates)
 
 
 def quantize_int8(model: TwoTower) -> TwoTower:

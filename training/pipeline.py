@@ -132,11 +132,15 @@ def _sample(users, n: int, seed: int):
     return sorted(np.random.default_rng(seed).choice(users, size=n, replace=False).tolist())
 
 
-def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, dict]:
+def compression_ndcg(
+    settings: Settings, ds: date, rankers: dict, retrieval: dict[str, int] | None = None
+) -> dict[str, dict]:
     """Per-user NDCG@k of the served path with each ranker swapped in, on the validation
     split (each ranker-validation user's last training basket, tables and features before
     it: users no candidate learnt from) and on the run's test split (the holdout).
-    ``eval.compression_eval_users`` > 0 evaluates a seeded sample of users per split."""
+    ``eval.compression_eval_users`` > 0 evaluates a seeded sample of users per split.
+    ``retrieval``: the quotas the lists are retrieved with (None: the run's chosen ones;
+    ``{}``: the settings')."""
     from mlkit.interactions import from_events, index_like
     from mlkit.metrics import evaluate as evaluate_scores
     from mlkit.splits import split_last_basket
@@ -148,7 +152,9 @@ def compression_ndcg(settings: Settings, ds: date, rankers: dict) -> dict[str, d
 
     run_dir = settings.paths.run(ds)
     k, n, seed = settings.eval.k, settings.eval.compression_eval_users, settings.train.seed
-    serving = version_config(settings.serving, served_retrieval(run_dir))  # the chosen quotas
+    if retrieval is None:
+        retrieval = served_retrieval(run_dir)  # the chosen quotas
+    serving = version_config(settings.serving, retrieval)
     model = torch.load(run_dir / "model.pt", weights_only=False)
     replay_model = replay_two_tower(settings, ds)  # retrieval that has not seen val baskets
     features = partial(point_in_time_features, settings)
@@ -197,8 +203,10 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
     import numpy as np
 
     from mlkit.bootstrap import paired_ci
+    from served_model.engine import version_config
     from served_model.ranker import features_of, ranker_format, ranker_params
     from training import compress as C
+    from training.ranking import served_retrieval
 
     run_dir = settings.paths.run(ds)
     out_dir = run_dir / COMPRESSION_DIR
@@ -218,7 +226,11 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
         lr=cfg.ranker_lr,
     )
     paths = {name: C.save_ranker(r, out_dir / name) for name, r in rankers.items()}
-    times = C.ranking_latency(rankers, C.serving_rows(x[val] if val.any() else x, seed=cfg.seed))
+    # the serving shape: one user and as many candidates as the run's served path ranks
+    depth = version_config(settings.serving, served_retrieval(run_dir)).max_candidates
+    times = C.ranking_latency(
+        rankers, C.serving_rows(x[val] if val.any() else x, depth, seed=cfg.seed)
+    )
     evaluated = compression_ndcg(settings, ds, rankers)
     metric = "ndcg"
 
@@ -255,7 +267,7 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
     record = {
         "k": k,
         "metric": f"ndcg_at_{k}",
-        "serving_rows": C.SERVING_ROWS,
+        "serving_rows": depth,
         "chosen": choice.chosen,
         "chosen_file": paths[choice.chosen].name,
         "chosen_format": ranker_format(rankers[choice.chosen]),
