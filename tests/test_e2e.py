@@ -93,7 +93,8 @@ def test_dag_trains_evaluates_and_promotes_a_champion(pipeline, pipeline_setting
     assert len(study["trials"]) == 3 and study["trials"][0]["ranker"]["features"] == list(
         RANKER_FEATURES
     )
-    assert study["val_ndcg_at_10"] == max(t["val_ndcg_at_10"] for t in study["trials"]) > 0
+    assert study["best_val_ndcg_at_10"] == max(t["val_ndcg_at_10"] for t in study["trials"]) > 0
+    assert study["chosen_trial"] in (0, study["best_trial"]) and study["decision"]
     assert manifest["retrieval"] == study["retrieval"] and manifest["retrieval"]
     assert manifest["ranker"]["features"] == study["ranker"]["features"]
     # the replay's two-tower never saw a replayed basket: its examples end before each

@@ -92,13 +92,17 @@ def test_the_served_study_logs_its_choice_beside_the_settings_and_every_trial(tr
     ]  # fmt: skip
     record = {"retrieval": trials[1]["retrieval"], "ranker": trials[1]["ranker"],
               "val_ndcg_at_10": 0.44, "chosen_trial": 1, "default_val_ndcg_at_10": 0.41,
+              "best_val_ndcg_at_10": 0.44, "decision": "trial 1 beats the settings'",
               "trials": trials}  # fmt: skip
     with tracking.start_run(run_name="nightly-2025-12-31") as run:
         report.log_served_study(record, 10)
+        # a retried train_ranker logs into the same run, perhaps with another choice
+        report.log_served_study({**record, "retrieval": trials[0]["retrieval"]}, 10)
     client = tracking.MlflowClient()
     got = client.get_run(run.info.run_id).data
-    assert got.params["served.ann_candidates"] == "40"
-    assert got.params["served.ranker.features"] == "['f1', 'f2']"
+    assert got.tags["served.ann_candidates"] == "120"
+    assert got.tags["served.ranker.features"] == "['f1', 'f2']"
+    assert got.tags["served.decision"] == "trial 1 beats the settings'"
     assert got.metrics["served_study.val_ndcg_at_10"] == pytest.approx(0.44)
     assert got.metrics["served_study.default_val_ndcg_at_10"] == pytest.approx(0.41)
     assert got.metrics["served_study.trials"] == 3

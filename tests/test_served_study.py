@@ -87,9 +87,15 @@ def test_the_study_starts_from_the_settings_and_keeps_its_best_trial(replay, set
     assert first["retrieval"] == {f: getattr(settings.serving, f) for f in RETRIEVAL_FIELDS}
     assert first["ranker"] == {"cross_layers": 2, "hidden": 64, "features": list(RANKER_FEATURES)}
     assert record[f"default_{key}"] == first[key]
-    # the chosen one is the best on validation, and it learnt something (clusters are planted)
-    assert record[key] == max(t[key] for t in trials) > 0.1
+    # the best trial replaces the settings' only with a validation lead whose CI is above 0
+    assert record[f"best_{key}"] == max(t[key] for t in trials) > 0.1  # the clusters are planted
+    lead = record["best_vs_default"]
+    assert lead["ci_low"] <= lead["diff"] <= lead["ci_high"]
+    replaced = record["best_trial"] != 0 and lead["ci_low"] > 0
+    assert record["chosen_trial"] == (record["best_trial"] if replaced else 0)
+    assert record[key] == trials[record["chosen_trial"]][key]
     assert record["retrieval"] == trials[record["chosen_trial"]]["retrieval"]
+    assert record["decision"].startswith("trial" if replaced else "kept the settings'")
     assert record["validation"]["users"] == events[S.USER_ID].nunique()
 
 
@@ -132,3 +138,24 @@ def test_the_bundle_carries_the_chosen_quotas_to_the_engine(replay, tmp_path):
     assert (engine.cfg.user_knn_candidates, engine.cfg.max_candidates) == (30, 75)
     assert engine.cfg.ann_candidates == ServingConfig().ann_candidates
     assert np.isfinite(loaded.item_vectors).all()
+
+
+def test_a_clearly_better_configuration_replaces_a_poor_setting(replay, settings):
+    """Settings that retrieve only popular items lose to any trial that lets the user's own
+    purchases or similar shoppers' in: the study replaces them, with a CI above 0."""
+    from mlkit.two_stage import replayed_baskets
+    from training.served_study import served_study, upper_config
+
+    events, _, _ = replay
+    poor = {"history_candidates": 0, "user_knn_candidates": 0, "ease_candidates": 0,
+            "ann_candidates": 0, "knn_candidates": 0, "popular_candidates": 5}  # fmt: skip
+    settings = settings.model_copy(update={
+        "serving": settings.serving.model_copy(update=poor),
+        "train": settings.train.model_copy(
+            update={"served_study_trials": 4, "ranker_epochs": 2, "ranker_batch_size": 64}),
+    })  # fmt: skip
+    rows = _rows(replay, upper_config(settings.serving), rounds=3)
+    record = served_study(settings, rows, replayed_baskets(events, 3))
+    assert record["chosen_trial"] != 0 and record["best_vs_default"]["ci_low"] > 0
+    assert record["decision"].startswith(f"trial {record['chosen_trial']} beats")
+    assert record["val_ndcg_at_10"] > record["default_val_ndcg_at_10"]

@@ -203,7 +203,7 @@ def served_study_trials(record: Mapping[str, Any], k: int) -> Figure:
     ax.plot([t["trial"] for t in trials], [t[key] for t in trials], "o", color="#2166ac",
             label="trial")  # fmt: skip
     ax.axhline(record[f"default_{key}"], color="#969696", ls="--", label="settings (trial 0)")
-    ax.plot([record["chosen_trial"]], [record[key]], "*", ms=14, color="#1b7837", label="chosen")
+    ax.plot([record["chosen_trial"]], [record[key]], "*", ms=14, color="#1b7837", label="served")
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation NDCG@{k}")
     ax.set_title("served configuration: study on validation")
@@ -213,15 +213,19 @@ def served_study_trials(record: Mapping[str, Any], k: int) -> Figure:
 
 def log_served_study(record: Mapping[str, Any], k: int) -> None:
     """The served study (``training.served_study``) into the active (parent) run: the chosen
-    configuration as ``served.*`` params, its validation NDCG@k beside the settings', every
-    trial as a table and the trials plot."""
+    configuration and the study's decision as ``served.*`` tags (tags, not params: a retried
+    ``train_ranker`` may log into the same run, and MLflow refuses to change a param), its
+    validation NDCG@k beside the settings' and the best trial's, every trial as a table and
+    the trials plot."""
     import mlflow
 
     key = f"val_ndcg_at_{k}"
     chosen = {**record["retrieval"], **{f"ranker.{p}": v for p, v in record["ranker"].items()}}
-    mlflow.log_params({f"served.{p}": str(v)[:500] for p, v in chosen.items()})
+    mlflow.set_tags({f"served.{p}": str(v)[:5000] for p, v in chosen.items()}
+                    | {"served.decision": record["decision"]})  # fmt: skip
     mlflow.log_metrics({f"served_study.{key}": record[key],
                         f"served_study.default_{key}": record[f"default_{key}"],
+                        f"served_study.best_{key}": record[f"best_{key}"],
                         "served_study.trials": len(record["trials"])})  # fmt: skip
     mlflow.log_dict(dict(record), "served_study.json")
     trials = pd.DataFrame(

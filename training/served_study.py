@@ -13,8 +13,10 @@ run's holdout is never read: ``evaluate`` reports the chosen configuration on it
   training part). A trial's ranker learns on the older rounds and is judged by NDCG@k of its
   top k against the whole basket (items its lists missed count as misses), with the one
   evaluation library (``mlkit.metrics.rankings_per_user``).
-* **Trial 0 is the settings' configuration**, so the record says what the study gained over
-  it on validation, and a study that finds nothing better keeps it.
+* **Trial 0 is the settings' configuration**, and the study changes it only for a trial
+  that beats it on validation with the paired-bootstrap CI of the per-user difference above
+  zero (``mlkit.bootstrap.paired_ci``), the rule the promotion gate applies to models: the
+  best of many noisy trials leads by chance alone, and a tie never changes what is served.
 
 The chosen ranker is then trained on every round (``training.ranking``), and the chosen
 quotas travel with the version (the manifest's ``retrieval``): evaluation, compression and
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlkit.bootstrap import paired_ci
 from mlkit.metrics import rankings_per_user
 from mlkit.two_stage import REPLAY_ROUND, fit_ranker, ranker_matrix, select_candidates
 from served_model.engine import QUOTAS
@@ -138,12 +141,13 @@ def served_study(
     truth = basket.groupby(S.USER_ID)[S.ITEM_ID].agg(set).to_dict()
     ranges = _ranges(settings.serving)
     trials: list[dict[str, Any]] = []
+    per_user: dict[int, pd.Series] = {}  # trial -> validation NDCG@k per user
 
     def objective(trial: optuna.Trial) -> float:
         retrieval, ranker = _suggest(trial, ranges)
         served = settings.serving.model_copy(update=retrieval)
         train, val = select_candidates(older, served), select_candidates(latest, served)
-        ndcg = 0.0
+        users = pd.Series(0.0, index=sorted(truth))  # a trial with nothing to rank scores 0
         if ranker["features"] and len(train) and train[S.LABEL].any() and len(val):
             net, _ = fit_ranker(
                 ranker_matrix(train),
@@ -157,9 +161,14 @@ def served_study(
                 cross_layers=ranker["cross_layers"],
                 hidden=ranker["hidden"],
             )
-            ndcg = float(validation_ndcg(net, val, truth, k)["ndcg"].mean())
+            users = validation_ndcg(net, val, truth, k).set_index(S.USER_ID)["ndcg"]
+        per_user[trial.number] = users
+        ndcg = float(users.mean())
         trials.append({"trial": trial.number, "retrieval": retrieval, "ranker": ranker,
                        f"val_ndcg_at_{k}": ndcg, "train_rows": len(train)})  # fmt: skip
+        best = max(t[f"val_ndcg_at_{k}"] for t in trials)
+        print(f"served study trial {trial.number}: validation NDCG@{k} {ndcg:.4f} "
+              f"(best so far {best:.4f})", flush=True)  # fmt: skip
         return ndcg
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -169,11 +178,30 @@ def served_study(
     study.enqueue_trial(_params(settings.serving))
     study.optimize(objective, n_trials=n_trials)
     best = trials[study.best_trial.number]
+    lead = paired_ci(per_user[best["trial"]], per_user[0], seed=cfg.seed)
+    chosen = best if best["trial"] != 0 and lead.low > 0 else trials[0]
+    if chosen is not best:
+        why = (
+            f"kept the settings' configuration: the best trial ({best['trial']}) leads it by "
+            f"{lead.mean:+.4f} [{lead.low:+.4f}, {lead.high:+.4f}], a CI that is not above 0"
+        )
+    elif best["trial"] == 0:
+        why = "kept the settings' configuration: no trial scored higher on validation"
+    else:
+        why = (f"trial {best['trial']} beats the settings' configuration on validation by "
+               f"{lead.mean:+.4f} [{lead.low:+.4f}, {lead.high:+.4f}]")  # fmt: skip
+    print(f"served configuration: {why}; {chosen['retrieval']}, ranker "
+          f"{chosen['ranker']['cross_layers']} cross layers, {chosen['ranker']['hidden']} wide, "
+          f"{len(chosen['ranker']['features'])} features", flush=True)  # fmt: skip
     return {
-        "retrieval": best["retrieval"],
-        "ranker": best["ranker"],
-        f"val_ndcg_at_{k}": best[f"val_ndcg_at_{k}"],
-        "chosen_trial": best["trial"],
+        "retrieval": chosen["retrieval"],
+        "ranker": chosen["ranker"],
+        f"val_ndcg_at_{k}": chosen[f"val_ndcg_at_{k}"],
+        "chosen_trial": chosen["trial"],
+        "decision": why,
+        "best_trial": best["trial"],
+        f"best_val_ndcg_at_{k}": best[f"val_ndcg_at_{k}"],
+        "best_vs_default": {"diff": lead.mean, "ci_low": lead.low, "ci_high": lead.high},
         f"default_val_ndcg_at_{k}": trials[0][f"val_ndcg_at_{k}"],
         "validation": {
             "users": len(truth),
