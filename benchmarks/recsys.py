@@ -5,6 +5,10 @@
     python -m benchmarks.recsys --dataset instacart
     python -m benchmarks.recsys --dataset instacart --tune 20       # re-tune, rewrite JSON
 
+On MovieLens, peer libraries run in the same process on the same split, judged by the same
+evaluation library (``benchmarks.peers``: Cornac's BPR, BiVAE and EASE; ``--no-peers`` skips
+them).
+
 ``--tune N`` runs an Optuna search (N trials; fewer for the slow deep models) per model on a
 validation split carved from the training part, then writes the best configs to
 ``benchmarks/configs/<dataset>.json``; without it those committed configs are used. Either
@@ -87,6 +91,12 @@ def main() -> None:
     parser.add_argument("--tune", type=int, default=0, help="Optuna trials per model (0: reuse)")
     parser.add_argument("--models", help="comma-separated subset of the dataset's models")
     parser.add_argument("--out", type=Path, default=Path("var/benchmarks"))
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Cornac's models beside ours (default: on MovieLens)",
+    )
     args = parser.parse_args()
 
     protocol = PROTOCOLS[args.dataset]
@@ -103,6 +113,15 @@ def main() -> None:
     names = args.models.split(",") if args.models else MODELS[args.dataset]
     table, fitted = compare({n: (n, configs.get(n, {})) for n in names}, split, protocol.k,
                             protocol.exclude_seen)  # fmt: skip
+    if args.peers if args.peers is not None else args.dataset.startswith("movielens"):
+        from benchmarks.peers import fit_peer, peer_configs
+
+        for label, (model, config) in peer_configs(configs).items():
+            fitted[label] = fit_peer(label, model, config, split, protocol.k,
+                                     protocol.exclude_seen)  # fmt: skip
+            print(f"peer {label}: fitted in {fitted[label].fit_seconds:.0f}s", flush=True)
+        table = pd.concat([table, pd.DataFrame([fitted[p].row() for p in peer_configs(configs)])],
+                          ignore_index=True)  # fmt: skip
 
     k = protocol.k
     cols = ["model", f"ndcg@{k}", f"ndcg@{k} 95% CI", f"recall@{k}", f"precision@{k}",
