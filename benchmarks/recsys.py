@@ -120,8 +120,10 @@ def main() -> None:
             fitted[label] = fit_peer(label, model, config, split, protocol.k,
                                      protocol.exclude_seen)  # fmt: skip
             print(f"peer {label}: fitted in {fitted[label].fit_seconds:.0f}s", flush=True)
+        attrs = table.attrs
         table = pd.concat([table, pd.DataFrame([fitted[p].row() for p in peer_configs(configs)])],
                           ignore_index=True)  # fmt: skip
+        table.attrs = attrs  # concat drops them; the protocol line reads them
 
     k = protocol.k
     cols = ["model", f"ndcg@{k}", f"ndcg@{k} 95% CI", f"recall@{k}", f"precision@{k}",
