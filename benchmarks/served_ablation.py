@@ -46,7 +46,7 @@ from shopml import schema as S
 from shopml.config import Settings, load_settings
 from shopml.feast_store import point_in_time_features
 from training.pipeline import compression_ndcg
-from training.ranking import RANKER_ROWS, SERVED_STUDY, zoo_sources
+from training.ranking import RANKER_ROWS, served_record, zoo_sources
 from training.served_study import DEFAULT_RANKER
 
 FULL = "full"
@@ -82,8 +82,7 @@ def rankers(settings: Settings, ds: date) -> dict[str, tuple[torch.nn.Module, bo
     with np.load(run_dir / RANKER_ROWS) as z:
         x, y, val = z["x"], z["y"], z["validation"]
     full = torch.load(run_dir / "ranker.pt", weights_only=False).eval()
-    study = json.loads((run_dir / SERVED_STUDY).read_text()) if (run_dir / SERVED_STUDY).exists() \
-        else {"retrieval": {}, "ranker": DEFAULT_RANKER}  # fmt: skip
+    study = served_record(run_dir)
     size, chosen, base = study["ranker"], study["retrieval"], features_of(full)
     out = {FULL: (full, True, None)}
     for group, names in FEATURE_GROUPS.items():

@@ -21,7 +21,7 @@ labelled items more easily than tomorrow's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,7 @@ from torch import nn
 from mlkit.interactions import Interactions
 from mlkit.launch import train as launch
 from mlkit.loop import Curve, LoopConfig
-from mlkit.splits import split_last_basket
+from mlkit.splits import BasketSplit, split_last_basket
 from served_model.bundle import Bundle, build_index, build_tables, item_matrix
 from served_model.engine import NOT_IN_SOURCE, QUOTAS, SOURCES, TwoStage
 from served_model.ranker import (
@@ -155,10 +155,7 @@ def replayed_rows(
     purchases; :data:`REPLAY_ROUND` numbers them, 0 the latest). ``model`` retrieves; it
     should not have learnt from these baskets."""
     frames = []
-    for r in range(rounds):
-        inner = split_last_basket(events)
-        if inner.test.empty:
-            break
+    for r, inner in enumerate(held_out_rounds(events, rounds)):
         purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
         engine = offline_engine(purchases, model, None, cfg, sources)
         at = inner.test_time
@@ -168,7 +165,6 @@ def replayed_rows(
         bought = pd.MultiIndex.from_frame(inner.test[[S.USER_ID, S.ITEM_ID]])
         label = pd.MultiIndex.from_frame(rows[[S.USER_ID, S.ITEM_ID]]).isin(bought)
         frames.append(rows.assign(**{S.LABEL: label.astype(np.float32), REPLAY_ROUND: r}))
-        events = inner.train
     if not frames:
         raise ValueError(
             "no user has two training baskets: the ranker has nothing to learn from; "
@@ -177,18 +173,23 @@ def replayed_rows(
     return pd.concat(frames, ignore_index=True)
 
 
+def held_out_rounds(events: pd.DataFrame, rounds: int) -> Iterator[BasketSplit]:
+    """Each user's last basket held out again, then the basket before it, up to ``rounds``
+    times (fewer when no user has a basket left): the rounds :func:`replayed_rows` replays,
+    latest first. Each split's ``train`` is the next round's events."""
+    for _ in range(rounds):
+        inner = split_last_basket(events)
+        if inner.test.empty:
+            return
+        yield inner
+        events = inner.train
+
+
 def replayed_baskets(events: pd.DataFrame, rounds: int) -> list[pd.DataFrame]:
     """The held-out baskets :func:`replayed_rows` labels its rounds with, round ``r`` at
     position ``r``: what a replayed list is judged against, items it did not retrieve
     included."""
-    out = []
-    for _ in range(rounds):
-        inner = split_last_basket(events)
-        if inner.test.empty:
-            break
-        out.append(inner.test)
-        events = inner.train
-    return out
+    return [inner.test for inner in held_out_rounds(events, rounds)]
 
 
 def ranker_matrix(rows: pd.DataFrame) -> np.ndarray:

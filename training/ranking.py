@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlkit.splits import split_last_basket
 from mlkit.two_stage import (
     SourceFit,
     fit_ranker,
+    held_out_rounds,
     ranker_matrix,
     replayed_baskets,
     replayed_rows,
@@ -50,11 +50,18 @@ EARLIER_DIR = "earlier"  # the replay's two-tower: its examples, vocabulary and 
 SERVED_STUDY = "served_study.json"  # the served configuration and how it was chosen
 
 
-def served_retrieval(run_dir) -> dict[str, int]:
-    """The run's chosen quotas and ranking depth (``training.served_study``); empty when the
-    run serves the settings' (no study, or a run from before it)."""
+def served_record(run_dir) -> dict:
+    """The run's ``served_study.json`` (``training.served_study``); a run from before the
+    study reads as one that serves the settings' configuration (``NO_STUDY``)."""
+    from training.served_study import NO_STUDY
+
     path = run_dir / SERVED_STUDY
-    return json.loads(path.read_text()).get("retrieval", {}) if path.exists() else {}
+    return json.loads(path.read_text()) if path.exists() else NO_STUDY
+
+
+def served_retrieval(run_dir) -> dict[str, int]:
+    """The run's chosen quotas and ranking depth; empty when it serves the settings'."""
+    return served_record(run_dir)["retrieval"]
 
 
 def zoo_sources(settings: Settings, model: TwoTower) -> SourceFit | None:
@@ -79,10 +86,7 @@ def earlier_two_tower(settings: Settings, ds: date, events: pd.DataFrame) -> Two
 
     run_dir = settings.paths.run(ds)
     events = events.copy()
-    for _ in range(settings.train.ranker_rounds):
-        inner = split_last_basket(events)
-        if inner.test.empty:
-            break
+    for inner in held_out_rounds(events, settings.train.ranker_rounds):
         events = inner.train
     cut = events.groupby(S.USER_ID)[S.TIMESTAMP].max()
     examples = pd.read_parquet(run_dir / "train.parquet")
@@ -119,7 +123,7 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
     and features are chosen on validation first (``training.served_study``). The ranker then
     learns on every replayed round; ``train.ranker_validation_share`` of the users (seeded)
     picks its best epoch (lowest validation loss)."""
-    from training.served_study import DEFAULT_RANKER, served_study, upper_config
+    from training.served_study import NO_STUDY, served_study, upper_config
 
     cfg = settings.train
     run_dir = settings.paths.run(ds)
@@ -137,7 +141,7 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
         record = served_study(settings, rows, replayed_baskets(events, cfg.ranker_rounds))
         rows = select_candidates(rows, settings.serving.model_copy(update=record["retrieval"]))
     else:
-        record = {"retrieval": {}, "ranker": DEFAULT_RANKER, "trials": []}
+        record = NO_STUDY
     (run_dir / SERVED_STUDY).write_text(json.dumps(record, indent=2))
     x, y = ranker_matrix(rows), rows[S.LABEL].to_numpy(np.float32)
     users = rows[S.USER_ID].unique()

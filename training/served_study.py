@@ -33,7 +33,7 @@ import pandas as pd
 from mlkit.bootstrap import paired_ci
 from mlkit.metrics import rankings_per_user
 from mlkit.two_stage import REPLAY_ROUND, fit_ranker, ranker_matrix, select_candidates
-from served_model.engine import QUOTAS
+from served_model.engine import QUOTAS, RETRIEVAL_FIELDS
 from served_model.ranker import FEATURE_GROUPS, RANKER_FEATURES, ranker_logits
 from shopml import schema as S
 from shopml.config import ServingConfig, Settings
@@ -51,6 +51,8 @@ DEPTH_SPACE = (50, 300, 25)  # max_candidates: how many of the union are ranked
 CROSS_LAYERS = (1, 3)
 HIDDEN = (32, 64, 128)
 DEFAULT_RANKER = {"cross_layers": 2, "hidden": 64, "features": list(RANKER_FEATURES)}
+# the record of a run that serves the settings' configuration (no study, or none yet)
+NO_STUDY: dict[str, Any] = {"retrieval": {}, "ranker": DEFAULT_RANKER, "trials": []}
 assert set(QUOTA_SPACE) == set(QUOTAS.values()), "every source's quota is searched"
 
 
@@ -73,7 +75,7 @@ def upper_config(cfg: ServingConfig) -> ServingConfig:
 
 
 def _retrieval(cfg: ServingConfig) -> dict[str, int]:
-    return {name: int(getattr(cfg, name)) for name in (*QUOTA_SPACE, "max_candidates")}
+    return {name: int(getattr(cfg, name)) for name in RETRIEVAL_FIELDS}
 
 
 def _features(groups: list[str]) -> list[str]:
