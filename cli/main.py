@@ -285,6 +285,26 @@ def serve(
                     port=port, access_log=access_log)  # fmt: skip
 
 
+@app.command()
+def stream(
+    once: Annotated[
+        bool, typer.Option(help="process what the stream holds now, then stop (tests, backfills)")
+    ] = False,
+) -> None:
+    """Run the session-features streaming job: events of POST /events -> Spark Structured
+    Streaming (watermarked session aggregates) -> Feast push source -> online store.
+
+    Checkpointed under $SHOPML_HOME/stream/checkpoints: a restart resumes after the last
+    committed micro-batch. Needs a Feast registry that knows the push source (any nightly
+    run's feast_sync)."""
+    from spark_jobs.streaming import start_session_features
+
+    query = start_session_features(load_settings(), once=once)
+    query.awaitTermination()
+    _echo({"query": query.name, "batches": len(query.recentProgress),
+           "rows": sum(int(b.get("numInputRows", 0)) for b in query.recentProgress)})  # fmt: skip
+
+
 # --- search (dags/search_retrain.py): `shopml search <stage> --ds ...` -------------------------
 search_app = typer.Typer(help="The product search pipeline's stages (the search_retrain DAG).")
 app.add_typer(search_app, name="search")

@@ -8,13 +8,14 @@ at the run's snapshot (``lake/features/ds=YYYY-MM-DD``); `shopml` sets it before
 import os
 from datetime import timedelta
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Float32, Int64, String
 
 # Column names are fixed by shopml.schema; literals here keep this file importable by feast
 # alone, and tests/test_feast.py asserts both agree.
 _FEATURES_DIR = os.environ.get("SHOPML_FEATURES_DIR", "data/features")
 _RECOMMENDATIONS_DIR = os.environ.get("SHOPML_RECOMMENDATIONS_DIR", "data/recommendations")
+_SESSIONS_DIR = os.environ.get("SHOPML_SESSIONS_DIR", "data/session_features")
 
 # --- entities ---------------------------------------------------------------------------------
 user = Entity(
@@ -49,6 +50,19 @@ recommendations_source = FileSource(
     path=f"{_RECOMMENDATIONS_DIR}/latest",
     timestamp_field="scored_at",
     description="Precomputed top-k per user from `shopml batch-score` (latest run)",
+)
+
+# Session features are pushed by the streaming job (spark_jobs/streaming.py), never
+# materialized: `store.push("session_push", ...)` writes the online store directly.
+session_push = PushSource(
+    name="session_push",
+    batch_source=FileSource(
+        name="session_snapshots",
+        path=_SESSIONS_DIR,
+        timestamp_field="event_timestamp",
+        description="Offline copy of pushed session features",
+    ),
+    description="Each shopper's current session, computed by Spark Structured Streaming",
 )
 
 # --- feature views ----------------------------------------------------------------------------
@@ -98,6 +112,23 @@ user_recommendations = FeatureView(
         Field(name="model_version", dtype=String),
     ],
     source=recommendations_source,
+    online=True,
+    tags={"team": "shopml"},
+)
+
+# A shopper's current session (their latest, by last event), as of the last micro-batch.
+session_features = FeatureView(
+    name="session_features",
+    entities=[user],
+    ttl=timedelta(days=1),
+    schema=[
+        Field(name="session_id", dtype=String),
+        Field(name="session_items", dtype=Array(String)),
+        Field(name="session_length", dtype=Int64),
+        Field(name="session_last_category", dtype=String),
+        Field(name="session_last_event_ms", dtype=Int64),
+    ],
+    source=session_push,
     online=True,
     tags={"team": "shopml"},
 )

@@ -8,6 +8,8 @@ Start with ``shopml serve`` (uvicorn). Endpoints:
 * ``GET /search?q=...&k=10[&user_id=...&category=...]``: product search with the
   ``shopml-search`` champion (hybrid BM25 + dense retrieval, cross-encoder rerank, facets,
   typo tolerance, a zero-result fallback that says so; ``served_model.search``),
+* ``POST /events`` ``{"events": [...]}``: real-time events (bearer token), validated whole
+  and appended to the event stream as one entry (``shopml.stream``), or refused whole,
 * ``GET /metrics`` (Prometheus), ``GET /healthz`` (liveness), ``GET /readyz`` (readiness).
 
 Every answer names the registry version and A/B arm that produced it. User ids arrive as the
@@ -21,17 +23,19 @@ popularity fallback (counted in ``shopml_fallbacks_total``), never a 5xx.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal, TypeVar
 
 from anyio import CapacityLimiter, to_thread
-from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from served_model.engine import Ranked, UnknownItem
@@ -42,6 +46,7 @@ from serving.observability import Metrics, configure_json_logging
 from shopml import schema as S
 from shopml.config import Settings, load_settings
 from shopml.privacy import Pseudonymizer
+from shopml.stream import MissingToken, load_token, stream_of
 
 MAX_K = 1000
 MAX_ID_LENGTH = S.MAX_ID_LENGTH
@@ -137,6 +142,33 @@ class SearchAnswer(BaseModel):
 MAX_SEARCH_K = 100
 
 
+class Event(BaseModel):
+    """One canonical event (README, 'Canonical schema'), judged by the rules cleaning applies
+    in the lake (``spark_jobs.clean.flag_events``) so that nothing accepted here is
+    quarantined there for its own content."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
+
+    user_id: UserId
+    item_id: UserId
+    event_type: Literal[S.EVENT_TYPES]  # type: ignore[valid-type]
+    timestamp: AwareDatetime = Field(
+        description="ISO-8601 with a zone (or epoch seconds), from 2000 to now + "
+        "events.max_future_s"
+    )
+    session_id: UserId | None = None
+    query: str | None = Field(None, max_length=512)
+
+
+class EventBatch(BaseModel):
+    events: list[Event] = Field(..., min_length=1)
+
+
+class EventsAccepted(BaseModel):
+    accepted: int = Field(description="events appended, all of the batch")
+    entry_id: str = Field(description="the stream entry holding them (<ms>-<seq>)")
+
+
 class Problem(BaseModel):
     """Every error answer: what was wrong, one line per problem (a 422 lists each bad
     parameter; the others say what to do)."""
@@ -148,11 +180,12 @@ def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
     """The documented error answers of a route (``Problem`` bodies)."""
     why = {
         400: "the body is not JSON",
+        401: "no or a wrong bearer token",
         404: "unknown id",
         413: "request body over serving.max_body_bytes",
         422: "invalid parameters, one line each",
         429: "over the per-client rate limit (serving.rate_limit_per_s; Retry-After says when)",
-        503: "no model loaded for this endpoint yet",
+        503: "no model loaded for this endpoint yet, or (events) the stream is unavailable",
     }
     return {code: {"model": Problem, "description": why[code]} for code in codes}
 
@@ -181,7 +214,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     async def lifespan(_: FastAPI):
         pools.update(recommendations=CapacityLimiter(settings.serving.threads),
                      batch=CapacityLimiter(1),
-                     search=CapacityLimiter(1))  # fmt: skip
+                     search=CapacityLimiter(1),
+                     events=CapacityLimiter(1))  # fmt: skip
         await run_in_threadpool(holder.sync)
         if holder.arms.get("champion") is None:
             raise RuntimeError(
@@ -441,6 +475,84 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
                       for i, sc in result.items],
         })  # fmt: skip
 
+    events_cfg = settings.events
+    try:
+        token: str | None = load_token(settings)
+        no_token = ""
+    except MissingToken as exc:  # the rest of the service still serves
+        token, no_token = None, str(exc)
+    app.state.stream = stream_of(settings)  # an attribute: tests swap in a failing one
+    earliest = datetime.fromisoformat(S.MIN_EVENT_TIME).replace(tzinfo=UTC)
+
+    def authorized(authorization: str | None = Header(None)) -> None:
+        """``Authorization: Bearer <events token>``, checked before the body is judged."""
+        if token is None:
+            metrics.errors.labels("events", "503").inc()
+            raise HTTPException(503, no_token)
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            metrics.errors.labels("events", "401").inc()
+            raise HTTPException(
+                401, "POST /events needs 'Authorization: Bearer <token>' with the events token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+
+    @app.post(
+        "/events",
+        status_code=202,
+        response_model=EventsAccepted,
+        responses=_errors(400, 401, 413, 422, 429, 503),
+        dependencies=[Depends(authorized)],
+    )
+    async def events_endpoint(batch: EventBatch = Body(...)) -> JSONResponse:
+        """Append a batch of events to the stream: all of it, or none with a 422 that names
+        each bad event."""
+        now = datetime.now(UTC)
+        latest = now + timedelta(seconds=events_cfg.max_future_s)
+        problems: list[str] = []
+        if len(batch.events) > events_cfg.max_batch:
+            problems.append(f"events: {len(batch.events)} events, over events.max_batch "
+                            f"({events_cfg.max_batch}); send smaller batches")  # fmt: skip
+        for i, e in enumerate(batch.events):
+            if e.timestamp < earliest:
+                problems.append(f"events.{i}.timestamp: before {S.MIN_EVENT_TIME} UTC")
+            elif e.timestamp > latest:
+                problems.append(
+                    f"events.{i}.timestamp: {e.timestamp.isoformat()} is later than now + "
+                    f"{events_cfg.max_future_s:g} s (events.max_future_s): a clock is wrong"
+                )
+        if problems:
+            metrics.errors.labels("events", "422").inc()
+            metrics.events.labels("refused").inc(len(batch.events))
+            return JSONResponse(status_code=422, content={"detail": problems})
+        return await compute("events", append_events, batch)
+
+    def append_events(batch: EventBatch) -> JSONResponse:
+        rows = [
+            {
+                S.USER_ID: pseudonym(e.user_id),
+                S.ITEM_ID: e.item_id,
+                S.EVENT_TYPE: e.event_type,
+                S.TIMESTAMP: round(e.timestamp.timestamp() * 1_000_000),  # epoch microseconds
+                S.SESSION_ID: e.session_id,
+                S.QUERY: e.query,
+            }
+            for e in batch.events
+        ]
+        try:
+            entry = app.state.stream.append(rows)
+        except Exception as exc:  # redis.ConnectionError, OSError: nothing was appended
+            metrics.errors.labels("events", "503").inc()
+            metrics.events.labels("unavailable").inc(len(rows))
+            log.warning("events_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+            raise HTTPException(
+                503, f"the event stream is unavailable ({type(exc).__name__}); nothing was "
+                "appended: send the batch again", headers={"Retry-After": "1"},
+            ) from None  # fmt: skip
+        metrics.events.labels("accepted").inc(len(rows))
+        log.info("events", extra={"accepted": len(rows), "entry_id": entry})
+        return JSONResponse(status_code=202, content={"accepted": len(rows), "entry_id": entry})
+
     return app
 
 
@@ -472,6 +584,8 @@ def _endpoint_of(method: str, path: str) -> str:
         return "similar"
     if path.startswith("/search"):
         return "search"
+    if path.startswith("/events"):
+        return "events"
     if not path.startswith("/recommendations"):
         return "other"
     return "recommendations_batch" if method == "POST" else "recommendations"

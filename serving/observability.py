@@ -91,6 +91,11 @@ class Metrics:
             "tried again later; registry_unreachable: the alias check itself failed)",
             ["alias", "outcome"], registry=r,
         )  # fmt: skip
+        self.events = Counter(
+            "shopml_events_total", "Events of POST /events by outcome (accepted: appended to "
+            "the stream; refused: in a batch answered 4xx; unavailable: the stream did not "
+            "answer, nothing appended)", ["outcome"], registry=r,
+        )  # fmt: skip
         self.feature_refreshes = Counter(
             "shopml_item_feature_refreshes_total", "Bulk item-feature reads from Feast",
             ["outcome"], registry=r,

@@ -402,6 +402,41 @@ class PrivacyConfig(BaseModel):
     )
 
 
+class EventsConfig(BaseModel):
+    """Real-time events: ``POST /events`` appends accepted batches to a durable stream, which
+    the streaming job (``shopml stream``) turns into session features and ``land`` archives
+    into the lake (``shopml.stream``, ``spark_jobs.streaming``)."""
+
+    backend: Literal["file", "redis"] = Field(
+        "file",
+        description="the stream: 'redis' (a Redis Stream; production's default) or 'file' (a "
+        "directory of entries under SHOPML_HOME/stream; embedded)",
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the stream")
+    stream_key: str = Field("shopml:events", min_length=1, description="the Redis Stream's key")
+    token: SecretStr | None = Field(
+        None,
+        description="bearer token of POST /events, at least 32 characters; from the "
+        "environment (SHOPML_EVENTS__TOKEN, a Kubernetes Secret), never from a file in git",
+    )
+    token_file: Path | None = Field(
+        None,
+        description="file holding the token (a mounted Secret); default $SHOPML_HOME/secrets/"
+        "events.token, generated on first use by the embedded profile only",
+    )
+    max_batch: int = Field(1000, ge=1, le=100_000, description="events in one POST /events")
+    max_future_s: float = Field(
+        300.0, ge=0, description="an event stamped later than now + this is refused (clock skew)"
+    )
+    watermark: str = Field(
+        "30 minutes",
+        description="how late an event may arrive and still change its session's features "
+        "(Spark's withWatermark); later ones still reach the lake",
+    )
+    trigger: str = Field("500 milliseconds", description="the streaming job's micro-batch interval")
+    session_items: int = Field(20, ge=1, le=200, description="a session's most recent items kept")
+
+
 class Settings(BaseSettings):
     """All of ShopML's configuration. Build with :func:`load_settings`."""
 
@@ -428,6 +463,7 @@ class Settings(BaseSettings):
     serving: ServingConfig = ServingConfig()
     search: SearchConfig = SearchConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    events: EventsConfig = EventsConfig()
 
     @field_validator("schedule")
     @classmethod
@@ -446,6 +482,8 @@ class Settings(BaseSettings):
             return self
         if "online_store" not in self.feast.model_fields_set:
             self.feast = self.feast.model_copy(update={"online_store": "redis"})
+        if "backend" not in self.events.model_fields_set:
+            self.events = self.events.model_copy(update={"backend": "redis"})
         missing = []
         if not self.mlflow_tracking_uri:
             missing.append("SHOPML_MLFLOW_TRACKING_URI (e.g. postgresql://user@host/mlflow)")
@@ -497,6 +535,7 @@ def service_environment(settings: Settings) -> dict[str, str]:
         "SPARK_LOCAL_IP": settings.spark.local_ip,
         "SHOPML_FEATURES_DIR": str(settings.paths.features),
         "SHOPML_RECOMMENDATIONS_DIR": str(settings.paths.recommendations),
+        "SHOPML_SESSIONS_DIR": str(settings.paths.session_features),
         "SHOPML_FEAST_REGISTRY": settings.feast_registry,
         "SHOPML_FEAST_ONLINE_PATH": str(settings.paths.feast / "online.db"),
         "SHOPML_FEAST_REDIS": settings.feast.redis_connection,

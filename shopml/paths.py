@@ -144,6 +144,28 @@ class Paths:
         """Scratch and outputs of the search DAG run of ``ds`` (models, bundle, evaluation)."""
         return partition(self.home / "search_runs", ds)
 
+    # --- real-time events (shopml.stream, spark_jobs.streaming) ------------------------------
+    @property
+    def event_stream(self) -> Path:
+        """The embedded profile's event stream: one JSON file per accepted batch."""
+        return self.home / "stream" / "events"
+
+    @property
+    def stream_checkpoints(self) -> Path:
+        """Spark Structured Streaming checkpoints, one directory per query."""
+        return self.home / "stream" / "checkpoints"
+
+    @property
+    def streamed_events(self) -> Path:
+        """Accepted events archived from the stream (Spark's exactly-once file sink, by
+        ``event_date``): an input ``land`` reads beside the source."""
+        return self.lake / "stream" / "events"
+
+    @property
+    def session_features(self) -> Path:
+        """The session push source's offline copy (Feast ``session_push``'s batch source)."""
+        return self.lake / "stream" / "session_features"
+
 
 def _iso(ds: date | str) -> str:
     return ds if isinstance(ds, str) else ds.isoformat()

@@ -20,6 +20,9 @@ EVENT_DATE = "event_date"  # partition column derived from TIMESTAMP (yyyy-MM-dd
 # (tests/test_splits.py holds them equal).
 BASKET_ID = "basket_id"
 
+# Earliest event time accepted (cleaning and POST /events): before it is a default or epoch
+# value, not a real event.
+MIN_EVENT_TIME = "2000-01-01 00:00:00"
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "cart", "purchase", "search")
 PURCHASE = "purchase"
 
@@ -76,6 +79,19 @@ ITEM_FEATURES: tuple[str, ...] = (
     ITEM_N_USERS,
     ITEM_REORDER_RATE,
     ITEM_PURCHASES_30D,
+)
+
+# --- session features (spark_jobs.streaming -> Feast push source -> serving) ----------------
+SESSION_ITEMS = "session_items"  # the session's distinct items so far, the latest last
+SESSION_LENGTH = "session_length"  # events in the session so far
+SESSION_LAST_CATEGORY = "session_last_category"  # the category of its latest item
+SESSION_LAST_EVENT_MS = "session_last_event_ms"  # epoch ms of its latest event
+SESSION_FEATURES: tuple[str, ...] = (
+    SESSION_ID,
+    SESSION_ITEMS,
+    SESSION_LENGTH,
+    SESSION_LAST_CATEGORY,
+    SESSION_LAST_EVENT_MS,
 )
 
 # --- training sets ---------------------------------------------------------------------------

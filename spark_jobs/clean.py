@@ -10,8 +10,7 @@ from shopml import schema as S
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
 
-# Earliest timestamp we accept; anything before is a default/epoch value, not a real event.
-MIN_TIMESTAMP = "2000-01-01 00:00:00"
+MIN_TIMESTAMP = S.MIN_EVENT_TIME
 
 
 def first_failing(rules: list[tuple[str, Column]]) -> Column:

@@ -13,10 +13,18 @@ from typing import TYPE_CHECKING
 from shopml import schema as S
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import Column, DataFrame
 
 BASKET = S.BASKET_ID  # the one basket rule: see mlkit.splits.basket_ids
 DAY = "day"
+
+
+def basket_column() -> Column:
+    """The basket of an event: its session, else the user's UTC day (``user#yyyy-MM-dd``)."""
+    from pyspark.sql import functions as F
+
+    day = F.to_date(S.TIMESTAMP).cast("string")
+    return F.coalesce(F.col(S.SESSION_ID), F.concat_ws("#", S.USER_ID, day))
 
 
 def with_basket_and_flags(events: DataFrame) -> DataFrame:
@@ -27,11 +35,7 @@ def with_basket_and_flags(events: DataFrame) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    ev = events.withColumn(DAY, F.to_date(S.TIMESTAMP))
-    ev = ev.withColumn(
-        BASKET,
-        F.coalesce(F.col(S.SESSION_ID), F.concat_ws("#", S.USER_ID, F.col(DAY).cast("string"))),
-    )
+    ev = events.withColumn(DAY, F.to_date(S.TIMESTAMP)).withColumn(BASKET, basket_column())
     ev = ev.withColumn("is_purchase", (F.col(S.EVENT_TYPE) == S.PURCHASE).cast("int"))
     pair = Window.partitionBy(S.USER_ID, S.ITEM_ID).orderBy(S.TIMESTAMP)
     purchase_rank = F.sum("is_purchase").over(pair.rowsBetween(Window.unboundedPreceding, -1))

@@ -18,7 +18,7 @@ from shopml.config import Settings
 from shopml.paths import end_of_day
 from spark_jobs import clean as C
 from spark_jobs import features as F
-from spark_jobs import ingest
+from spark_jobs import ingest, streaming
 from spark_jobs.session import get_spark
 
 if TYPE_CHECKING:
@@ -63,6 +63,9 @@ def _conserve(stage: str, counts: dict[str, int], total: str, parts: tuple[str, 
         )
 
 
+_STREAMED = "_streamed"  # a land helper column: the row came from the event stream
+
+
 def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dict[str, int]:
     """Copy the source as it stands on ``ds`` into that date's raw partition, user ids
     pseudonymized.
@@ -78,6 +81,12 @@ def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dic
     still be read: too long or with control characters, their rows go with those whose
     timestamp does not parse to ``lake/quarantine/ds=<ds>/landed_rows`` with the reason.
     The counts must add up (``source_rows = landed + quarantined + forgotten``).
+
+    Events accepted by ``POST /events`` are an input beside the source: the stream is
+    drained into ``lake/stream/events`` (exactly once, ``spark_jobs.streaming.archive``) and
+    those stamped before the end of ``ds`` land with the source's (``streamed`` counts them;
+    they were judged on arrival and carry pseudonyms already). The archive only grows, so a
+    rerun lands the same rows, and an event can reach the lake by no other path.
     """
     from pyspark.sql import functions as fn
 
@@ -96,15 +105,31 @@ def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dic
             events = ingest.keep_first_users(events, cfg.max_users)
         unparsed = fn.col(ingest.RAW_TIMESTAMP).isNotNull()
         reason = C.first_failing([("unparsable_timestamp", unparsed), *C.bad_ids(S.USER_ID)])
-        events = events.withColumn(S.REJECT_REASON, reason).withColumn(
-            S.USER_ID, ingest.pseudonymize(S.USER_ID, key)
+        events = (
+            events.withColumn(S.REJECT_REASON, reason)
+            .withColumn(S.USER_ID, ingest.pseudonymize(S.USER_ID, key))
+            .withColumn(_STREAMED, fn.lit(False))
         )
+        # Accepted real-time events (POST /events) beside the source: drained from the
+        # stream into the lake first, so a rerun of this date reads the same rows
+        # (spark_jobs.streaming). Their user ids are pseudonyms already.
+        streaming.archive(settings, spark)
+        streamed = streaming.streamed_events(spark, settings, ds)
+        if streamed is not None:
+            none = fn.lit(None).cast("string")
+            streamed = streamed.select(
+                *S.EVENT_COLUMNS,
+                none.alias(ingest.RAW_TIMESTAMP),
+                none.alias(S.REJECT_REASON),
+                fn.lit(True).alias(_STREAMED),
+            )
+            events = events.unionByName(streamed)
         events = ingest.with_event_date(events).cache()
         forgotten = spark.createDataFrame([(u,) for u in gone], f"{S.USER_ID} string")
         kept = events.join(forgotten, S.USER_ID, "left_anti")
         (
             kept.where(fn.col(S.REJECT_REASON).isNull())
-            .drop(ingest.RAW_TIMESTAMP, S.REJECT_REASON)
+            .drop(ingest.RAW_TIMESTAMP, S.REJECT_REASON, _STREAMED)
             .write.mode("overwrite")
             .option("partitionOverwriteMode", "static")  # replace the whole ds snapshot
             .partitionBy(S.EVENT_DATE)
@@ -112,13 +137,14 @@ def land(settings: Settings, ds: date, spark: SparkSession | None = None) -> dic
         )
         (
             kept.where(fn.col(S.REJECT_REASON).isNotNull())
-            .drop(S.EVENT_DATE)
+            .drop(S.EVENT_DATE, _STREAMED)
             .write.mode("overwrite")
             .parquet(str(p.quarantine_for(ds) / "landed_rows"))
         )
         items.write.mode("overwrite").parquet(str(p.raw_items_for(ds)))
     counts = {
         "source_rows": events.count(),
+        "streamed": events.where(_STREAMED).count(),
         "landed": spark.read.parquet(str(p.raw_events_for(ds))).count(),
         "quarantined": spark.read.parquet(str(p.quarantine_for(ds) / "landed_rows")).count(),
         "forgotten": events.join(forgotten, S.USER_ID, "left_semi").count(),
