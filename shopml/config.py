@@ -430,8 +430,9 @@ class EventsConfig(BaseModel):
     )
     watermark: str = Field(
         "30 minutes",
-        description="how late an event may arrive and still change its session's features "
-        "(Spark's withWatermark); later ones still reach the lake",
+        description="how long after a UTC day ends its events may still change their sessions' "
+        "features (Spark's withWatermark on the newest event seen); later ones still reach "
+        "the lake",
     )
     trigger: str = Field("500 milliseconds", description="the streaming job's micro-batch interval")
     session_items: int = Field(20, ge=1, le=200, description="a session's most recent items kept")

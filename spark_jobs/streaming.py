@@ -6,8 +6,10 @@ under ``SHOPML_HOME/stream/checkpoints``, so each resumes where it stopped:
 * ``session_features``: each shopper's current session (items so far, length, last
   category, time of the last event), aggregated with a watermark and pushed through Feast's
   push source into the online store every micro-batch (``shopml stream``; in the chart, its
-  own Deployment). Events later than ``events.watermark`` behind the newest one no longer
-  change their session: Spark drops them from the aggregation (they still reach the lake).
+  own Deployment). Once the watermark (``events.watermark`` behind the newest event) has
+  passed the end of a day, that day's sessions are closed: their state goes, and Spark drops
+  their later events from the aggregation from the next micro-batch on (Spark judges
+  lateness by the previous batch's watermark). Those events still reach the lake.
   Windows are computed here, in Spark, because Feast's stream aggregations run only in its
   Kafka processor.
 * ``archive``: every accepted event, once, into ``lake/stream/events`` with Spark's
@@ -46,13 +48,19 @@ def read_events(spark: SparkSession, settings: Settings) -> DataFrame:
 def session_features(events: DataFrame, watermark: str, max_items: int) -> DataFrame:
     """One row per (user, session) with the session's features so far.
 
-    A session is the basket rule's (``spark_jobs.features.basket_column``): the event's
-    session id, else the user's UTC day, so a session here is a basket in training.
+    A session is a basket (``spark_jobs.features.basket_column``: the event's session id,
+    else the user's UTC day) within one UTC day. The day window puts event time in the
+    grouping key, which is what lets the watermark close sessions: a day's state is dropped
+    once the watermark passes its end, and an event of a closed day is dropped from the
+    aggregation instead of reopening it. (Spark's ``session_window`` would cut sessions by a
+    gap instead, but supports no update output mode, and the online store wants each
+    change at once.)
     """
     from pyspark.sql import functions as F
 
     ev = events.withWatermark(S.TIMESTAMP, watermark).withColumn(S.SESSION_ID, basket_column())
-    agg = ev.groupBy(S.USER_ID, S.SESSION_ID).agg(
+    window = F.window(S.TIMESTAMP, "1 day").alias("_day")
+    agg = ev.groupBy(S.USER_ID, S.SESSION_ID, window).agg(
         F.count(F.lit(1)).alias(S.SESSION_LENGTH),
         F.max(S.TIMESTAMP).alias("last_event"),
         F.max_by(S.ITEM_ID, S.TIMESTAMP).alias(_LAST_ITEM),

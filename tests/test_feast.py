@@ -22,6 +22,9 @@ def test_feature_views_use_the_canonical_column_names():
     assert sorted(item_fields) == sorted(S.ITEM_FEATURES)
     assert defs["user"].join_key == S.USER_ID and defs["item"].join_key == S.ITEM_ID
     assert defs["user_source"].timestamp_field == S.FEATURE_TIMESTAMP
+    session_fields = [f.name for f in defs["session_features"].schema]
+    assert sorted(session_fields) == sorted(S.SESSION_FEATURES)
+    assert defs["session_push"].batch_source.timestamp_field == S.ENTITY_TIMESTAMP
 
 
 @pytest.mark.integration
