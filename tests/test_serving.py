@@ -817,3 +817,93 @@ def test_every_endpoint_answers_fuzzed_requests_without_a_5xx_and_readably(clien
     assert counts["cases"] >= 6 * MAX_EXAMPLES
     for answer in ("GET /search 200", "GET /search 422", "POST /recommendations 200"):
         assert counts.get(answer), (answer, counts)
+
+
+# --- POST /events ---------------------------------------------------------------------------
+
+
+def _events_auth(deployment) -> dict[str, str]:
+    from shopml.stream import load_token
+
+    return {"Authorization": f"Bearer {load_token(deployment[0])}"}
+
+
+def _stream_entries(client) -> list:
+    return list(client.app.state.stream.read("0-0"))
+
+
+def test_events_need_the_token_before_anything_is_read(client, deployment):
+    good = {"events": [{"user_id": "u1", "item_id": "i1", "event_type": "view",
+                        "timestamp": "2025-06-01T10:00:00Z"}]}  # fmt: skip
+    before = _stream_entries(client)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+        r = client.post("/events", json=good, headers=headers)
+        assert r.status_code == 401 and "Bearer" in r.json()["detail"], r.text
+    # a bad body without the token is a 401 too: nothing is said about the body
+    assert client.post("/events", json={"events": "nope"}).status_code == 401
+    assert _stream_entries(client) == before
+
+
+def test_an_accepted_batch_is_one_stream_entry_with_pseudonyms(client, deployment):
+    from shopml.privacy import Pseudonymizer
+
+    events = [
+        {"user_id": "shopper-7", "item_id": "i1", "event_type": "view",
+         "timestamp": "2025-06-01T10:00:00+02:00", "session_id": "s9"},
+        {"user_id": "shopper-7", "item_id": "i2", "event_type": "cart",
+         "timestamp": 1748764900},  # epoch seconds
+    ]  # fmt: skip
+    before = len(_stream_entries(client))
+    r = client.post("/events", json={"events": events}, headers=_events_auth(deployment))
+    assert r.status_code == 202, r.text
+    entries = _stream_entries(client)
+    assert len(entries) == before + 1 and r.json() == {"accepted": 2, "entry_id": entries[-1][0]}
+    stored = entries[-1][1]
+    pseudonym = Pseudonymizer.of(deployment[0])("shopper-7")
+    assert [e[S.USER_ID] for e in stored] == [pseudonym, pseudonym]  # never the raw id
+    assert stored[0][S.TIMESTAMP] == 1748764800 * 1_000_000  # 10:00+02:00 in UTC microseconds
+    assert stored[1][S.TIMESTAMP] == 1748764900 * 1_000_000
+    assert [e[S.SESSION_ID] for e in stored] == ["s9", None]
+    assert _metric(client, 'shopml_events_total{outcome="accepted"}') >= 2
+
+
+def test_a_batch_with_one_bad_event_is_refused_whole_with_a_line_per_problem(client, deployment):
+    ok = {"user_id": "u1", "item_id": "i1", "event_type": "view",
+          "timestamp": "2025-06-01T10:00:00Z"}  # fmt: skip
+    bad = [
+        {**ok, "event_type": "teleport"},
+        {**ok, "timestamp": "2025-06-01T10:00:00"},  # no zone: which instant?
+        {**ok, "user_id": "has space"},
+        {**ok, "colour": "red"},  # a misspelt or unknown field
+        {k: v for k, v in ok.items() if k != "item_id"},
+    ]
+    before = _stream_entries(client)
+    r = client.post("/events", json={"events": [ok, *bad]}, headers=_events_auth(deployment))
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    for i, field in enumerate(("event_type", "timestamp", "user_id", "colour", "item_id"), 1):
+        assert any(line.startswith(f"events.{i}.{field}") for line in detail), (i, detail)
+    # the service's own rules: the cleaning job's time range, checked after the schema's
+    early = {**ok, "timestamp": "1999-12-31T23:00:00Z"}
+    late = {**ok, "timestamp": "2999-01-01T00:00:00Z"}
+    r = client.post("/events", json={"events": [ok, early, late]}, headers=_events_auth(deployment))
+    assert r.status_code == 422
+    assert [line.split(":")[0] for line in r.json()["detail"]] == [
+        "events.1.timestamp", "events.2.timestamp"]  # fmt: skip
+    assert _stream_entries(client) == before  # nothing half-applied
+
+
+def test_an_unavailable_stream_is_a_503_that_appended_nothing(client, deployment):
+    class Down:
+        def append(self, events):
+            raise ConnectionError("Redis is down")
+
+    ok = {"user_id": "u1", "item_id": "i1", "event_type": "view",
+          "timestamp": "2025-06-01T10:00:00Z"}  # fmt: skip
+    saved, client.app.state.stream = client.app.state.stream, Down()
+    try:
+        r = client.post("/events", json={"events": [ok]}, headers=_events_auth(deployment))
+    finally:
+        client.app.state.stream = saved
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert "nothing was appended" in r.json()["detail"]
