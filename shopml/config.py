@@ -413,7 +413,7 @@ class EventsConfig(BaseModel):
         "directory of entries under SHOPML_HOME/stream; embedded)",
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the stream")
-    stream_key: str = Field("shopml:events", min_length=1, description="the Redis Stream's key")
+    stream_name: str = Field("shopml:events", min_length=1, description="the Redis Stream's key")
     token: SecretStr | None = Field(
         None,
         description="bearer token of POST /events, at least 32 characters; from the "

@@ -138,7 +138,7 @@ def stream_options(settings: Settings) -> dict[str, str]:
     (its reader runs in other processes and rebuilds the stream with :func:`open_stream`)."""
     ev = settings.events
     if ev.backend == "redis":
-        return {"backend": "redis", "url": ev.redis_url, "key": ev.stream_key}
+        return {"backend": "redis", "url": ev.redis_url, "key": ev.stream_name}
     return {"backend": "file", "path": str(settings.paths.event_stream)}
 
 

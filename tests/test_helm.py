@@ -131,6 +131,7 @@ EXPECTED_OBJECTS = {
     ("Role", "shopml-spark"),
     ("RoleBinding", "shopml-spark"),
     ("Deployment", "shopml-serving"),
+    ("Deployment", "shopml-stream"),
     ("Service", "shopml-serving"),
     ("HorizontalPodAutoscaler", "shopml-serving"),
     ("PodDisruptionBudget", "shopml-serving"),
@@ -787,3 +788,36 @@ def test_network_policies_admit_only_the_ingress_to_serving_and_shopml_to_its_se
     assert postgres["ingress"][0]["ports"] == [{"port": 5432, "protocol": "TCP"}]
     off = render(None, ("networkPolicy.enabled=false",))
     assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+
+
+def test_the_streaming_job_runs_once_with_its_checkpoints_on_the_state_volume(monkeypatch):
+    """One `shopml stream` pod (Recreate: a checkpoint has one writer), the event stream on
+    the chart's Redis, the events token only where POST /events is served."""
+    from shopml.config import load_settings
+
+    docs = render(PRODUCTION)
+    deploy = find(docs, "Deployment", "shopml-stream")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    c = container(docs, "Deployment", "shopml-stream")
+    assert c["command"] == ["shopml", "stream"]
+    assert "--once" in _cli_params("stream")  # the command exists (the pod runs it without)
+    state = deploy["spec"]["template"]["spec"]["volumes"]
+    assert any("persistentVolumeClaim" in v for v in state)
+    assert any(m["name"] == "state" for m in c["volumeMounts"])
+    env = env_of(c)
+    assert env["SHOPML_SPARK__MASTER"]["value"] == "local[2]"
+    url = env["SHOPML_EVENTS__REDIS_URL"]["value"]
+    assert url == "rediss://:$(SHOPML_REDIS_PASSWORD)@redis-master.data.svc.cluster.local:6379/0"
+    assert "SHOPML_EVENTS__TOKEN" not in env
+    serving = env_of(container(docs, "Deployment", "shopml-serving"))
+    assert serving["SHOPML_EVENTS__TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "shopml-events-token", "key": "token"}  # fmt: skip
+    # the profile reaches the settings: a Redis Stream on the configured key
+    data = profile(docs)
+    for name in ("SHOPML_EVENTS__BACKEND", "SHOPML_EVENTS__STREAM_NAME"):
+        monkeypatch.setenv(name, data[name])
+    monkeypatch.setenv("SHOPML_EVENTS__REDIS_URL", url)
+    events = load_settings().events
+    assert (events.backend, events.stream_name) == ("redis", "shopml:events")
+    off = render(PRODUCTION, ("stream.enabled=false",))
+    assert not [d for d in off if d["metadata"]["name"] == "shopml-stream"]
