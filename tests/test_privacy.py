@@ -102,7 +102,7 @@ def test_land_writes_pseudonyms_judges_raw_ids_and_drops_the_forgotten(
     monkeypatch.setattr(privacy, "forgotten", lambda _: {pid("bob")})
     counts = land(s, ds, spark=spark)
     assert counts == {"events": 4, "source_rows": 8, "landed": 4, "quarantined": 2,
-                      "forgotten": 2, "items": 3}  # fmt: skip
+                      "forgotten": 2, "items": 3, "streamed": 0}  # fmt: skip
     raw = pd.read_parquet(s.paths.raw_events_for(ds))
     assert sorted(raw[S.USER_ID].dropna()) == [pid("ann")] * 3  # pseudonyms only
     assert raw[S.USER_ID].isna().sum() == 1  # left for validation to judge
