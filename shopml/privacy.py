@@ -31,16 +31,15 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
 from shopml import schema as S
-from shopml.config import Profile, Settings
+from shopml.config import Settings
+from shopml.secret import load_secret
 
-MIN_KEY_CHARS = 32
 KEY_ENV = "SHOPML_PRIVACY__KEY"
 
 
@@ -53,33 +52,14 @@ def key_path(settings: Settings) -> Path:
 
 
 def load_key(settings: Settings) -> bytes:
-    """The HMAC key: the setting, else the key file, else (embedded only) a new random one."""
-    if settings.privacy.key is not None:
-        return _checked(settings.privacy.key.get_secret_value(), KEY_ENV)
-    path = key_path(settings)
-    if path.exists():
-        return _checked(path.read_text().strip(), str(path))
-    if settings.profile is Profile.PRODUCTION or settings.privacy.key_file is not None:
-        raise MissingKey(
-            f"no key to pseudonymize user ids: set {KEY_ENV} (in Kubernetes from an existing "
-            "Secret: helm value privacy.existingSecret) or SHOPML_PRIVACY__KEY_FILE to a file "
-            f"that exists (looked for {path}). Use the same key everywhere: the pipeline and "
-            "serving must hash alike."
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    return _checked(path.read_text().strip(), str(path))
-
-
-def _checked(key: str, where: str) -> bytes:
-    if len(key) < MIN_KEY_CHARS:
-        raise MissingKey(
-            f"the user-id key from {where} has {len(key)} characters; use at least "
-            f"{MIN_KEY_CHARS} random ones (e.g. `openssl rand -hex 32`)"
-        )
-    return key.encode()
+    """The HMAC key: the setting, else the key file, else (embedded only) a new random one
+    (``shopml.secret``)."""
+    return load_secret(
+        settings, settings.privacy.key, settings.privacy.key_file, key_path(settings),
+        env=KEY_ENV, what="key to pseudonymize user ids", helm_value="privacy.existingSecret",
+        error=MissingKey, hint="Use the same key everywhere: the pipeline and serving must "
+        "hash alike.",
+    ).encode()  # fmt: skip
 
 
 def pseudonym(key: bytes, raw_id: str | None) -> str | None:

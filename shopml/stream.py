@@ -20,18 +20,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from shopml.config import Profile, Settings
+from shopml.config import Settings
+from shopml.secret import load_secret
 
 START = "0-0"  # before every entry (Redis' smallest id)
 _READ_CHUNK = 500
-MIN_TOKEN_CHARS = 32
 TOKEN_ENV = "SHOPML_EVENTS__TOKEN"
 
 
@@ -162,32 +161,9 @@ def token_path(settings: Settings) -> Path:
 
 def load_token(settings: Settings) -> str:
     """The bearer token of ``POST /events``: the setting, else the token file, else (embedded
-    only) a new random one written there (mode 0600), as with the user-id key."""
-    if settings.events.token is not None:
-        return _checked(settings.events.token.get_secret_value(), TOKEN_ENV)
-    path = token_path(settings)
-    if path.exists():
-        return _checked(path.read_text().strip(), str(path))
-    if settings.profile is Profile.PRODUCTION or settings.events.token_file is not None:
-        raise MissingToken(
-            f"POST /events has no token: set {TOKEN_ENV} (in Kubernetes from an existing "
-            "Secret: helm value events.existingSecret) or SHOPML_EVENTS__TOKEN_FILE to a file "
-            f"that exists (looked for {path})"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first
-        return _checked(path.read_text().strip(), str(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
-    return _checked(path.read_text().strip(), str(path))
-
-
-def _checked(token: str, where: str) -> str:
-    if len(token) < MIN_TOKEN_CHARS:
-        raise MissingToken(
-            f"the events token from {where} has {len(token)} characters; use at least "
-            f"{MIN_TOKEN_CHARS} random ones (e.g. `openssl rand -hex 32`)"
-        )
-    return token
+    only) a new random one, as with the user-id key (``shopml.secret``)."""
+    return load_secret(
+        settings, settings.events.token, settings.events.token_file, token_path(settings),
+        env=TOKEN_ENV, what="token for POST /events", helm_value="events.existingSecret",
+        error=MissingToken,
+    )  # fmt: skip

@@ -142,3 +142,16 @@ def test_land_takes_streamed_events_due_by_its_date_and_a_rerun_is_identical(
     assert again["streamed"] == 3 and again["landed"] == 5  # p1's rows are not doubled
     later = land(settings, date(2025, 3, 5), spark=spark)
     assert later["streamed"] == 4
+
+
+def test_the_events_token_is_made_once_embedded_and_required_in_production(settings):
+    from shopml.config import Profile
+    from shopml.stream import MissingToken, load_token, token_path
+
+    token = load_token(settings)
+    assert load_token(settings) == token and len(token) >= 32
+    assert token_path(settings).stat().st_mode & 0o777 == 0o600
+    token_path(settings).unlink()
+    production = settings.model_copy(update={"profile": Profile.PRODUCTION})
+    with pytest.raises(MissingToken, match="SHOPML_EVENTS__TOKEN .*events.existingSecret"):
+        load_token(production)
