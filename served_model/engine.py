@@ -196,11 +196,16 @@ class TwoStage:
         stages: dict[str, float] = {}
         known = [u for u in user_ids if u in self.model.user_index]
         rows: dict[str, np.ndarray] = {}
+        sessions: dict[str, np.ndarray] = {}
         error = None
         if known:
             with _timed(stages, "features"):
                 try:
-                    values = self.features.users(known)
+                    if self.cfg.session_max_age_s:
+                        values, pushed = self.features.users_and_sessions(known)
+                        sessions = self._current_sessions(known, pushed)
+                    else:
+                        values = self.features.users(known)
                     rows = {u: v for u, v in zip(known, values, strict=True)}
                 except FeaturesUnavailable as exc:
                     error = exc
@@ -220,7 +225,7 @@ class TwoStage:
             else:
                 reason = None
             if reason is None:
-                ranked = self.rank(u, np.nan_to_num(rows[u]), k, explain)
+                ranked = self.rank(u, np.nan_to_num(rows[u]), k, explain, sessions.get(u))
             else:
                 ranked = Ranked(self.popular(k, category), fallback=reason)
                 if explain:
@@ -233,28 +238,60 @@ class TwoStage:
             out.append(ranked)
         return out
 
+    def _current_sessions(
+        self, users: list[str], pushed: list[tuple[list[str], int] | None]
+    ) -> dict[str, np.ndarray]:
+        """Each user's session items as item indices (oldest first), for sessions whose last
+        event is at most ``serving.session_max_age_s`` old; items the version does not know
+        are left out."""
+        now_ms = time.time() * 1000.0
+        horizon = self.cfg.session_max_age_s * 1000.0
+        out = {}
+        for user, session in zip(users, pushed, strict=True):
+            if session is None or now_ms - session[1] > horizon:
+                continue
+            items = [self.item_pos[i] for i in session[0] if i in self.item_pos]
+            if items:
+                out[user] = np.asarray(items, dtype=np.int64)
+        return out
+
     def rank(
-        self, user_id: str, user_features: np.ndarray, k: int, explain: bool = False
+        self,
+        user_id: str,
+        user_features: np.ndarray,
+        k: int,
+        explain: bool = False,
+        session: np.ndarray | None = None,
     ) -> Ranked:
         """Retrieve, filter and rank for a known user with online features.
 
-        An answer is a function of the user's feature row, the item features (refreshed in
-        bulk) and ``k`` for this version: the last one of each user is kept in the memo of
-        :meth:`_ann` and given again while all three are the same (``ann_memo`` "answer").
-        ``explain`` adds each item's reasons (:meth:`_reasons`); it is computed afresh."""
+        ``session``: the items of the user's current session (item indices, oldest first):
+        they seed the item-kNN source beside the user's most bought items, so what goes with
+        the cart is found and its affinity reaches the ranker, and they are not offered
+        again (they are in the cart already).
+
+        An answer is a function of the user's feature row, their session, the item features
+        (refreshed in bulk) and ``k`` for this version: the last one of each user is kept in
+        the memo of :meth:`_ann` and given again while all are the same (``ann_memo``
+        "answer"), so a pushed session feature is a miss like a changed row. ``explain``
+        adds each item's reasons (:meth:`_reasons`); it is computed afresh."""
         stages: dict[str, float] = {}
         uidx, row = self.model.user_index[user_id], _row_key(user_features)
         with self._lock:
             item_features, reorderable = self.item_features, self.reorderable
-            asked = (self._item_generation, k)
+            asked = (self._item_generation, k, None if session is None else session.tobytes())
         memo = self._recall(uidx, row)
         if not explain and memo is not None and memo.answer is not None and memo.answer[0] == asked:
             _, items, counts = memo.answer
             return Ranked(list(items), None, stages, dict(counts), "answer")
         with _timed(stages, "retrieval"):
-            cand, history, counts, memo, origin, _ = self.retrieve(uidx, user_features)
+            cand, history, counts, memo, origin, _ = self.retrieve(
+                uidx, user_features, session=session
+            )
         with _timed(stages, "filter"):
             keep = self.servable(cand, history, reorderable[cand])
+            if session is not None:
+                keep &= ~np.isin(cand, session)
             cand, history, origin = (
                 cand[keep][: self.cfg.max_candidates],
                 history[keep][: self.cfg.max_candidates],
@@ -324,13 +361,24 @@ class TwoStage:
             }
         return self._categories
 
-    def retrieve(self, uidx: int, user_features: np.ndarray, ranks: bool = False) -> Retrieved:
+    def retrieve(
+        self,
+        uidx: int,
+        user_features: np.ndarray,
+        ranks: bool = False,
+        session: np.ndarray | None = None,
+    ) -> Retrieved:
         """Stage 1 (:class:`Retrieved`); ``ranks``: with each candidate's position in every
-        source's list (what the offline study of the quotas needs; serving does not ask)."""
+        source's list (what the offline study of the quotas needs; serving does not ask);
+        ``session``: the current session's items, item-kNN seeds beside the most bought."""
         query, ann, memo = self._ann(uidx, user_features)
         hist_items, hist_counts, hist_last = self._history(uidx)
         by_count = hist_items[np.argsort(-hist_counts, kind="stable")]
-        near, affinity = self._affinity(by_count[:KNN_SEEDS])
+        seeds = by_count[:KNN_SEEDS]
+        if session is not None:
+            seeds = np.concatenate([session[::-1], seeds])
+            seeds = seeds[np.sort(np.unique(seeds, return_index=True)[1])]  # newest first
+        near, affinity = self._affinity(seeds)
         zoo = {name: self._zoo_row(name, uidx) for name in ZOO_SOURCES}
         sources, counts = self._sources(ann, by_count, near, affinity, zoo)
         cand = np.concatenate(list(sources.values()))

@@ -248,6 +248,13 @@ class ServingConfig(BaseModel):
         description="users whose ANN candidates are kept while their online features read the "
         "same, with their last answer (served_model.engine.TwoStage; about 2 KB each); 0 = off",
     )
+    session_max_age_s: float = Field(
+        1800.0,
+        ge=0,
+        description="a pushed session (Feast session_features, from the streaming job) shapes "
+        "the answer while its last event is at most this old: its items leave the candidates "
+        "and seed the item-kNN source; 0 = sessions off",
+    )
     threads: int = Field(
         1,
         ge=1,

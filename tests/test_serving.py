@@ -907,3 +907,47 @@ def test_an_unavailable_stream_is_a_503_that_appended_nothing(client, deployment
         client.app.state.stream = saved
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert "nothing was appended" in r.json()["detail"]
+
+
+def test_a_pushed_session_shapes_the_next_answer_and_goes_stale(client, deployment):
+    """A session pushed through Feast's push source (as the streaming job does): the next
+    answer leaves the cart's items out and brings their co-purchase neighbours forward (the
+    memoised answer is not given again); a session older than serving.session_max_age_s is
+    ignored."""
+    import time as _time
+
+    from feast.data_source import PushMode
+
+    from shopml.feast_store import open_store
+
+    settings, dep = deployment
+    raw = dep.user_ids[7]
+    user = dep.pseudonym(raw)
+    store = open_store(settings)
+    before = [i["item_id"] for i in client.get(f"/recommendations/{raw}?k=20").json()["items"]]
+    cart = before[:2]
+
+    def push(items: list[str], age_s: float) -> None:
+        at = pd.Timestamp.now(tz="UTC") - pd.Timedelta(seconds=age_s)
+        store.push("session_push", pd.DataFrame({
+            S.USER_ID: [user], S.SESSION_ID: ["s1"], S.SESSION_ITEMS: [items],
+            S.SESSION_LENGTH: [len(items)], S.SESSION_LAST_CATEGORY: [None],
+            S.SESSION_LAST_EVENT_MS: [int(at.timestamp() * 1000)], S.ENTITY_TIMESTAMP: [at],
+        }), to=PushMode.ONLINE)  # fmt: skip
+
+    try:
+        push(cart, age_s=1)
+        got = [i["item_id"] for i in client.get(f"/recommendations/{raw}?k=20").json()["items"]]
+        assert not set(cart) & set(got) and got != before
+        engine = client.app.state.holder.arms["champion"].engine
+        session = np.array([engine.item_pos[i] for i in cart])
+        want = _engine(client, ann_memo_users=0).rank(
+            user, np.nan_to_num(engine.features.users([user])[0]), 20, session=session
+        )
+        assert got == [i for i, _ in want.items]  # what the engine answers for this session
+        push(cart, age_s=settings.serving.session_max_age_s + 60)
+        _time.sleep(0.01)
+        stale = [i["item_id"] for i in client.get(f"/recommendations/{raw}?k=20").json()["items"]]
+        assert stale == before
+    finally:
+        push([], age_s=settings.serving.session_max_age_s + 60)
