@@ -21,7 +21,7 @@ labelled items more easily than tomorrow's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,12 +86,18 @@ def offline_engine(
 
 
 def candidate_rows(
-    engine: TwoStage, at: pd.Series, user_features: pd.DataFrame, features: FeatureSource
+    engine: TwoStage,
+    at: pd.Series,
+    user_features: pd.DataFrame,
+    features: FeatureSource,
+    sessions: Mapping[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """One row per (user, servable candidate) at the moment ``at[user]``: user_id, item_id,
     the candidate's item index, its history features, its position in each source's list
     (:data:`RANK_COLUMNS`, for :func:`select_candidates`) and the user's and item's
-    features then. ``user_features`` (indexed by user) feeds retrieval's user vector."""
+    features then. ``user_features`` (indexed by user) feeds retrieval's user vector;
+    ``sessions``: a user's current session (item indices, oldest first), retrieved and
+    filtered with as ``TwoStage.rank`` does."""
     model, cfg = engine.model, engine.cfg
     item_ids = np.asarray(model.item_ids, dtype=object)
     frames = []
@@ -99,7 +105,12 @@ def candidate_rows(
         if user not in model.user_index or user not in user_features.index:
             continue  # unknown to the model: serving answers with popularity
         feats = np.nan_to_num(user_features.loc[user, list(S.USER_FEATURES)].to_numpy(np.float32))
-        got = engine.retrieve(model.user_index[user], feats, ranks=True)
+        session = (sessions or {}).get(user)
+        got = engine.retrieve(model.user_index[user], feats, ranks=True, session=session)
+        if session is not None:
+            out = ~np.isin(got.cand, session)  # in the cart already
+            got = got._replace(cand=got.cand[out], history=got.history[out], ranks=got.ranks[out],
+                               origin=got.origin[out])  # fmt: skip
         frame = pd.DataFrame(got.history, columns=list(HISTORY_FEATURES))
         frame[list(RANK_COLUMNS)] = got.ranks
         frames.append(frame.assign(**{S.USER_ID: user, S.ITEM_ID: item_ids[got.cand],

@@ -7,11 +7,13 @@ Stage 1 (retrieval) takes the union, in this order of priority, of
   with similar users'), precomputed nightly (``Tables.scores``),
 * ``ease``: EASE's top items for the user, precomputed nightly,
 * ``ann``: the faiss index over the two-tower's item vectors, queried with the user vector,
-* ``item_knn``: co-purchase neighbours of the user's most bought items,
+* ``item_knn``: co-purchase neighbours of the user's most bought items and of the items of
+  their current session (pushed by the streaming job; ``serving.session_max_age_s``),
 * ``popular``: global popularity,
 
-drops items out of the catalog and items the user bought that are not reorderable
-(``item_reorder_rate`` from Feast at most ``serving.reorder_min_rate``), and keeps at most
+drops items out of the catalog, the session's items (in the cart already) and items the
+user bought that are not reorderable (``item_reorder_rate`` from Feast at most
+``serving.reorder_min_rate``), and keeps at most
 ``serving.max_candidates``. Stage 2 scores those candidates with the version's ranker on the
 user's and the items' online features and each candidate's per-source evidence (purchase
 count and recency, item-kNN affinity, the two-tower's and the zoo scorers' scores). Every

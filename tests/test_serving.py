@@ -951,3 +951,25 @@ def test_a_pushed_session_shapes_the_next_answer_and_goes_stale(client, deployme
         assert stale == before
     finally:
         push([], age_s=settings.serving.session_max_age_s + 60)
+
+
+def test_a_session_brings_its_items_co_purchase_neighbours_forward(client, deployment):
+    """Planted sessions: for users whose session is one item, the answer holds more of that
+    item's co-purchase neighbours (the bundle's item-kNN table: what a basket bought with it
+    holds) than the stale answer with the item left out, summed over 30 users."""
+    engine = _engine(client, ann_memo_users=0)
+    _, dep = deployment
+    knn = engine.bundle.tables.knn_idx
+    rng = np.random.default_rng(0)
+    stale_hits = fresh_hits = 0
+    for raw in dep.user_ids[:30]:
+        user = dep.pseudonym(raw)
+        row = np.nan_to_num(engine.features.users([user])[0])
+        item = int(rng.integers(len(engine.item_ids)))
+        near = {engine.item_ids[i] for i in knn[item][:10] if i >= 0}
+        stale = [i for i, _ in engine.rank(user, row, 11).items if i != engine.item_ids[item]]
+        fresh = [i for i, _ in engine.rank(user, row, 10, session=np.array([item])).items]
+        assert engine.item_ids[item] not in fresh
+        stale_hits += len(near & set(stale[:10]))
+        fresh_hits += len(near & set(fresh))
+    assert fresh_hits > stale_hits, (fresh_hits, stale_hits)

@@ -1,0 +1,141 @@
+"""Session replay: what a fresh session adds to the answer for the rest of the basket.
+
+Instacart's ``add_to_cart_order`` is the order in which items entered a basket, and the lake
+keeps it (``spark_jobs.ingest``: one second per position). On the latest nightly run
+(``make demo``), each test user's held-out basket is replayed as a session: its first ``m``
+items (m = 1, 2, 3) are the session so far, and the answer is scored against the basket's
+remaining items (NDCG@10 and Recall@10 with ``mlkit.metrics``; repeats allowed: a remaining
+item the user bought before counts as any other). Rows, on the same users for each ``m``:
+
+* ``stale, session excluded``: the nightly served path (the run's two-tower, ranker and
+  chosen quotas; tables and zoo scorers knowing the training purchases; Feast features at
+  the basket's start, point in time, as ``evaluate`` replays it) with the session's items
+  removed from its list: the cheap baseline;
+* ``fresh session``: the same path told the session, as the service is by a pushed session
+  feature (``served_model.engine.TwoStage.retrieve(session=...)``: the session's items seed
+  item-kNN beside the user's most bought and leave the list).
+
+The ranker is the nightly one in both rows: it has not learnt from sessions (issue 15's
+session-trained ranker is a later step). Only users whose basket has more than ``m``
+distinct items count; the CI is the paired bootstrap of the per-user difference.
+
+``python -m benchmarks.session_replay [--ds 2025-12-31]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import date
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mlkit.bootstrap import bootstrap_ci, paired_ci
+from mlkit.metrics import rankings_per_user
+from mlkit.two_stage import CAND, candidate_rows, offline_engine
+from served_model.engine import TwoStage, version_config
+from served_model.ranker import HISTORY_FEATURES, ZOO_SOURCES, features_of
+from shopml import schema as S
+from shopml.config import Settings, load_settings
+from shopml.feast_store import point_in_time_features
+from training.pipeline import served_ranker
+from training.ranking import served_retrieval, zoo_sources
+
+STALE = "stale, session excluded"
+FRESH = "fresh session"
+MS = (1, 2, 3)
+
+
+def served_engine(settings: Settings, ds: date) -> TwoStage:
+    """The run's served path as ``training.pipeline.served_path`` replays it."""
+    run_dir = settings.paths.run(ds)
+    model = torch.load(run_dir / "model.pt", weights_only=False)
+    ranker = served_ranker(run_dir).eval()
+    events = pd.read_parquet(run_dir / "train_events.parquet")
+    purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
+    reads_zoo = bool(set(ZOO_SOURCES.values()) & set(features_of(ranker)))
+    sources = zoo_sources(settings, model) if reads_zoo else None
+    cfg = version_config(settings.serving, served_retrieval(run_dir))
+    return offline_engine(purchases, model, ranker, cfg, sources)
+
+
+def baskets(settings: Settings, ds: date) -> dict[str, list[str]]:
+    """Each test user's held-out basket: its distinct items in the order they entered it."""
+    test = pd.read_parquet(settings.paths.run(ds) / "test.parquet")
+    test = test[test[S.EVENT_TYPE] == S.PURCHASE].sort_values([S.USER_ID, S.TIMESTAMP])
+    return {u: list(dict.fromkeys(g[S.ITEM_ID].astype(str))) for u, g in test.groupby(S.USER_ID)}
+
+
+def ranked(engine: TwoStage, rows: pd.DataFrame) -> dict[str, list[str]]:
+    """Each user's candidates, best first, by the engine's ranker."""
+    if rows.empty:
+        return {}
+    scores = engine.score(
+        rows[CAND].to_numpy(np.int64),
+        rows[list(HISTORY_FEATURES)].to_numpy(np.float32),
+        rows[list(S.USER_FEATURES)].to_numpy(np.float32),
+        rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
+    )
+    order = rows.assign(_score=scores).sort_values([S.USER_ID, "_score"], ascending=[True, False])
+    return {u: g[S.ITEM_ID].astype(str).tolist() for u, g in order.groupby(S.USER_ID)}
+
+
+def replay(settings: Settings, ds: date, k: int) -> pd.DataFrame:
+    engine = served_engine(settings, ds)
+    run_dir = settings.paths.run(ds)
+    users = pd.read_parquet(run_dir / "test_users.parquet").set_index(S.USER_ID)
+    at = users[S.ENTITY_TIMESTAMP]
+    features = partial(point_in_time_features, settings)
+    by_user = baskets(settings, ds)
+    stale = ranked(engine, candidate_rows(engine, at, users, features))
+    rows = []
+    for m in MS:
+        chosen = [u for u, items in by_user.items() if len(items) > m and u in users.index
+                  and u in engine.model.user_index
+                  and all(i in engine.item_pos for i in items[:m])]  # fmt: skip
+        truth = {u: set(by_user[u][m:]) for u in chosen}
+        sessions = {u: np.array([engine.item_pos[i] for i in by_user[u][:m]]) for u in chosen}
+        cart = {u: set(by_user[u][:m]) for u in chosen}
+        base = {u: [i for i in stale.get(u, []) if i not in cart[u]] for u in chosen}
+        fresh = ranked(engine, candidate_rows(engine, at[chosen], users, features, sessions))
+        metrics = {name: rankings_per_user(lists, truth, k).set_index(S.USER_ID)
+                   for name, lists in ((STALE, base), (FRESH, fresh))}  # fmt: skip
+        for name, got in metrics.items():
+            row = {"m": m, "row": name, "users": len(chosen)}
+            for metric in (f"ndcg_at_{k}", f"recall_at_{k}"):
+                ci = bootstrap_ci(got[metric].to_numpy(), seed=settings.train.seed)
+                row |= {metric: ci.mean, f"{metric}_ci": [ci.low, ci.high]}
+            if name == FRESH:
+                ref = metrics[STALE][f"ndcg_at_{k}"]
+                diff = paired_ci(got[f"ndcg_at_{k}"], ref, seed=settings.train.seed)
+                row |= {"ratio": float(got[f"ndcg_at_{k}"].mean() / max(ref.mean(), 1e-12)),
+                        "diff": diff.mean, "diff_ci": [diff.low, diff.high]}  # fmt: skip
+            rows.append(row)
+        print(f"m={m}: {len(chosen)} users", flush=True)
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ds", default="2025-12-31", help="the nightly run's logical date")
+    args = p.parse_args()
+    started = time.perf_counter()
+    settings = load_settings()
+    ds, k = date.fromisoformat(args.ds), settings.eval.k
+    out = replay(settings, ds, k)
+    pd.set_option("display.width", 220)
+    print(f"\n## Session replay, run ds={args.ds}: the rest of each held-out basket after its "
+          f"first m items (NDCG@{k}, Recall@{k}; 95% bootstrap CIs; diff = fresh - stale, "
+          "paired)\n")  # fmt: skip
+    print(out.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    path = settings.paths.run(ds) / "session_replay.json"
+    path.write_text(json.dumps(out.to_dict("records"), indent=2))
+    print(f"\nwritten {path}; wall time {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
