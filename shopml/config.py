@@ -419,7 +419,11 @@ class EventsConfig(BaseModel):
         description="the stream: 'redis' (a Redis Stream; production's default) or 'file' (a "
         "directory of entries under SHOPML_HOME/stream; embedded)",
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the stream")
+    redis_url: str | None = Field(
+        None,
+        description="redis-py URL of the stream's Redis; None: the Feast online store's "
+        "(feast.redis_connection), so one setting names the server",
+    )
     stream_name: str = Field("shopml:events", min_length=1, description="the Redis Stream's key")
     token: SecretStr | None = Field(
         None,

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 from shopml.config import Settings
 from shopml.secret import load_secret
@@ -132,12 +133,24 @@ class FileStream:
             yield entry, json.loads((self.root / f"{entry}.json").read_text())
 
 
+def redis_url(settings: Settings) -> str:
+    """``events.redis_url``, else the Feast online store's Redis as a redis-py URL (Feast's
+    connection string is ``host:port[,db=N][,ssl=true][,password=...]``)."""
+    if settings.events.redis_url:
+        return settings.events.redis_url
+    address, *options = settings.feast.redis_connection.split(",")
+    opts = dict(o.split("=", 1) for o in options if "=" in o)
+    scheme = "rediss" if opts.get("ssl", "").lower() == "true" else "redis"
+    auth = f":{quote(opts['password'], safe='')}@" if opts.get("password") else ""
+    return f"{scheme}://{auth}{address}/{opts.get('db', '0')}"
+
+
 def stream_options(settings: Settings) -> dict[str, str]:
     """The stream's address as plain strings: what a Spark data source receives as options
     (its reader runs in other processes and rebuilds the stream with :func:`open_stream`)."""
     ev = settings.events
     if ev.backend == "redis":
-        return {"backend": "redis", "url": ev.redis_url, "key": ev.stream_name}
+        return {"backend": "redis", "url": redis_url(settings), "key": ev.stream_name}
     return {"backend": "file", "path": str(settings.paths.event_stream)}
 
 

@@ -794,6 +794,7 @@ def test_the_streaming_job_runs_once_with_its_checkpoints_on_the_state_volume(mo
     """One `shopml stream` pod (Recreate: a checkpoint has one writer), the event stream on
     the chart's Redis, the events token only where POST /events is served."""
     from shopml.config import load_settings
+    from shopml.stream import redis_url
 
     docs = render(PRODUCTION)
     deploy = find(docs, "Deployment", "shopml-stream")
@@ -806,8 +807,6 @@ def test_the_streaming_job_runs_once_with_its_checkpoints_on_the_state_volume(mo
     assert any(m["name"] == "state" for m in c["volumeMounts"])
     env = env_of(c)
     assert env["SHOPML_SPARK__MASTER"]["value"] == "local[2]"
-    url = env["SHOPML_EVENTS__REDIS_URL"]["value"]
-    assert url == "rediss://:$(SHOPML_REDIS_PASSWORD)@redis-master.data.svc.cluster.local:6379/0"
     assert "SHOPML_EVENTS__TOKEN" not in env
     serving = env_of(container(docs, "Deployment", "shopml-serving"))
     assert serving["SHOPML_EVENTS__TOKEN"]["valueFrom"]["secretKeyRef"] == {
@@ -816,8 +815,13 @@ def test_the_streaming_job_runs_once_with_its_checkpoints_on_the_state_volume(mo
     data = profile(docs)
     for name in ("SHOPML_EVENTS__BACKEND", "SHOPML_EVENTS__STREAM_NAME"):
         monkeypatch.setenv(name, data[name])
-    monkeypatch.setenv("SHOPML_EVENTS__REDIS_URL", url)
-    events = load_settings().events
-    assert (events.backend, events.stream_name) == ("redis", "shopml:events")
+    # the stream is on the online store's Redis, with the password the kubelet put in
+    conn = env["SHOPML_FEAST__REDIS_CONNECTION"]["value"]
+    monkeypatch.setenv("SHOPML_FEAST__REDIS_CONNECTION",
+                       conn.replace("$(SHOPML_REDIS_PASSWORD)", "p@ss:w/rd"))  # fmt: skip
+    settings = load_settings()
+    assert (settings.events.backend, settings.events.stream_name) == ("redis", "shopml:events")
+    host = "redis-master.data.svc.cluster.local"
+    assert redis_url(settings) == f"rediss://:p%40ss%3Aw%2Frd@{host}:6379/0"
     off = render(PRODUCTION, ("stream.enabled=false",))
     assert not [d for d in off if d["metadata"]["name"] == "shopml-stream"]

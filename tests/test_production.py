@@ -281,7 +281,8 @@ def test_feast_online_features_in_redis_and_registry_in_postgres(production, pro
         "select feature_view_name from feature_views where project_id = %s",
         project,
     )
-    assert {v for (v,) in views} == {"user_features", "item_features", "user_recommendations"}
+    assert {v for (v,) in views} == {
+        "user_features", "item_features", "user_recommendations", "session_features"}  # fmt: skip
     assert not (production.home / "feast" / "online.db").exists()
     assert not (production.home / "feast" / "registry.db").exists()
 
@@ -313,6 +314,68 @@ def test_serving_reads_the_champion_and_redis_features(production, prod_settings
         gone = client.get(f"/recommendations/{raw}", params={"k": 5}).json()
         assert gone["fallback"] is True and len(gone["items"]) == 5
         assert gone["fallback_reason"] == "no_online_features"
+
+
+def test_events_go_to_a_redis_stream_and_a_pushed_session_in_redis_shapes_the_answer(
+    production, prod_settings
+):
+    """The production profile's real-time path on the real servers: POST /events appends one
+    entry to a Redis Stream (the run's own key), and a session pushed into Feast's Redis
+    online store takes its items out of the user's next answer."""
+    from fastapi.testclient import TestClient
+    from feast.data_source import PushMode
+    from pydantic import SecretStr
+
+    from serving.app import create_app
+    from shopml.feast_store import open_store
+
+    key = f"{production.prefix}:events"
+    events = prod_settings.events.model_copy(
+        update={"stream_name": key, "token": SecretStr(secrets.token_hex(32))}
+    )
+    settings = prod_settings.model_copy(update={"events": events})
+    assert settings.events.backend == "redis"
+    user = _known_user(prod_settings, 1)
+    raw = _raw_id(prod_settings, user)
+    auth = {"Authorization": f"Bearer {events.token.get_secret_value()}"}
+    try:
+        with TestClient(create_app(settings)) as client:
+            before = [
+                i["item_id"]
+                for i in client.get(f"/recommendations/{raw}", params={"k": 10}).json()["items"]
+            ]
+            event = {
+                "user_id": raw,
+                "item_id": before[0],
+                "event_type": "cart",
+                "timestamp": pd.Timestamp.now(tz="UTC").isoformat(),
+            }
+            r = client.post("/events", json={"events": [event]}, headers=auth)
+            assert r.status_code == 202, r.text
+            assert _redis().xlen(key) == 1
+            ((_, fields),) = _redis().xrange(key)
+            assert json.loads(fields[b"events"])[0][S.USER_ID] == user  # the pseudonym
+            at = pd.Timestamp.now(tz="UTC")
+            open_store(settings).push(
+                "session_push",
+                pd.DataFrame(
+                    {
+                        S.USER_ID: [user],
+                        S.SESSION_ID: ["s"],
+                        S.SESSION_ITEMS: [[before[0]]],
+                        S.SESSION_LENGTH: [1],
+                        S.SESSION_LAST_CATEGORY: [None],
+                        S.SESSION_LAST_EVENT_MS: [int(at.timestamp() * 1000)],
+                        S.ENTITY_TIMESTAMP: [at],
+                    }
+                ),
+                to=PushMode.ONLINE,
+            )
+            after = client.get(f"/recommendations/{raw}", params={"k": 10}).json()
+            assert after["fallback"] is False
+            assert before[0] not in [i["item_id"] for i in after["items"]]
+    finally:
+        _redis().delete(key)  # fmt: skip
 
 
 def test_batch_scoring_writes_the_top_k_into_redis(production, prod_settings):

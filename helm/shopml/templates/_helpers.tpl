@@ -102,13 +102,6 @@ In-cluster URLs and connection strings (never with a password in them).
 {{- join "," $parts }}
 {{- end }}
 
-{{/* redis-py URL of the event stream's Redis (the same server); the password is expanded by the kubelet. */}}
-{{- define "shopml.redisUrl" -}}
-{{- $r := .Values.redis }}
-{{- $auth := ternary ":$(SHOPML_REDIS_PASSWORD)@" "" (ne $r.existingSecret "") }}
-{{- printf "%s://%s%s:%d/%d" (ternary "rediss" "redis" $r.ssl) $auth $r.host (int $r.port) (int $r.db) }}
-{{- end }}
-
 {{/*
 Environment of every ShopML container: the profile ConfigMap (envFrom), then "shopml.env":
 passwords and the user-id key from the existing Secrets and what is built from them. Kubernetes expands $(VAR)
@@ -144,8 +137,6 @@ chart ever seeing it. HOME points at the writable /tmp (the root filesystem is r
   value: {{ include "shopml.redisConnection" . | quote }}
 - name: SHOPML_FEAST_REDIS
   value: $(SHOPML_FEAST__REDIS_CONNECTION)
-- name: SHOPML_EVENTS__REDIS_URL
-  value: {{ include "shopml.redisUrl" . | quote }}
 - name: HOME
   value: /tmp
 {{- end }}
