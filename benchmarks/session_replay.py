@@ -15,9 +15,13 @@ item the user bought before counts as any other). Rows, on the same users for ea
   feature (``served_model.engine.TwoStage.retrieve(session=...)``: the session's items seed
   item-kNN beside the user's most bought and leave the list).
 
-The ranker is the nightly one in both rows: it has not learnt from sessions (issue 15's
-session-trained ranker is a later step). Only users whose basket has more than ``m``
-distinct items count; the CI is the paired bootstrap of the per-user difference.
+The ranker is the nightly one in both rows: it has not learnt from sessions. Two more rows
+use a ranker trained as ``train_ranker`` trains the nightly one (the same replayed rounds,
+retrieval model, quotas, size, features, validation users and seed), except that each
+replayed basket is a session already begun (``mlkit.two_stage.replayed_rows(
+session_items=3)``: its first 0-3 items retrieve, leave the lists, and the rest labels
+them): ``... session-trained ranker``. Only users whose basket has more than ``m`` distinct
+items count; the CI is the paired bootstrap of the per-user difference to the stale row.
 
 ``python -m benchmarks.session_replay [--ds 2025-12-31]``
 """
@@ -47,6 +51,8 @@ from training.ranking import served_retrieval, zoo_sources
 
 STALE = "stale, session excluded"
 FRESH = "fresh session"
+TRAINED = ", session-trained ranker"
+SESSION_ITEMS = 3  # the session-trained ranker's replayed sessions: 0..3 items
 MS = (1, 2, 3)
 
 
@@ -70,8 +76,36 @@ def baskets(settings: Settings, ds: date) -> dict[str, list[str]]:
     return {u: list(dict.fromkeys(g[S.ITEM_ID].astype(str))) for u, g in test.groupby(S.USER_ID)}
 
 
-def ranked(engine: TwoStage, rows: pd.DataFrame) -> dict[str, list[str]]:
-    """Each user's candidates, best first, by the engine's ranker."""
+def session_ranker(settings: Settings, ds: date) -> torch.nn.Module:
+    """A ranker trained as ``train_ranker`` trains the run's, on baskets replayed as
+    sessions already begun (see the module doc)."""
+    from mlkit.two_stage import fit_ranker, ranker_matrix, replayed_rows
+    from training.ranking import replay_two_tower, served_record
+
+    run_dir = settings.paths.run(ds)
+    events = pd.read_parquet(run_dir / "train_events.parquet")
+    earlier = replay_two_tower(settings, ds)
+    study = served_record(run_dir)
+    cfg = version_config(settings.serving, study["retrieval"])
+    rows = replayed_rows(earlier, events, settings.train.ranker_rounds,
+                         partial(point_in_time_features, settings), cfg,
+                         zoo_sources(settings, earlier), SESSION_ITEMS,
+                         settings.train.seed)  # fmt: skip
+    val_users = set(json.loads((run_dir / "ranker_validation_users.json").read_text()))
+    val = rows[S.USER_ID].astype(str).isin(val_users).to_numpy()
+    x, y = ranker_matrix(rows), rows[S.LABEL].to_numpy(np.float32)
+    t, size = settings.train, study["ranker"]
+    net, _ = fit_ranker(x[~val], y[~val], t.ranker_epochs, t.seed, (x[val], y[val]),
+                        batch_size=t.ranker_batch_size, lr=t.ranker_lr,
+                        features=features_of(served_ranker(run_dir)),
+                        cross_layers=size["cross_layers"], hidden=size["hidden"])  # fmt: skip
+    return net.eval()
+
+
+def ranked(
+    engine: TwoStage, rows: pd.DataFrame, ranker: torch.nn.Module | None = None
+) -> dict[str, list[str]]:
+    """Each user's candidates, best first, by ``ranker`` (the engine's by default)."""
     if rows.empty:
         return {}
     scores = engine.score(
@@ -79,6 +113,7 @@ def ranked(engine: TwoStage, rows: pd.DataFrame) -> dict[str, list[str]]:
         rows[list(HISTORY_FEATURES)].to_numpy(np.float32),
         rows[list(S.USER_FEATURES)].to_numpy(np.float32),
         rows[list(S.ITEM_FEATURES)].to_numpy(np.float32),
+        ranker=ranker,
     )
     order = rows.assign(_score=scores).sort_values([S.USER_ID, "_score"], ascending=[True, False])
     return {u: g[S.ITEM_ID].astype(str).tolist() for u, g in order.groupby(S.USER_ID)}
@@ -91,7 +126,13 @@ def replay(settings: Settings, ds: date, k: int) -> pd.DataFrame:
     at = users[S.ENTITY_TIMESTAMP]
     features = partial(point_in_time_features, settings)
     by_user = baskets(settings, ds)
-    stale = ranked(engine, candidate_rows(engine, at, users, features))
+    trained = session_ranker(settings, ds)
+    print("trained the session ranker", flush=True)
+    stale_rows = candidate_rows(engine, at, users, features)
+    stale = {
+        STALE: ranked(engine, stale_rows),
+        STALE + TRAINED: ranked(engine, stale_rows, trained),
+    }
     rows = []
     for m in MS:
         chosen = [u for u, items in by_user.items() if len(items) > m and u in users.index
@@ -100,16 +141,19 @@ def replay(settings: Settings, ds: date, k: int) -> pd.DataFrame:
         truth = {u: set(by_user[u][m:]) for u in chosen}
         sessions = {u: np.array([engine.item_pos[i] for i in by_user[u][:m]]) for u in chosen}
         cart = {u: set(by_user[u][:m]) for u in chosen}
-        base = {u: [i for i in stale.get(u, []) if i not in cart[u]] for u in chosen}
-        fresh = ranked(engine, candidate_rows(engine, at[chosen], users, features, sessions))
-        metrics = {name: rankings_per_user(lists, truth, k).set_index(S.USER_ID)
-                   for name, lists in ((STALE, base), (FRESH, fresh))}  # fmt: skip
+        lists = {name: {u: [i for i in got.get(u, []) if i not in cart[u]] for u in chosen}
+                 for name, got in stale.items()}  # fmt: skip
+        rows_m = candidate_rows(engine, at[chosen], users, features, sessions)
+        lists[FRESH] = ranked(engine, rows_m)
+        lists[FRESH + TRAINED] = ranked(engine, rows_m, trained)
+        metrics = {name: rankings_per_user(got, truth, k).set_index(S.USER_ID)
+                   for name, got in lists.items()}  # fmt: skip
         for name, got in metrics.items():
             row = {"m": m, "row": name, "users": len(chosen)}
             for metric in (f"ndcg_at_{k}", f"recall_at_{k}"):
                 ci = bootstrap_ci(got[metric].to_numpy(), seed=settings.train.seed)
                 row |= {metric: ci.mean, f"{metric}_ci": [ci.low, ci.high]}
-            if name == FRESH:
+            if name != STALE:
                 ref = metrics[STALE][f"ndcg_at_{k}"]
                 diff = paired_ci(got[f"ndcg_at_{k}"], ref, seed=settings.train.seed)
                 row |= {"ratio": float(got[f"ndcg_at_{k}"].mean() / max(ref.mean(), 1e-12)),

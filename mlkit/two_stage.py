@@ -152,6 +152,24 @@ def select_candidates(rows: pd.DataFrame, cfg: ServingConfig) -> pd.DataFrame:
     return rows.iloc[chosen.to_numpy()]  # ``order``'s index: positions in ``rows``
 
 
+def session_prefixes(
+    baskets: pd.DataFrame, item_pos: Mapping[str, int], most: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Each user's held-out basket replayed as a session so far: its first ``m`` distinct
+    items in the order they entered it (``m`` drawn per user from 0..``most``, seeded, and
+    below the basket's size, so something is left to predict); item indices of
+    ``item_pos``; users drawing 0, or with an item the model lacks among them, get none."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    ordered = baskets.sort_values([S.USER_ID, S.TIMESTAMP], kind="stable")
+    for user, group in ordered.groupby(S.USER_ID, sort=True):
+        items = list(dict.fromkeys(group[S.ITEM_ID].astype(str)))
+        m = min(int(rng.integers(0, most + 1)), len(items) - 1)
+        if m > 0 and all(i in item_pos for i in items[:m]):
+            out[str(user)] = np.array([item_pos[i] for i in items[:m]], dtype=np.int64)
+    return out
+
+
 def replayed_rows(
     model: TwoTower,
     events: pd.DataFrame,
@@ -159,12 +177,19 @@ def replayed_rows(
     features: FeatureSource,
     cfg: ServingConfig,
     sources: SourceFit | None = None,
+    session_items: int = 0,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """The ranker's examples: each user's last basket in ``events`` held out again, the lists
     the served path retrieves just before it, labelled by that basket; then the basket before
     that, ``rounds`` times (each round's tables and zoo scorers know only earlier
     purchases; :data:`REPLAY_ROUND` numbers them, 0 the latest). ``model`` retrieves; it
-    should not have learnt from these baskets."""
+    should not have learnt from these baskets.
+
+    ``session_items`` > 0 replays each basket as a session already begun
+    (:func:`session_prefixes`): its first items are the session the lists are retrieved
+    with (as a pushed session is served), they leave the lists, and the rest of the basket
+    labels them: the same point-in-time rules, one moment later in the basket."""
     frames = []
     for r, inner in enumerate(held_out_rounds(events, rounds)):
         purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
@@ -172,7 +197,10 @@ def replayed_rows(
         at = inner.test_time
         moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at})
         users = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
-        rows = candidate_rows(engine, at, users, features)
+        sessions = None
+        if session_items:
+            sessions = session_prefixes(inner.test, engine.item_pos, session_items, seed + r)
+        rows = candidate_rows(engine, at, users, features, sessions)
         bought = pd.MultiIndex.from_frame(inner.test[[S.USER_ID, S.ITEM_ID]])
         label = pd.MultiIndex.from_frame(rows[[S.USER_ID, S.ITEM_ID]]).isin(bought)
         frames.append(rows.assign(**{S.LABEL: label.astype(np.float32), REPLAY_ROUND: r}))

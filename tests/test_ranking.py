@@ -140,3 +140,27 @@ def test_lookup_finds_positions_and_survives_an_empty_table():
     assert found.tolist() == [True, False, True, False] and at[found].tolist() == [1, 2]
     found, _ = _lookup(np.array([], dtype=np.int64), np.array([3, 4]))
     assert found.tolist() == [False, False]
+
+
+def test_replayed_sessions_are_prefixes_of_each_basket_in_the_order_it_was_filled():
+    """A basket replayed as a session already begun: its first m items in add-to-cart
+    (time) order, m in 0..most and below the basket's size; seeded."""
+    import pandas as pd
+
+    from mlkit.two_stage import session_prefixes
+
+    t = pd.Timestamp("2025-03-01", tz="UTC")
+    rows = [(f"u{u}", item, t + pd.Timedelta(seconds=s))
+            for u in range(40) for s, item in enumerate("dcba")]  # fmt: skip
+    rows += [("solo", "a", t), ("odd", "zz", t), ("odd", "a", t + pd.Timedelta(seconds=1))]
+    baskets = pd.DataFrame(rows, columns=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP])
+    baskets = baskets.sample(frac=1.0, random_state=0)  # the order must come from the times
+    pos = {i: n for n, i in enumerate("abcd")}
+    got = {u: list(v) for u, v in session_prefixes(baskets, pos, most=3, seed=0).items()}
+    assert got == {u: list(v) for u, v in session_prefixes(baskets, pos, 3, seed=0).items()}
+    assert "solo" not in got and "odd" not in got  # nothing left to predict; an unknown item
+    lengths = {len(v) for v in got.values()}
+    assert lengths == {1, 2, 3}  # and some users drew 0 (no session)
+    assert 0 < len(got) < 40
+    for items in got.values():
+        assert items == [pos[i] for i in "dcba"[: len(items)]]
