@@ -40,7 +40,7 @@ import torch
 
 from mlkit.bootstrap import bootstrap_ci, paired_ci
 from mlkit.metrics import rankings_per_user
-from mlkit.two_stage import CAND, candidate_rows, offline_engine
+from mlkit.two_stage import CAND, candidate_rows, held_out_events, offline_engine
 from served_model.engine import TwoStage, version_config
 from served_model.ranker import HISTORY_FEATURES, ZOO_SOURCES, features_of
 from shopml import schema as S
@@ -69,11 +69,14 @@ def served_engine(settings: Settings, ds: date) -> TwoStage:
     return offline_engine(purchases, model, ranker, cfg, sources)
 
 
-def baskets(settings: Settings, ds: date) -> dict[str, list[str]]:
-    """Each test user's held-out basket: its distinct items in the order they entered it."""
+def baskets(settings: Settings, ds: date, start: pd.Series) -> dict[str, list[str]]:
+    """Each test user's held-out basket (the run's ``test.parquet``): its distinct items in
+    the order they entered it, from the lake's clean events."""
     test = pd.read_parquet(settings.paths.run(ds) / "test.parquet")
-    test = test[test[S.EVENT_TYPE] == S.PURCHASE].sort_values([S.USER_ID, S.TIMESTAMP])
-    return {u: list(dict.fromkeys(g[S.ITEM_ID].astype(str))) for u, g in test.groupby(S.USER_ID)}
+    clean = pd.read_parquet(settings.paths.clean_events_for(ds),
+                            columns=[S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP])  # fmt: skip
+    held = held_out_events(clean, test, start).sort_values([S.USER_ID, S.TIMESTAMP], kind="stable")
+    return {u: list(dict.fromkeys(g[S.ITEM_ID].astype(str))) for u, g in held.groupby(S.USER_ID)}
 
 
 def session_ranker(settings: Settings, ds: date) -> torch.nn.Module:
@@ -125,7 +128,7 @@ def replay(settings: Settings, ds: date, k: int) -> pd.DataFrame:
     users = pd.read_parquet(run_dir / "test_users.parquet").set_index(S.USER_ID)
     at = users[S.ENTITY_TIMESTAMP]
     features = partial(point_in_time_features, settings)
-    by_user = baskets(settings, ds)
+    by_user = baskets(settings, ds, at)
     trained = session_ranker(settings, ds)
     print("trained the session ranker", flush=True)
     stale_rows = candidate_rows(engine, at, users, features)

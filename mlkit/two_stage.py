@@ -152,6 +152,17 @@ def select_candidates(rows: pd.DataFrame, cfg: ServingConfig) -> pd.DataFrame:
     return rows.iloc[chosen.to_numpy()]  # ``order``'s index: positions in ``rows``
 
 
+def held_out_events(events: pd.DataFrame, test: pd.DataFrame, start: pd.Series) -> pd.DataFrame:
+    """The purchase events of a held-out basket (``test``'s (user, item) pairs, from each
+    user's basket ``start`` on), with their timestamps: the order items entered it (a
+    ``BasketSplit`` keeps the pairs only)."""
+    bought = events[(events[S.EVENT_TYPE] == S.PURCHASE) & events[S.USER_ID].isin(start.index)]
+    times = pd.to_datetime(bought[S.TIMESTAMP], utc=True)
+    bought = bought[times >= pd.to_datetime(bought[S.USER_ID].map(start), utc=True)]
+    pairs = test[[S.USER_ID, S.ITEM_ID]].drop_duplicates()
+    return bought.merge(pairs, on=[S.USER_ID, S.ITEM_ID])
+
+
 def session_prefixes(
     baskets: pd.DataFrame, item_pos: Mapping[str, int], most: int, seed: int
 ) -> dict[str, np.ndarray]:
@@ -191,6 +202,7 @@ def replayed_rows(
     with (as a pushed session is served), they leave the lists, and the rest of the basket
     labels them: the same point-in-time rules, one moment later in the basket."""
     frames = []
+    current = events  # the round's events: its split's train, plus the held-out basket
     for r, inner in enumerate(held_out_rounds(events, rounds)):
         purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
         engine = offline_engine(purchases, model, None, cfg, sources)
@@ -199,7 +211,9 @@ def replayed_rows(
         users = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
         sessions = None
         if session_items:
-            sessions = session_prefixes(inner.test, engine.item_pos, session_items, seed + r)
+            held = held_out_events(current, inner.test, inner.test_time)
+            sessions = session_prefixes(held, engine.item_pos, session_items, seed + r)
+        current = inner.train
         rows = candidate_rows(engine, at, users, features, sessions)
         bought = pd.MultiIndex.from_frame(inner.test[[S.USER_ID, S.ITEM_ID]])
         label = pd.MultiIndex.from_frame(rows[[S.USER_ID, S.ITEM_ID]]).isin(bought)
