@@ -129,8 +129,13 @@ def replay(settings: Settings, ds: date, k: int) -> pd.DataFrame:
     at = users[S.ENTITY_TIMESTAMP]
     features = partial(point_in_time_features, settings)
     by_user = baskets(settings, ds, at)
-    trained = session_ranker(settings, ds)
-    print("trained the session ranker", flush=True)
+    kept = run_dir / "session_ranker.pt"  # seeded: a rerun would train the same ranker
+    if kept.exists():
+        trained = torch.load(kept, weights_only=False).eval()
+    else:
+        trained = session_ranker(settings, ds)
+        torch.save(trained, kept)
+        print("trained the session ranker", flush=True)
     stale_rows = candidate_rows(engine, at, users, features)
     stale = {
         STALE: ranked(engine, stale_rows),
@@ -153,13 +158,13 @@ def replay(settings: Settings, ds: date, k: int) -> pd.DataFrame:
                    for name, got in lists.items()}  # fmt: skip
         for name, got in metrics.items():
             row = {"m": m, "row": name, "users": len(chosen)}
-            for metric in (f"ndcg_at_{k}", f"recall_at_{k}"):
+            for metric in ("ndcg", "recall"):
                 ci = bootstrap_ci(got[metric].to_numpy(), seed=settings.train.seed)
-                row |= {metric: ci.mean, f"{metric}_ci": [ci.low, ci.high]}
+                row |= {f"{metric}_at_{k}": ci.mean, f"{metric}_ci": [ci.low, ci.high]}
             if name != STALE:
-                ref = metrics[STALE][f"ndcg_at_{k}"]
-                diff = paired_ci(got[f"ndcg_at_{k}"], ref, seed=settings.train.seed)
-                row |= {"ratio": float(got[f"ndcg_at_{k}"].mean() / max(ref.mean(), 1e-12)),
+                ref = metrics[STALE]["ndcg"]
+                diff = paired_ci(got["ndcg"], ref, seed=settings.train.seed)
+                row |= {"ratio": float(got["ndcg"].mean() / max(ref.mean(), 1e-12)),
                         "diff": diff.mean, "diff_ci": [diff.low, diff.high]}  # fmt: skip
             rows.append(row)
         print(f"m={m}: {len(chosen)} users", flush=True)
