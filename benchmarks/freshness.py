@@ -11,10 +11,12 @@ that user's current answer. For each event it measures, from the moment the 202 
   item (polled every 20 ms, in this process);
 * ``reflected``: until the service's answer for the user no longer holds the item (the
   session's items leave the answer, so this is the first answer that knows the event;
-  asked every 20 ms once the feature is visible).
+  asked every 20 ms once the feature is visible, for every ``--reflect-every``-th event,
+  so that the asking does not become a load of its own).
 
-Reported with the latency of the recommendation load measured in the same run, and the
-streaming job's own micro-batch durations (from its log). Targets (issue 15): visible p95
+Reported with the latency of the recommendation load, measured in the same run first alone
+(the same server and load, no events and no streaming job: the peer) and then beside the
+events and the job, and the ratio of their p99s. Targets (issue 15): visible p95
 <= 2 s at 100 events/s beside 300 requests/s.
 
 ``python -m benchmarks.freshness [--events 100 --rate 300 --duration 30]``
@@ -71,6 +73,21 @@ def start_stream(log: Path, env: dict[str, str]) -> subprocess.Popen:
         )  # fmt: skip
 
 
+def loadgen(base: str, rate: int, duration: float, out: Path) -> subprocess.Popen:
+    """``benchmarks.loadgen`` (open loop, its own process) on the deployment's users."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.loadgen", "--url", base, "--rate", str(rate),
+         "--duration", str(duration), "--users-file", str(USERS_FILE), "--out", str(out)],
+        cwd=ROOT,
+    )  # fmt: skip
+
+
+def drive(base: str, rate: int, duration: float, out: Path) -> dict[str, object]:
+    """One load step to its end, summarized (``benchmarks.measure.summarize_load``)."""
+    loadgen(base, rate, duration, out).wait()
+    return summarize_load(out, duration)
+
+
 class Probe:
     """One event: sent, then watched until visible in the store and gone from the answer."""
 
@@ -79,20 +96,18 @@ class Probe:
         self.accepted = self.visible = self.reflected = float("nan")
 
 
-def watch(probes: list[Probe], base: str, store, done: threading.Event) -> None:
-    """Until ``done`` is set and every sent probe is reflected (or given up on): read the
-    online store for the sent, not yet visible probes (one batched read), then ask the
-    service about the visible, not yet reflected ones."""
+def watch_visible(probes: list[Probe], store, done: threading.Event) -> None:
+    """Until ``done`` is set and no sent probe is left waiting (or given up on): one batched
+    online-store read of every sent, not yet visible probe, every ``POLL_S``."""
     from shopml import schema as S
 
     refs = [f"session_features:{S.SESSION_ITEMS}"]
     while True:
         now = time.perf_counter()
-        live = [p for p in probes if not math.isnan(p.accepted) and math.isnan(p.reflected)
-                and now - p.accepted < GIVE_UP_S]  # fmt: skip
-        if done.is_set() and not live:
+        waiting = [p for p in probes if not math.isnan(p.accepted) and math.isnan(p.visible)
+                   and now - p.accepted < GIVE_UP_S]  # fmt: skip
+        if done.is_set() and not waiting:
             return
-        waiting = [p for p in live if math.isnan(p.visible)]
         if waiting:
             rows = [{S.USER_ID: p.user} for p in waiting]
             got = store.get_online_features(features=refs, entity_rows=rows).to_dict()
@@ -100,6 +115,18 @@ def watch(probes: list[Probe], base: str, store, done: threading.Event) -> None:
             for p, items in zip(waiting, got[S.SESSION_ITEMS], strict=True):
                 if items and p.item in items:
                     p.visible = seen
+        time.sleep(POLL_S)
+
+
+def watch_reflected(probes: list[Probe], base: str, done: threading.Event) -> None:
+    """The same for the answers: each visible, not yet reflected probe's user is asked for
+    recommendations every ``POLL_S`` until the item has left the answer."""
+    while True:
+        now = time.perf_counter()
+        live = [p for p in probes if not math.isnan(p.accepted) and math.isnan(p.reflected)
+                and now - p.accepted < GIVE_UP_S]  # fmt: skip
+        if done.is_set() and not live:
+            return
         for p in live:
             if not math.isnan(p.visible):
                 answer = _get(f"{base}/recommendations/{p.raw}?k=10")
@@ -115,6 +142,17 @@ def main() -> None:
     p.add_argument("--rate", type=int, default=300, help="recommendation requests a second")
     p.add_argument("--events", type=int, default=100, help="events a second (POST /events)")
     p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument(
+        "--reflect-every",
+        type=int,
+        default=10,
+        help="ask the service about every n-th event (each is asked every 20 ms)",
+    )
+    p.add_argument(
+        "--stream-master",
+        default="local[1]",
+        help="the streaming job's Spark master: one core leaves one to the service",
+    )
     p.add_argument("--rebuild", action="store_true")
     args = p.parse_args()
 
@@ -132,13 +170,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(32)
     env = {**os.environ, "SHOPML_HOME": str(HOME), "SHOPML_EVENTS__TOKEN": token,
-           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+           "SHOPML_SPARK__MASTER": args.stream_master, "PYTHONUNBUFFERED": "1"}  # fmt: skip
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_server(port, out / "server.log", {"SHOPML_EVENTS__TOKEN": token})
-    stream = start_stream(out / "stream.log", env)
+    stream = None
     try:
         ready_s = wait_ready(server, base, out / "server.log", READY_TIMEOUT_S)
+        # the peer, in the same run: the same load on the same server, no events, no job
+        alone = drive(base, args.rate, args.duration, out / "load-alone.json")
+        stream = start_stream(out / "stream.log", env)
         users = USERS_FILE.read_text().split()
         rng = random.Random(0)
         chosen = rng.sample(users, int(args.events * args.duration) + 1)
@@ -157,22 +198,22 @@ def main() -> None:
         # the streaming job is up once the first event is visible
         started = time.perf_counter()
         send(probes[0])
-        done = threading.Event()
-        watch_first = threading.Thread(target=watch, args=([probes[0]], base, store, done))
-        watch_first.start()
-        done.set()
-        watch_first.join()
+        first = threading.Event()
+        first.set()
+        watch_visible([probes[0]], store, first)
         stream_ready_s = time.perf_counter() - started
         probes = probes[1:]
+        asked = probes[:: args.reflect_every]  # a sample: the asking must not become load
 
         load_out = out / "load.json"
-        load = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.loadgen", "--url", base, "--rate", str(args.rate),
-             "--duration", str(args.duration), "--users-file", str(USERS_FILE),
-             "--out", str(load_out)], cwd=ROOT)  # fmt: skip
+        load = loadgen(base, args.rate, args.duration, load_out)
         done = threading.Event()
-        watcher = threading.Thread(target=watch, args=(probes, base, store, done))
-        watcher.start()
+        watchers = [
+            threading.Thread(target=watch_visible, args=(probes, store, done)),
+            threading.Thread(target=watch_reflected, args=(asked, base, done)),
+        ]
+        for w in watchers:
+            w.start()
         t0 = time.perf_counter() + 2.0  # the load generator's warm-up
         for i, probe in enumerate(probes):
             delay = t0 + i / args.events - time.perf_counter()
@@ -180,14 +221,16 @@ def main() -> None:
                 time.sleep(delay)
             send(probe)
         done.set()
-        watcher.join()
+        for w in watchers:
+            w.join()
         load.wait()
         loaded = summarize_load(load_out, args.duration)
     finally:
         stop_server(server)
-        stop_server(stream)
+        if stream is not None:
+            stop_server(stream)
     visible = np.array([(p.visible - p.accepted) * 1000 for p in probes])
-    reflected = np.array([(p.reflected - p.accepted) * 1000 for p in probes])
+    reflected = np.array([(p.reflected - p.accepted) * 1000 for p in asked])
     result = {
         "deployment": marker,
         "events_per_s": args.events,
@@ -197,11 +240,15 @@ def main() -> None:
         "stream_first_event_s": round(stream_ready_s, 1),
         "events": len(probes),
         "never_visible": int(np.isnan(visible).sum()),
+        "reflected_asked": len(asked),
         "never_reflected": int(np.isnan(reflected).sum()),
         "visible_ms": percentiles(visible[~np.isnan(visible)]),
         "reflected_ms": percentiles(reflected[~np.isnan(reflected)]),
         "load": loaded,
+        "load_alone": alone,
+        "p99_ratio_to_alone": loaded["latency_ms"]["p99"] / alone["latency_ms"]["p99"],
         "trigger": settings.events.trigger,
+        "stream_master": args.stream_master,
     }
     (out / "freshness.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "deployment"}, indent=2,
