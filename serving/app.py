@@ -103,7 +103,9 @@ class BatchRequest(BaseModel):
     user_ids: list[UserId] = Field(..., min_length=1, max_length=MAX_BATCH_USERS)
     k: int = Field(10, ge=1, le=MAX_K)
     category: str | None = Field(None, max_length=MAX_ID_LENGTH)
-    explain: bool = Field(False, description="each item's reasons (costs a little latency)")
+    explain: bool = Field(  # strict: 1 or "yes" is not the schema's boolean
+        False, strict=True, description="each item's reasons (costs a little latency)"
+    )
 
 
 class BatchRecommendations(BaseModel):
