@@ -96,8 +96,8 @@ def candidate_rows(
     the candidate's item index, its history features, its position in each source's list
     (:data:`RANK_COLUMNS`, for :func:`select_candidates`) and the user's and item's
     features then. ``user_features`` (indexed by user) feeds retrieval's user vector;
-    ``sessions``: a user's current session (item indices, oldest first), retrieved and
-    filtered with as ``TwoStage.rank`` does."""
+    ``sessions``: a user's current session (item indices, oldest first), retrieved with as
+    ``TwoStage.rank`` does."""
     model, cfg = engine.model, engine.cfg
     item_ids = np.asarray(model.item_ids, dtype=object)
     frames = []
@@ -107,10 +107,6 @@ def candidate_rows(
         feats = np.nan_to_num(user_features.loc[user, list(S.USER_FEATURES)].to_numpy(np.float32))
         session = (sessions or {}).get(user)
         got = engine.retrieve(model.user_index[user], feats, ranks=True, session=session)
-        if session is not None:
-            out = ~np.isin(got.cand, session)  # in the cart already
-            got = got._replace(cand=got.cand[out], history=got.history[out], ranks=got.ranks[out],
-                               origin=got.origin[out])  # fmt: skip
         frame = pd.DataFrame(got.history, columns=list(HISTORY_FEATURES))
         frame[list(RANK_COLUMNS)] = got.ranks
         frames.append(frame.assign(**{S.USER_ID: user, S.ITEM_ID: item_ids[got.cand],

@@ -109,7 +109,8 @@ class _Memo:
 
 
 class Retrieved(NamedTuple):
-    """Stage 1's answer for one user (:meth:`TwoStage.retrieve`); nothing is filtered yet."""
+    """Stage 1's answer for one user (:meth:`TwoStage.retrieve`): only the session's items
+    are left out; the servable filters come after."""
 
     cand: np.ndarray  # candidates, in the sources' order of priority
     history: np.ndarray  # the evidence on each (HISTORY_FEATURES)
@@ -292,8 +293,6 @@ class TwoStage:
             )
         with _timed(stages, "filter"):
             keep = self.servable(cand, history, reorderable[cand])
-            if session is not None:
-                keep &= ~np.isin(cand, session)
             cand, history, origin = (
                 cand[keep][: self.cfg.max_candidates],
                 history[keep][: self.cfg.max_candidates],
@@ -372,7 +371,8 @@ class TwoStage:
     ) -> Retrieved:
         """Stage 1 (:class:`Retrieved`); ``ranks``: with each candidate's position in every
         source's list (what the offline study of the quotas needs; serving does not ask);
-        ``session``: the current session's items, item-kNN seeds beside the most bought."""
+        ``session``: the current session's items, item-kNN seeds beside the most bought and
+        never candidates themselves (they are in the cart already)."""
         query, ann, memo = self._ann(uidx, user_features)
         hist_items, hist_counts, hist_last = self._history(uidx)
         by_count = hist_items[np.argsort(-hist_counts, kind="stable")]
@@ -386,6 +386,8 @@ class TwoStage:
         cand = np.concatenate(list(sources.values()))
         _, first = np.unique(cand, return_index=True)
         first = np.sort(first)
+        if session is not None:  # the cart's items are not offered again
+            first = first[~np.isin(cand[first], session)]
         cand = cand[first]  # union, in the sources' order of priority
         ends = np.cumsum([len(v) for v in sources.values()])
         origin = np.asarray(list(sources), dtype=object)[np.searchsorted(ends, first, "right")]

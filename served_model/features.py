@@ -45,18 +45,26 @@ class OnlineFeatures:
                 return False
         return self._has_sessions
 
-    def _read(
-        self, refs: list[str], key: str, ids: list[str], names: tuple[str, ...]
-    ) -> np.ndarray:
+    def _fetch(self, refs: list[str], key: str, ids: list[str]) -> dict[str, list]:
+        """One online read; every failure is :class:`FeaturesUnavailable`."""
         try:
-            out = self.store.get_online_features(
+            return self.store.get_online_features(
                 features=refs, entity_rows=[{key: i} for i in ids]
             ).to_dict()
         except Exception as exc:  # Feast raises backend-specific errors (sqlite3, redis, ...)
             raise FeaturesUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        cols = [np.array([np.nan if v is None else v for v in out[n]], dtype=np.float32)
-                for n in names]  # fmt: skip
-        return np.stack(cols, axis=1) if cols else np.zeros((len(ids), 0), np.float32)
+
+    @staticmethod
+    def _matrix(out: dict[str, list], names: tuple[str, ...], n: int) -> np.ndarray:
+        """The ``names`` columns of a read as float32 ``(n, len(names))``, missing = NaN."""
+        cols = [np.array([np.nan if v is None else v for v in out[c]], dtype=np.float32)
+                for c in names]  # fmt: skip
+        return np.stack(cols, axis=1) if cols else np.zeros((n, 0), np.float32)
+
+    def _read(
+        self, refs: list[str], key: str, ids: list[str], names: tuple[str, ...]
+    ) -> np.ndarray:
+        return self._matrix(self._fetch(refs, key, ids), names, len(ids))
 
     def users(self, user_ids: list[str]) -> np.ndarray:
         """``(n, len(USER_FEATURES))``; a user with no online row is all NaN."""
@@ -69,16 +77,8 @@ class OnlineFeatures:
         (oldest first) and the epoch ms of its last event, or None (no session pushed)."""
         if not self._sessions_known():
             return self.users(user_ids), [None] * len(user_ids)
-        try:
-            out = self.store.get_online_features(
-                features=self._user_refs + self._session_refs,
-                entity_rows=[{S.USER_ID: u} for u in user_ids],
-            ).to_dict()
-        except Exception as exc:  # as in _read
-            raise FeaturesUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        cols = [np.array([np.nan if v is None else v for v in out[n]], dtype=np.float32)
-                for n in S.USER_FEATURES]  # fmt: skip
-        values = np.stack(cols, axis=1)
+        out = self._fetch(self._user_refs + self._session_refs, S.USER_ID, user_ids)
+        values = self._matrix(out, S.USER_FEATURES, len(user_ids))
         sessions = [
             (list(items), int(at)) if items and at is not None else None
             for items, at in zip(out[S.SESSION_ITEMS], out[S.SESSION_LAST_EVENT_MS], strict=True)
