@@ -1,5 +1,5 @@
 # ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
-.PHONY: install demo demo-search bench-search bench-compression bench-chaos bench-freshness bench-session test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
+.PHONY: install demo demo-search bench-search bench-compression bench-chaos bench-freshness bench-session bench-intraday test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
 
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
@@ -36,6 +36,9 @@ bench-chaos:  ## Faults under load (own Redis and PostgreSQL: Redis down, regist
 
 bench-freshness:  ## POST /events -> online store -> next answer at 100 events/s beside 300 requests/s (the bench-serving deployment)
 	. scripts/env.sh && python -m benchmarks.freshness
+
+bench-intraday:  ## The intraday_update DAG (Airflow) on the next day of Instacart events after `scripts/demo.sh 2025-12-16`
+	. scripts/env.sh && python -m benchmarks.intraday
 
 bench-session:  ## Session replay on the last demo run: the rest of each held-out basket after its first 1-3 items, stale vs fresh session
 	. scripts/env.sh && python -m benchmarks.session_replay

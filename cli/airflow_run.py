@@ -195,10 +195,11 @@ class Airflow:
         return RunResult(run_id, run["state"], run["start_date"], run["end_date"],
                          float(run.get("duration") or 0.0), tasks)  # fmt: skip
 
-    def failures(self, result: RunResult, tail: int = 3000) -> str:
+    def failures(self, result: RunResult, tail: int = 3000, dag_id: str = DAG_ID) -> str:
         """The end of every failed task's log (what to read when a run fails)."""
         failed = [t["task_id"] for t in result.tasks if t["state"] == "failed"]
-        return "\n".join(f"--- {task} ---\n" + log_text(self.task_log(result.run_id, task))[-tail:]
+        return "\n".join(f"--- {task} ---\n"
+                         + log_text(self.task_log(result.run_id, task, dag_id))[-tail:]
                          for task in failed)  # fmt: skip
 
     def task_log(self, run_id: str, task_id: str, dag_id: str = DAG_ID) -> Path:

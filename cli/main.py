@@ -305,6 +305,60 @@ def stream(
            "rows": sum(int(b.get("numInputRows", 0)) for b in query.recentProgress)})  # fmt: skip
 
 
+@app.command()
+def intraday(
+    until: Annotated[
+        str, typer.Option(help="the window's end, ISO-8601 (UTC unless it names a zone)")
+    ],
+    eval_hours: Annotated[
+        float | None,
+        typer.Option(help="the most recent hours held out (SHOPML_INTRADAY__EVAL_HOURS)"),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="passes over the new purchases (SHOPML_INTRADAY__EPOCHS)")
+    ] = None,
+) -> None:
+    """The intraday_update DAG in one process: the champion's two-tower warm-started on the
+    purchases streamed since its data ended, judged on the last hours, registered as the
+    ``challenger`` (training/intraday.py)."""
+    from shopml.config import settings_from_params
+    from training import intraday as stage
+
+    try:
+        when = stage.utc(until)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--until must be ISO-8601, got {until!r}") from exc
+    settings = settings_from_params({"eval_hours": eval_hours, "intraday_epochs": epochs})
+    try:
+        _echo(stage.run(settings, when))
+    except (stage.NoChampion, stage.NothingToLearn) as exc:
+        typer.echo(f"no update: {exc}", err=True)
+        raise typer.Exit(0) from exc
+
+
+@app.command()
+def synth(
+    events: Annotated[int, typer.Option(min=1, help="rows of the interaction log")],
+    users: Annotated[int, typer.Option(min=1, help="shoppers")],
+    items: Annotated[int, typer.Option(min=1, help="products")],
+    out: Annotated[str, typer.Option(help="directory for events/ and items/ (replaced)")],
+    days: Annotated[int, typer.Option(min=1, help="the timeline's length, to 2025-12-30")] = 120,
+    defect_rate: Annotated[float, typer.Option(min=0, max=0.99, help="defective rows")] = 0.001,
+    seed: Annotated[int, typer.Option(help="same seed and sizes, same rows")] = 42,
+) -> None:
+    """A synthetic retailer in the canonical schema, with Spark (spark_jobs/synth.py): Zipf
+    popularity, periodic repeat purchases, view -> click/cart/purchase funnels, defects.
+    A benchmark and test input (`land --source OUT`), never the demo's data."""
+    from pathlib import Path
+
+    from spark_jobs.session import get_spark
+    from spark_jobs.synth import Shape, write
+
+    shape = Shape(events, users, items, days=days, defect_rate=defect_rate, seed=seed)
+    spark = get_spark(load_settings().spark, "shopml-synth")
+    _echo(write(spark, shape, Path(out)))
+
+
 # --- search (dags/search_retrain.py): `shopml search <stage> --ds ...` -------------------------
 search_app = typer.Typer(help="The product search pipeline's stages (the search_retrain DAG).")
 app.add_typer(search_app, name="search")

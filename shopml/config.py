@@ -446,7 +446,37 @@ class EventsConfig(BaseModel):
         "the lake",
     )
     trigger: str = Field("500 milliseconds", description="the streaming job's micro-batch interval")
+    state_partitions: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="partitions of the session query's state (its shuffle partitions): each is "
+        "a task of every micro-batch, so few keep micro-batches short; fixed by the query's "
+        "first start (its checkpoint keeps it)",
+    )
     session_items: int = Field(20, ge=1, le=200, description="a session's most recent items kept")
+
+
+class IntradayConfig(BaseModel):
+    """The hourly update (``training.intraday``, DAG ``intraday_update``): the champion's
+    two-tower warm-started on the purchases streamed since its data ended, judged on the
+    most recent hours, registered under the ``challenger`` alias."""
+
+    schedule: str = Field(
+        "@hourly",
+        description="the intraday DAG's Airflow schedule (manual only while the nightly "
+        "schedule is 'none', as in the embedded demo)",
+    )
+    epochs: int = Field(2, ge=1, le=50, description="passes over the new purchases")
+    lr_scale: float = Field(
+        0.25, gt=0, le=1, description="the warm start's learning rate, as a share of train.lr"
+    )
+    eval_hours: float = Field(
+        1.0, gt=0, le=168, description="the most recent hours held out to judge the update"
+    )
+    min_examples: int = Field(
+        1, ge=1, description="fewer new purchases than this: no update is trained (skipped)"
+    )
 
 
 class Settings(BaseSettings):
@@ -476,6 +506,7 @@ class Settings(BaseSettings):
     search: SearchConfig = SearchConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     events: EventsConfig = EventsConfig()
+    intraday: IntradayConfig = IntradayConfig()
 
     @field_validator("schedule")
     @classmethod
@@ -577,6 +608,9 @@ PARAM_FIELDS: dict[str, tuple[str, str]] = {
     "promotion_margin": ("eval", "promotion_margin"),
     "models": ("eval", "models"),
     "model_configs": ("eval", "model_configs"),
+    # intraday_update
+    "intraday_epochs": ("intraday", "epochs"),
+    "eval_hours": ("intraday", "eval_hours"),
     # search_retrain
     "search_source": ("search", "source"),
     "max_products": ("search", "max_products"),

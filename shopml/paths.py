@@ -144,6 +144,10 @@ class Paths:
         """Scratch and outputs of the search DAG run of ``ds`` (models, bundle, evaluation)."""
         return partition(self.home / "search_runs", ds)
 
+    def intraday_run(self, until: datetime) -> Path:
+        """Scratch and outputs of the intraday update whose window ends at ``until`` (UTC)."""
+        return self.home / "runs" / "intraday" / f"until={until.astimezone(UTC):%Y-%m-%dT%H%M%SZ}"
+
     # --- real-time events (shopml.stream, spark_jobs.streaming) ------------------------------
     @property
     def event_stream(self) -> Path:

@@ -19,6 +19,8 @@ under ``SHOPML_HOME/stream/checkpoints``, so each resumes where it stopped:
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shopml import schema as S
@@ -82,12 +84,14 @@ def session_features(events: DataFrame, watermark: str, max_items: int) -> DataF
 def latest_sessions(batch: DataFrame, items: DataFrame | None):
     """A micro-batch's changed sessions as the push source's rows (pandas): each user's
     newest session only (the online store keeps one row per user), with the category of
-    its last item from the catalog."""
-    from pyspark.sql import Window
+    its last item from the catalog.
+
+    The catalog join is a broadcast (map-side) join and the newest session is chosen in
+    pandas, on the few rows a micro-batch changes: no shuffle stage is added to every
+    micro-batch, whose time is the feature's freshness."""
     from pyspark.sql import functions as F
 
-    newest = Window.partitionBy(S.USER_ID).orderBy(F.col("last_event").desc(), S.SESSION_ID)
-    rows = batch.withColumn("_n", F.row_number().over(newest)).where("_n = 1")
+    rows = batch
     if items is not None:
         catalog = items.select(
             F.col(S.ITEM_ID).alias(_LAST_ITEM), F.col(S.CATEGORY).alias(S.SESSION_LAST_CATEGORY)
@@ -101,6 +105,15 @@ def latest_sessions(batch: DataFrame, items: DataFrame | None):
         F.unix_millis("last_event").alias(S.SESSION_LAST_EVENT_MS),
         F.col("last_event").alias(S.ENTITY_TIMESTAMP),
     ).toPandas()
+    out = (
+        out.sort_values(
+            [S.USER_ID, S.SESSION_LAST_EVENT_MS, S.SESSION_ID],
+            ascending=[True, False, True],
+            kind="stable",
+        )  # fmt: skip
+        .drop_duplicates(S.USER_ID)
+        .reset_index(drop=True)
+    )
     out[S.ENTITY_TIMESTAMP] = out[S.ENTITY_TIMESTAMP].dt.tz_localize("UTC")
     out[S.SESSION_ITEMS] = out[S.SESSION_ITEMS].map(list)
     return out
@@ -147,8 +160,17 @@ def start_session_features(
         .foreachBatch(push)
     )
     if once:
-        return writer.trigger(availableNow=True).start()
-    return writer.trigger(processingTime=cfg.trigger).start()
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=cfg.trigger)
+    # the query plans every micro-batch in a copy of the session taken at start: the state's
+    # partitions are set for it alone
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", str(cfg.state_partitions))
+    try:
+        return writer.start()
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", before)
 
 
 def archive(settings: Settings, spark: SparkSession | None = None) -> dict[str, int]:
@@ -196,3 +218,31 @@ def streamed_events(spark: SparkSession, settings: Settings, ds) -> DataFrame | 
     end = F.to_timestamp(F.lit(end_of_day(ds).strftime("%Y-%m-%d %H:%M:%S")))
     events = spark.read.parquet(str(root)).where(F.col(S.TIMESTAMP) < end)
     return events.select(*S.EVENT_COLUMNS)
+
+
+def streamed_between(
+    settings: Settings, start: datetime, end: datetime, out: Path,
+    spark: SparkSession | None = None,
+) -> int:  # fmt: skip
+    """Drain the stream into the lake (:func:`archive`), then write the archived events
+    stamped in ``[start, end)`` to the Parquet directory ``out`` (canonical columns; none
+    written when the stream never held an event); returns their count.
+
+    The intraday update reads its events this way: from the exactly-once archive ``land``
+    reads, so the hourly and the nightly paths see one set of events.
+    """
+    from pyspark.sql import functions as F
+
+    archive(settings, spark)
+    root = settings.paths.streamed_events
+    if not (root / "_spark_metadata").exists():
+        return 0
+    spark = spark or get_spark(settings.spark, "shopml-intraday")
+
+    def at(t: datetime):
+        return F.to_timestamp(F.lit(t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")))
+
+    stamped = F.col(S.TIMESTAMP)
+    events = spark.read.parquet(str(root)).where((stamped >= at(start)) & (stamped < at(end)))
+    events.select(*S.EVENT_COLUMNS).coalesce(1).write.mode("overwrite").parquet(str(out))
+    return spark.read.parquet(str(out)).count()

@@ -164,3 +164,34 @@ def test_search_dag_is_a_chain_with_typed_params_and_parses_light(tmp_path):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_intraday_dag_is_an_hourly_chain_with_typed_params_and_parses_light(monkeypatch, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.delenv("SHOPML_SCHEDULE", raising=False)
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    dag = bag.dags["intraday_update"]
+    steps = ["stream_window", "warm_start", "register_challenger"]
+    for upstream, downstream in zip(steps, steps[1:], strict=False):
+        assert dag.get_task(upstream).downstream_task_ids == {downstream}
+    assert set(dag.params.keys()) == {
+        "until", "eval_hours", "intraday_epochs", "workers", "promotion_margin"
+    }  # fmt: skip
+    assert dag.timetable.expression == "0 * * * *" and dag.max_active_runs == 1
+    monkeypatch.setenv("SHOPML_SCHEDULE", "none")  # the embedded demo: manual runs only
+    manual = DagBag(dag_folder=str(REPO / "dags")).dags["intraday_update"]
+    assert manual.schedule is None and not manual.timetable.can_be_scheduled
+    code = (
+        "import runpy, sys, json;"
+        f"runpy.run_path({str(REPO / 'dags' / 'intraday_update.py')!r});"
+        "heavy=[m for m in ('pyspark','torch','mlflow','feast','pandas') if m in sys.modules];"
+        "print(json.dumps(heavy))"
+    )
+    env = {"AIRFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

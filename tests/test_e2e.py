@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -379,3 +379,61 @@ def test_a_forgotten_user_leaves_the_lake_feast_and_every_later_land(
     users = set(pd.read_parquet(s.paths.raw_events_for(day))[S.USER_ID])
     assert user not in users and tested.iloc[2] in users
     assert not _files_holding(lake, user)
+
+
+def test_intraday_update_learns_streamed_purchases_and_the_nightly_gate_settles_it(
+    pipeline_settings,
+):
+    """The held-out baskets of the shared run, streamed again as the next day's purchases:
+    the champion's two-tower warm-starts on the morning's, is judged on the afternoon's,
+    is registered and (unless worse) becomes the challenger; a rerun cuts the same events;
+    the nightly gate then settles it."""
+    import torch
+
+    from shopml.stream import stream_of
+    from training import intraday, ledger, registry
+
+    s = pipeline_settings
+    s = s.model_copy(update={
+        "intraday": s.intraday.model_copy(update={"eval_hours": 12.0, "epochs": 2}),
+        "train": s.train.model_copy(update={"workers": 1}),
+    })  # fmt: skip
+    champion = registry.champion_version(s)
+    baskets = pd.read_parquet(s.paths.run(PIPELINE_DS) / "test.parquet")
+    hour = {u: i % 24 for i, u in enumerate(sorted(baskets[S.USER_ID].unique()))}
+    day = pd.Timestamp("2026-01-01", tz="UTC")
+    events = [
+        {S.USER_ID: u, S.ITEM_ID: str(item), S.EVENT_TYPE: S.PURCHASE, S.SESSION_ID: f"{u}-next",
+         S.QUERY: None,
+         S.TIMESTAMP: int((day + pd.Timedelta(hours=hour[u], seconds=i)).timestamp() * 1e6)}
+        for i, (u, item) in enumerate(zip(baskets[S.USER_ID], baskets[S.ITEM_ID], strict=True))
+    ]  # fmt: skip
+    stream_of(s).append(events)
+    until = datetime(2026, 1, 2, tzinfo=intraday.UTC)
+
+    out = intraday.run(s, until)
+    assert out["window"]["events"] == len(events)
+    morning = sum(hour[e[S.USER_ID]] < 12 for e in events)
+    assert out["warm_start"]["purchases"] == morning > 0
+    assert out["warm_start"]["examples"] == morning  # every user and item is known
+    run_dir = s.paths.intraday_run(until)
+    before = torch.load(run_dir / intraday.CHAMPION_MODEL, weights_only=False)
+    after = torch.load(run_dir / intraday.UPDATE_MODEL, weights_only=False)
+    assert not torch.equal(before.user_emb.weight, after.user_emb.weight)  # it learnt
+    result = out["challenger"]
+    assert result["judged_users"] == len({u for u, h in hour.items() if h >= 12})
+    version = result["version"]
+    tags = registry.version_tags(s, version)
+    assert tags["warm_start_of"] == champion and tags["intraday_gate"] == result["intraday_gate"]
+    assert tags["data_end"] == "2026-01-01T12:00:00+00:00"
+    expected = version if result["challenger"] else None
+    assert registry.alias_version(s, registry.CHALLENGER) == expected
+    assert ledger.entries(s)[-1].action == "challenger"
+    # a rerun of the hour cuts the same events from the archive (exactly once)
+    assert intraday.stream_window(s, until)["events"] == len(events)
+
+    with ledger.alias_lock(s):
+        intraday.settle_challenger(s, date(2026, 1, 1), None)
+    assert registry.alias_version(s, registry.CHALLENGER) is None
+    promoted = result["challenger"] and result["intraday_gate"] == "promote"
+    assert registry.champion_version(s) == (version if promoted else champion)

@@ -22,7 +22,7 @@ from mlkit.interactions import Interactions
 from shopml import schema as S
 from shopml.config import Settings
 from shopml.feast_store import point_in_time_features
-from training import gate, ledger, registry, report
+from training import gate, intraday, ledger, registry, report
 from training.compress import quantize_int8
 from training.evaluate import (
     ScorerFactory,
@@ -500,6 +500,10 @@ def promote(settings: Settings, ds: date) -> Decision:
                 metrics=ledger.metrics_of(verdict.numbers),
             ),
         )
+        # the intraday challenger (training.intraday): promoted, kept or retired here
+        settled = intraday.settle_challenger(settings, ds, version if promoted else None)
+    if settled:
+        print(settled)
     decision = Decision(version, promoted, reason, ndcg, ratio, verdict.to_dict())
     description = report.decision_markdown(
         verdict, table.reset_index(), k, ds.isoformat(), candidate, version, promoted

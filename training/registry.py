@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -215,3 +216,22 @@ def set_alias(settings: Settings, alias: str, version: str) -> None:
 
     use_tracking(settings)
     MlflowClient().set_registered_model_alias(settings.model_name, alias, version)
+
+
+def delete_alias(settings: Settings, alias: str) -> None:
+    """Remove ``alias`` (serving then sends its users to the champion); absent is fine."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    use_tracking(settings)
+    with contextlib.suppress(MlflowException):
+        MlflowClient().delete_registered_model_alias(settings.model_name, alias)
+
+
+def version_tags(settings: Settings, version: str) -> dict[str, str]:
+    """The tags a version was registered with (``ds``, ``run_id``, an intraday update's
+    ``data_end`` and ``warm_start_of`` ...)."""
+    from mlflow import MlflowClient
+
+    use_tracking(settings)
+    return dict(MlflowClient().get_model_version(settings.model_name, version).tags)
