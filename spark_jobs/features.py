@@ -62,12 +62,14 @@ def _ratio(num: str, den: str):
     return F.when(F.col(den) > 0, F.col(num) / F.col(den)).otherwise(F.lit(0.0))
 
 
-def user_features(events: DataFrame) -> DataFrame:
-    """Daily cumulative user features (see :data:`shopml.schema.USER_FEATURES`)."""
+def user_features(events: DataFrame, flagged: bool = False) -> DataFrame:
+    """Daily cumulative user features (see :data:`shopml.schema.USER_FEATURES`);
+    ``flagged``: ``events`` went through :func:`with_basket_and_flags` already (the job
+    flags once for both tables: the flags' window is a full shuffle and sort)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    ev = with_basket_and_flags(events)
+    ev = events if flagged else with_basket_and_flags(events)
     daily = ev.groupBy(S.USER_ID, DAY).agg(
         F.count(F.lit(1)).alias("events"),
         F.sum("is_purchase").alias("purchases"),
@@ -95,12 +97,13 @@ def user_features(events: DataFrame) -> DataFrame:
     )
 
 
-def item_features(events: DataFrame) -> DataFrame:
-    """Daily cumulative item features, plus purchases over the trailing 30 days."""
+def item_features(events: DataFrame, flagged: bool = False) -> DataFrame:
+    """Daily cumulative item features, plus purchases over the trailing 30 days
+    (``flagged``: as :func:`user_features`)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    ev = with_basket_and_flags(events)
+    ev = events if flagged else with_basket_and_flags(events)
     daily = ev.groupBy(S.ITEM_ID, DAY).agg(
         F.count(F.lit(1)).alias("events"),
         F.sum("is_purchase").alias("purchases"),

@@ -216,11 +216,13 @@ def build_features(
     """User and item daily feature snapshots from the cleaned events of ``ds``."""
     spark = spark or get_spark(settings.spark, "shopml-features")
     p = settings.paths
-    events = spark.read.parquet(str(p.clean_events_for(ds))).cache()
+    events = spark.read.parquet(str(p.clean_events_for(ds)))
+    # flagged once, kept for both tables: the flags' window is the job's costliest step
+    flagged = F.with_basket_and_flags(events).cache()
     out = p.features_for(ds)
-    F.user_features(events).write.mode("overwrite").parquet(str(out / "user"))
-    F.item_features(events).write.mode("overwrite").parquet(str(out / "item"))
-    events.unpersist()
+    F.user_features(flagged, flagged=True).write.mode("overwrite").parquet(str(out / "user"))
+    F.item_features(flagged, flagged=True).write.mode("overwrite").parquet(str(out / "item"))
+    flagged.unpersist()
     return {
         "user_rows": spark.read.parquet(str(out / "user")).count(),
         "item_rows": spark.read.parquet(str(out / "item")).count(),

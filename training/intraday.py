@@ -213,6 +213,8 @@ def warm_start(settings: Settings, until: datetime) -> dict[str, Any]:
     task = WarmStartTask(run_dir, cfg.dim, cfg.negatives, init=str(run_dir / CHAMPION_MODEL))
     model, curve = launch(task, loop, cfg.workers, env=service_environment(settings))
     torch.save(model, run_dir / UPDATE_MODEL)
+    # the checkpoint served a retry of this task; a later rerun of the hour trains afresh
+    Path(loop.checkpoint).unlink(missing_ok=True)
     (run_dir / "loss_curve.json").write_text(json.dumps(curve))
     out = {**counts, "epochs": len(curve), "final_loss": curve[-1]["loss"]}
     (run_dir / "warm_start.json").write_text(json.dumps(out, indent=2))

@@ -1,0 +1,98 @@
+"""The nightly pipeline's stages at growing sizes: wall time, peak memory, rows/s, exponents.
+
+For each ``--events`` size, a synthetic retailer (``shopml synth``: users = events / 100,
+items = events / 200, at least 100 and 1,000; 0.1% defects) is generated, then every stage
+of the nightly DAG runs in order as its own ``shopml <stage> --ds`` process (what each Airflow
+task runs) on a fresh ``SHOPML_HOME``, and the process's wall time and peak resident memory
+(``wait4``'s ``ru_maxrss``, the process and nothing else) are recorded. Printed: the table
+stage x size (seconds, peak GiB, source rows/s) and each stage's scaling exponent (the slope
+of log seconds on log events between the sizes; > 1.1 is flagged superlinear).
+
+Settings are the environment's (``SHOPML_TRAIN__EPOCHS``, ``SHOPML_TRAIN__SERVED_STUDY_TRIALS``
+and the others apply, and are printed): say which were lowered beside any figure.
+
+``python -m benchmarks.scale --events 100000 1000000 [--stop-after train]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DS = "2025-12-31"
+STAGES = (
+    "land", "validate-raw", "clean", "features", "validate-features", "feast-sync",
+    "training-set", "train", "train-ranker", "compress", "evaluate", "promote",
+)  # fmt: skip
+
+
+def run_stage(args: list[str], env: dict[str, str], log: Path) -> tuple[float, float, int]:
+    """(seconds, peak GiB, exit code) of one ``shopml`` process."""
+    started = time.perf_counter()
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    return seconds, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--stop-after", choices=STAGES, default=STAGES[-1])
+    p.add_argument("--keep", action="store_true", help="keep each size's SHOPML_HOME")
+    args = p.parse_args()
+    stages = STAGES[: STAGES.index(args.stop_after) + 1]
+    root = Path(tempfile.mkdtemp(prefix="shopml-scale-"))
+    table: dict[str, dict[int, tuple[float, float]]] = {s: {} for s in ("synth", *stages)}
+    for n in args.events:
+        home = root / f"events={n}"
+        env = {**os.environ, "SHOPML_HOME": str(home)}
+        env["AIRFLOW_HOME"] = str(home / "airflow")
+        log = root / f"events={n}.log"
+        users, items = max(100, n // 100), max(1_000, n // 200)
+        source = home / "source"
+        steps = [("synth", ["synth", "--events", str(n), "--users", str(users),
+                            "--items", str(items), "--out", str(source)])]  # fmt: skip
+        steps.append(("land", ["land", "--ds", DS, "--source", str(source)]))
+        steps += [(s, [s, "--ds", DS]) for s in stages[1:]]
+        for name, argv in steps:
+            seconds, gib, code = run_stage(argv, env, log)
+            table[name][n] = (seconds, gib)
+            print(json.dumps({"events": n, "stage": name, "seconds": round(seconds, 1),
+                              "peak_gib": round(gib, 2), "exit": code}), flush=True)  # fmt: skip
+            if code != 0:
+                raise SystemExit(f"{name} failed at {n} events: see {log}")
+    sizes = args.events
+    print(f"\n## Nightly stages by size (events; wall s / peak GiB / events per s; exponent "
+          f"of s on events). Logs: {root}\n")  # fmt: skip
+    print("| stage | " + " | ".join(f"{n:,}" for n in sizes) + " | exponent |")
+    print("|---|" + "---|" * (len(sizes) + 1))
+    for name, by_size in table.items():
+        cells = [f"{by_size[n][0]:.0f} s / {by_size[n][1]:.2f} / {n / by_size[n][0]:,.0f}"
+                 for n in sizes]  # fmt: skip
+        slope = (np.polyfit(np.log(sizes), np.log([by_size[n][0] for n in sizes]), 1)[0]
+                 if len(sizes) > 1 else math.nan)  # fmt: skip
+        flag = " (superlinear)" if slope > 1.1 else ""
+        print(f"| {name} | " + " | ".join(cells) + f" | {slope:.2f}{flag} |")
+    total = {n: sum(t[n][0] for t in table.values()) for n in sizes}
+    print("| total | " + " | ".join(f"{total[n]:.0f} s" for n in sizes) + " | |")
+    if not args.keep:
+        import shutil
+
+        for n in sizes:
+            shutil.rmtree(root / f"events={n}", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
