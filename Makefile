@@ -1,5 +1,5 @@
 # ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
-.PHONY: install demo demo-search bench-search bench-compression bench-chaos bench-freshness bench-session bench-intraday test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
+.PHONY: install demo demo-search bench-search bench-compression bench-chaos bench-freshness bench-session bench-intraday bench-features bench-scale test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
 
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
@@ -39,6 +39,12 @@ bench-freshness:  ## POST /events -> online store -> next answer at 100 events/s
 
 bench-intraday:  ## The intraday_update DAG (Airflow) on the next day of Instacart events after `scripts/demo.sh 2025-12-16`
 	. scripts/env.sh && python -m benchmarks.intraday
+
+bench-features:  ## The Spark feature job vs its DuckDB peer on synthetic logs of 10^6 and 10^7 events (equal rows, timed side by side)
+	. scripts/env.sh && python -m benchmarks.spark_features --sizes 1000000 10000000
+
+bench-scale:  ## Every nightly stage as its own process at 10^5 and 10^6 synthetic events: time, peak memory, exponents
+	. scripts/env.sh && python -m benchmarks.scale --events 100000 1000000
 
 bench-session:  ## Session replay on the last demo run: the rest of each held-out basket after its first 1-3 items, stale vs fresh session
 	. scripts/env.sh && python -m benchmarks.session_replay

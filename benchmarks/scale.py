@@ -3,13 +3,14 @@
 For each ``--events`` size, a synthetic retailer (``shopml synth``: users = events / 100,
 items = events / 200, at least 100 and 1,000; 0.1% defects) is generated, then every stage
 of the nightly DAG runs in order as its own ``shopml <stage> --ds`` process (what each Airflow
-task runs) on a fresh ``SHOPML_HOME``, and the process's wall time and peak resident memory
-(``wait4``'s ``ru_maxrss``, the process and nothing else) are recorded. Printed: the table
+task runs) on a fresh ``SHOPML_HOME``, and its wall time and the peak resident memory of its
+process tree (Spark's JVM and Horovod's workers included, sampled every 100 ms) are
+recorded. Printed: the table
 stage x size (seconds, peak GiB, source rows/s) and each stage's scaling exponent (the slope
 of log seconds on log events between the sizes; > 1.1 is flagged superlinear).
 
 Settings are the environment's (``SHOPML_TRAIN__EPOCHS``, ``SHOPML_TRAIN__SERVED_STUDY_TRIALS``
-and the others apply, and are printed): say which were lowered beside any figure.
+and the others apply): say which were lowered beside any figure.
 
 ``python -m benchmarks.scale --events 100000 1000000 [--stop-after train]``
 """
@@ -17,6 +18,7 @@ and the others apply, and are printed): say which were lowered beside any figure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,14 +38,28 @@ STAGES = (
 
 
 def run_stage(args: list[str], env: dict[str, str], log: Path) -> tuple[float, float, int]:
-    """(seconds, peak GiB, exit code) of one ``shopml`` process."""
+    """(seconds, peak GiB, exit code) of one ``shopml`` process. The peak is of the whole
+    process tree (Spark's JVM and Horovod's workers are children), sampled every 100 ms."""
+    import psutil
+
     started = time.perf_counter()
+    peak = 0
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        _, status, usage = os.wait4(proc.pid, 0)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            total = 0
+            try:
+                for p in (root, *root.children(recursive=True)):
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_info().rss
+            except psutil.Error:
+                pass
+            peak = max(peak, total)
+            time.sleep(0.1)
     seconds = time.perf_counter() - started
-    return seconds, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
+    return seconds, peak / 2**30, proc.returncode
 
 
 def main() -> None:
@@ -55,6 +71,7 @@ def main() -> None:
     stages = STAGES[: STAGES.index(args.stop_after) + 1]
     root = Path(tempfile.mkdtemp(prefix="shopml-scale-"))
     table: dict[str, dict[int, tuple[float, float]]] = {s: {} for s in ("synth", *stages)}
+    failed: dict[int, str] = {}
     for n in args.events:
         home = root / f"events={n}"
         env = {**os.environ, "SHOPML_HOME": str(home)}
@@ -71,22 +88,28 @@ def main() -> None:
             table[name][n] = (seconds, gib)
             print(json.dumps({"events": n, "stage": name, "seconds": round(seconds, 1),
                               "peak_gib": round(gib, 2), "exit": code}), flush=True)  # fmt: skip
-            if code != 0:
-                raise SystemExit(f"{name} failed at {n} events: see {log}")
+            if code != 0:  # the table still shows what ran; this size stops here
+                print(f"{name} FAILED at {n} events (exit {code}): see {log}", flush=True)
+                failed[n] = name
+                break
     sizes = args.events
     print(f"\n## Nightly stages by size (events; wall s / peak GiB / events per s; exponent "
           f"of s on events). Logs: {root}\n")  # fmt: skip
     print("| stage | " + " | ".join(f"{n:,}" for n in sizes) + " | exponent |")
     print("|---|" + "---|" * (len(sizes) + 1))
     for name, by_size in table.items():
-        cells = [f"{by_size[n][0]:.0f} s / {by_size[n][1]:.2f} / {n / by_size[n][0]:,.0f}"
+        cells = [(f"{by_size[n][0]:.0f} s / {by_size[n][1]:.2f} / {n / by_size[n][0]:,.0f}"
+                  + (" FAILED" if failed.get(n) == name else "")) if n in by_size else "-"
                  for n in sizes]  # fmt: skip
-        slope = (np.polyfit(np.log(sizes), np.log([by_size[n][0] for n in sizes]), 1)[0]
-                 if len(sizes) > 1 else math.nan)  # fmt: skip
+        ok = [n for n in sizes if n in by_size and failed.get(n) != name]
+        slope = (np.polyfit(np.log(ok), np.log([by_size[n][0] for n in ok]), 1)[0]
+                 if len(ok) > 1 else math.nan)  # fmt: skip
         flag = " (superlinear)" if slope > 1.1 else ""
         print(f"| {name} | " + " | ".join(cells) + f" | {slope:.2f}{flag} |")
-    total = {n: sum(t[n][0] for t in table.values()) for n in sizes}
+    total = {n: sum(t[n][0] for t in table.values() if n in t) for n in sizes}
     print("| total | " + " | ".join(f"{total[n]:.0f} s" for n in sizes) + " | |")
+    if failed:
+        print(f"failed: {failed}")
     if not args.keep:
         import shutil
 
