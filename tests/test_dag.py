@@ -151,19 +151,8 @@ def test_search_dag_is_a_chain_with_typed_params_and_parses_light(tmp_path):
         "cross_encoder_pairs", "eval_queries", "search_promotion_margin", "student_layers",
         "distil_pairs", "compression_tolerance",
     }  # fmt: skip
-    code = (
-        "import runpy, sys, json;"
-        f"runpy.run_path({str(REPO / 'dags' / 'search_retrain.py')!r});"
-        "heavy=[m for m in ('pyspark','torch','mlflow','sentence_transformers','pandas')"
-        " if m in sys.modules];"
-        "print(json.dumps(heavy))"
-    )
-    env = {"AIRFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    heavy = ("pyspark", "torch", "mlflow", "sentence_transformers", "pandas")
+    assert _heavy_after_parsing("search_retrain.py", tmp_path, heavy) == []
 
 
 def test_intraday_dag_is_an_hourly_chain_with_typed_params_and_parses_light(monkeypatch, tmp_path):
@@ -183,15 +172,20 @@ def test_intraday_dag_is_an_hourly_chain_with_typed_params_and_parses_light(monk
     monkeypatch.setenv("SHOPML_SCHEDULE", "none")  # the embedded demo: manual runs only
     manual = DagBag(dag_folder=str(REPO / "dags")).dags["intraday_update"]
     assert manual.schedule is None and not manual.timetable.can_be_scheduled
+    heavy = ("pyspark", "torch", "mlflow", "feast", "pandas")
+    assert _heavy_after_parsing("intraday_update.py", tmp_path, heavy) == []
+
+
+def _heavy_after_parsing(dag_file: str, tmp_path, modules: tuple[str, ...]) -> list[str]:
+    """The ``modules`` a fresh interpreter has imported after parsing ``dags/<dag_file>``."""
     code = (
         "import runpy, sys, json;"
-        f"runpy.run_path({str(REPO / 'dags' / 'intraday_update.py')!r});"
-        "heavy=[m for m in ('pyspark','torch','mlflow','feast','pandas') if m in sys.modules];"
-        "print(json.dumps(heavy))"
+        f"runpy.run_path({str(REPO / 'dags' / dag_file)!r});"
+        f"print(json.dumps([m for m in {list(modules)!r} if m in sys.modules]))"
     )
     env = {"AIRFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    return json.loads(out.stdout.strip().splitlines()[-1])
