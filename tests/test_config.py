@@ -51,6 +51,8 @@ def test_every_dag_param_reaches_its_settings_field(monkeypatch):
         "student_layers": 2,
         "distil_pairs": 128,
         "compression_tolerance": 0.03,
+        "intraday_epochs": 3,
+        "eval_hours": 6.0,
     }
     assert set(params) == set(PARAM_FIELDS)  # a new Param needs its field here
     s = settings_from_params(params)
@@ -69,14 +71,15 @@ def test_the_dags_declare_exactly_the_params_settings_read():
     from shopml.config import PARAM_FIELDS
 
     declared: set[str] = set()
-    for name in ("nightly_retrain.py", "search_retrain.py"):
+    for name in ("nightly_retrain.py", "search_retrain.py", "intraday_update.py"):
         dag = Path(__file__).resolve().parents[1] / "dags" / name
         tree = ast.parse(dag.read_text())
         params = next(
             n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "PARAMS"
         )
         declared |= {k.value for k in params.keys}
-    assert declared - {"precompute_k"} == set(PARAM_FIELDS)  # precompute_k: the batch task's
+    # precompute_k: the batch task's; until: the intraday window's end, the task's own
+    assert declared - {"precompute_k", "until"} == set(PARAM_FIELDS)
 
 
 def test_invalid_values_are_rejected():
