@@ -96,6 +96,14 @@ class Probe:
         self.accepted = self.visible = self.reflected = float("nan")
 
 
+def _waiting(probes: list[Probe], stage: str) -> list[Probe]:
+    """Sent probes that have not reached ``stage`` ("visible", "reflected") and are not yet
+    given up on."""
+    now = time.perf_counter()
+    return [p for p in probes if not math.isnan(p.accepted) and math.isnan(getattr(p, stage))
+            and now - p.accepted < GIVE_UP_S]  # fmt: skip
+
+
 def watch_visible(probes: list[Probe], store, done: threading.Event) -> None:
     """Until ``done`` is set and no sent probe is left waiting (or given up on): one batched
     online-store read of every sent, not yet visible probe, every ``POLL_S``."""
@@ -103,9 +111,7 @@ def watch_visible(probes: list[Probe], store, done: threading.Event) -> None:
 
     refs = [f"session_features:{S.SESSION_ITEMS}"]
     while True:
-        now = time.perf_counter()
-        waiting = [p for p in probes if not math.isnan(p.accepted) and math.isnan(p.visible)
-                   and now - p.accepted < GIVE_UP_S]  # fmt: skip
+        waiting = _waiting(probes, "visible")
         if done.is_set() and not waiting:
             return
         if waiting:
@@ -122,9 +128,7 @@ def watch_reflected(probes: list[Probe], base: str, done: threading.Event) -> No
     """The same for the answers: each visible, not yet reflected probe's user is asked for
     recommendations every ``POLL_S`` until the item has left the answer."""
     while True:
-        now = time.perf_counter()
-        live = [p for p in probes if not math.isnan(p.accepted) and math.isnan(p.reflected)
-                and now - p.accepted < GIVE_UP_S]  # fmt: skip
+        live = _waiting(probes, "reflected")
         if done.is_set() and not live:
             return
         for p in live:

@@ -42,12 +42,12 @@ from mlkit.bootstrap import bootstrap_ci, paired_ci
 from mlkit.metrics import rankings_per_user
 from mlkit.two_stage import CAND, candidate_rows, held_out_events, offline_engine
 from served_model.engine import TwoStage, version_config
-from served_model.ranker import HISTORY_FEATURES, ZOO_SOURCES, features_of
+from served_model.ranker import HISTORY_FEATURES, features_of
 from shopml import schema as S
 from shopml.config import Settings, load_settings
 from shopml.feast_store import point_in_time_features
 from training.pipeline import served_ranker
-from training.ranking import served_retrieval, zoo_sources
+from training.ranking import served_retrieval, served_zoo_sources, zoo_sources
 
 STALE = "stale, session excluded"
 FRESH = "fresh session"
@@ -63,8 +63,7 @@ def served_engine(settings: Settings, ds: date) -> TwoStage:
     ranker = served_ranker(run_dir).eval()
     events = pd.read_parquet(run_dir / "train_events.parquet")
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
-    reads_zoo = bool(set(ZOO_SOURCES.values()) & set(features_of(ranker)))
-    sources = zoo_sources(settings, model) if reads_zoo else None
+    sources = served_zoo_sources(settings, model, ranker)
     cfg = version_config(settings.serving, served_retrieval(run_dir))
     return offline_engine(purchases, model, ranker, cfg, sources)
 

@@ -37,7 +37,7 @@ import pandas as pd
 
 from mlkit.bootstrap import bootstrap_ci
 from shopml import schema as S
-from shopml.config import SparkConfig, load_settings
+from shopml.config import load_settings
 
 DS = date(2025, 12, 31)
 
@@ -159,9 +159,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="shopml-features-"))
     os.environ["SHOPML_HOME"] = str(root / "home")
     settings = load_settings()
-    settings = settings.model_copy(update={"spark": SparkConfig(
-        master=args.master, shuffle_partitions=settings.spark.shuffle_partitions,
-        driver_memory=settings.spark.driver_memory)})  # fmt: skip
+    settings = settings.model_copy(
+        update={"spark": settings.spark.model_copy(update={"master": args.master})}
+    )
     spark = get_spark(settings.spark, "shopml-spark-features")
     cores = spark.sparkContext.defaultParallelism
     results = []

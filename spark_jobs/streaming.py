@@ -202,22 +202,39 @@ def archive(settings: Settings, spark: SparkSession | None = None) -> dict[str, 
     return {"archived": sum(int(b.get("numInputRows", 0)) for b in query.recentProgress)}
 
 
-def streamed_events(spark: SparkSession, settings: Settings, ds) -> DataFrame | None:
-    """Archived events stamped before the end of ``ds``, in the canonical event columns (the
-    others are not yet due: a later date's ``land`` takes them). None when there are none.
+def _instant(t: datetime):
+    """``t`` as a Spark timestamp literal (the session's zone is UTC)."""
+    from pyspark.sql import functions as F
+
+    return F.to_timestamp(F.lit(t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")))
+
+
+def archived(
+    spark: SparkSession, settings: Settings, end: datetime, start: datetime | None = None
+) -> DataFrame | None:
+    """Archived events stamped in ``[start, end)`` (from the first when ``start`` is None),
+    in the canonical event columns; None when nothing was ever archived.
 
     Read through the file sink's metadata log, so only committed micro-batches count.
     """
     from pyspark.sql import functions as F
 
-    from shopml.paths import end_of_day
-
     root = settings.paths.streamed_events
     if not (root / "_spark_metadata").exists():
         return None
-    end = F.to_timestamp(F.lit(end_of_day(ds).strftime("%Y-%m-%d %H:%M:%S")))
-    events = spark.read.parquet(str(root)).where(F.col(S.TIMESTAMP) < end)
-    return events.select(*S.EVENT_COLUMNS)
+    stamped = F.col(S.TIMESTAMP)
+    due = stamped < _instant(end)
+    if start is not None:
+        due &= stamped >= _instant(start)
+    return spark.read.parquet(str(root)).where(due).select(*S.EVENT_COLUMNS)
+
+
+def streamed_events(spark: SparkSession, settings: Settings, ds) -> DataFrame | None:
+    """Archived events stamped before the end of ``ds`` (the others are not yet due: a later
+    date's ``land`` takes them). None when there are none."""
+    from shopml.paths import end_of_day
+
+    return archived(spark, settings, end_of_day(ds))
 
 
 def streamed_between(
@@ -231,18 +248,10 @@ def streamed_between(
     The intraday update reads its events this way: from the exactly-once archive ``land``
     reads, so the hourly and the nightly paths see one set of events.
     """
-    from pyspark.sql import functions as F
-
     archive(settings, spark)
-    root = settings.paths.streamed_events
-    if not (root / "_spark_metadata").exists():
+    if not (settings.paths.streamed_events / "_spark_metadata").exists():
         return 0
     spark = spark or get_spark(settings.spark, "shopml-intraday")
-
-    def at(t: datetime):
-        return F.to_timestamp(F.lit(t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")))
-
-    stamped = F.col(S.TIMESTAMP)
-    events = spark.read.parquet(str(root)).where((stamped >= at(start)) & (stamped < at(end)))
-    events.select(*S.EVENT_COLUMNS).coalesce(1).write.mode("overwrite").parquet(str(out))
+    events = archived(spark, settings, end, start)
+    events.coalesce(1).write.mode("overwrite").parquet(str(out))
     return spark.read.parquet(str(out)).count()

@@ -237,19 +237,16 @@ def known_events(settings: Settings, window: Window, events: pd.DataFrame):
 def zoo_scores(settings: Settings, model, ranker, purchases: pd.DataFrame):
     """The zoo scorers' tables fitted once on ``purchases`` (both models of a judgement share
     the vocabularies, and the bundle the same tables), or None when the ranker reads none
-    (as ``training.pipeline.served_path`` decides)."""
-    from served_model.ranker import ZOO_SOURCES, features_of
-    from training.ranking import zoo_sources
+    (``training.ranking.served_zoo_sources``)."""
+    from training.ranking import served_zoo_sources
 
-    if not set(ZOO_SOURCES.values()) & set(features_of(ranker)):
-        return None
-    fit = zoo_sources(settings, model)
+    fit = served_zoo_sources(settings, model, ranker)
     return fit(purchases) if fit is not None else None
 
 
 def judge(
     settings: Settings,
-    known: pd.DataFrame,
+    purchases: pd.DataFrame,
     items: pd.DataFrame,
     judged: pd.DataFrame,
     at: datetime,
@@ -259,9 +256,9 @@ def judge(
     scores,
 ):
     """Each model's served path (retrieval with the version's quotas, the ranker, Feast's
-    features at ``at``, point in time; tables and ``scores`` knowing ``known``) on the
-    ``judged`` purchases of users ``known`` has: one ``EvaluationResult`` per model, the same
-    users; None when there are none."""
+    features at ``at``, point in time; tables and ``scores`` knowing ``purchases``) on the
+    ``judged`` purchases of users ``purchases`` has: one ``EvaluationResult`` per model, the
+    same users; None when there are none."""
     from functools import partial
 
     from mlkit.interactions import from_events, index_like
@@ -271,14 +268,13 @@ def judge(
     from shopml.feast_store import point_in_time_features
     from training.data import PROTOCOL
 
-    train = from_events(known, pd.DataFrame({S.ITEM_ID: items[S.ITEM_ID].astype(str)}))
+    train = from_events(purchases, pd.DataFrame({S.ITEM_ID: items[S.ITEM_ID].astype(str)}))
     test = index_like(train, judged)
     if test.matrix.nnz == 0:
         return None
     users = [str(u) for u in test.user_ids[test.matrix.getnnz(axis=1) > 0]]
     moments = pd.DataFrame({S.USER_ID: users, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at})
     features = point_in_time_features(settings, moments).set_index(S.USER_ID)
-    purchases = known[known[S.EVENT_TYPE] == S.PURCHASE]
     cfg, k = version_config(settings.serving, retrieval), settings.eval.k
     results = {}
     for name, model in models.items():
@@ -298,9 +294,9 @@ def register_challenger(settings: Settings, until: datetime) -> dict[str, Any]:
 
     window, events = read_window(settings, until)
     run_dir = _run_dir(settings, until)
-    champion = torch.load(run_dir / CHAMPION_MODEL, weights_only=False)
     update = torch.load(run_dir / UPDATE_MODEL, weights_only=False)
-    _, ranker, retrieval = registry.load_servable(settings, window.champion, run_dir / "champion")
+    champion, ranker, retrieval = registry.load_servable(settings, window.champion,
+                                                         run_dir / "champion")  # fmt: skip
     if ranker is None:
         raise NoChampion(f"champion v{window.champion} has no ranker: it cannot be served here")
     known, items = known_events(settings, window, events)
@@ -308,7 +304,7 @@ def register_challenger(settings: Settings, until: datetime) -> dict[str, Any]:
     scores = zoo_scores(settings, update, ranker, purchases)
     judged = _purchases(events, window.t("split"), window.t("until"))
     models = {"champion": champion, "update": update}
-    results = judge(settings, known, items, judged, window.t("split"), models, ranker,
+    results = judge(settings, purchases, items, judged, window.t("split"), models, ranker,
                     retrieval, scores)  # fmt: skip
     k = settings.eval.k
     if results is None:

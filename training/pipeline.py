@@ -312,11 +312,9 @@ def served_path(
     existed) is replayed without the zoo sources, as it serves."""
     from mlkit.two_stage import offline_engine, scorer
     from served_model.engine import version_config
-    from served_model.ranker import ZOO_SOURCES, features_of
-    from training.ranking import zoo_sources
+    from training.ranking import served_zoo_sources
 
-    reads_zoo = bool(set(ZOO_SOURCES.values()) & set(features_of(ranker)))
-    sources = zoo_sources(settings, model) if reads_zoo else None
+    sources = served_zoo_sources(settings, model, ranker)
     cfg = version_config(settings.serving, retrieval)
 
     def factory(train: Interactions, test_users: pd.DataFrame) -> Callable:

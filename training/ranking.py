@@ -76,6 +76,19 @@ def zoo_sources(settings: Settings, model: TwoTower) -> SourceFit | None:
     return source_fitter(model.user_index, list(model.item_ids), configs)
 
 
+def served_zoo_sources(
+    settings: Settings, model: TwoTower, ranker: torch.nn.Module
+) -> SourceFit | None:
+    """:func:`zoo_sources` for a path served with ``ranker``: None when the ranker reads no
+    zoo score (a champion registered before they existed), which is then replayed without
+    the zoo sources, as it serves."""
+    from served_model.ranker import ZOO_SOURCES, features_of
+
+    if not set(ZOO_SOURCES.values()) & set(features_of(ranker)):
+        return None
+    return zoo_sources(settings, model)
+
+
 def earlier_two_tower(settings: Settings, ds: date, events: pd.DataFrame) -> TwoTower:
     """A two-tower trained, with the run's settings and vocabularies, only on the training
     examples before each user's first replayed basket (``train.ranker_rounds`` baskets held
