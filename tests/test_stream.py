@@ -3,6 +3,7 @@ watermarks and late events, restarts without duplicates, and land's reading of t
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, date, datetime
 
@@ -81,7 +82,14 @@ def test_session_features_reach_the_online_store_once_even_across_restarts(spark
     stream = stream_of(settings)
     stream.append([_event("u1", "a", T0), _event("u1", "b", T0.replace(second=5))])
     stream.append([_event("u2", "c", T0, session=None)])
+    shared = spark.conf.get("spark.sql.shuffle.partitions")
     _run_once(settings, spark)
+    # the query's state has events.state_partitions partitions (its checkpoint keeps them);
+    # the shared session keeps its own setting
+    offsets = settings.paths.stream_checkpoints / "session_features" / "offsets" / "0"
+    conf = json.loads(offsets.read_text().splitlines()[1])["conf"]
+    assert conf["spark.sql.shuffle.partitions"] == str(settings.events.state_partitions) != shared
+    assert spark.conf.get("spark.sql.shuffle.partitions") == shared
     got = _online(settings, ["u1", "u2", "nobody"])
     assert got[S.SESSION_ITEMS] == [["a", "b"], ["c"], None]
     assert got[S.SESSION_LENGTH] == [2, 1, None]
