@@ -10,7 +10,8 @@ stage x size (seconds, peak GiB, source rows/s) and each stage's scaling exponen
 of log seconds on log events between the sizes; > 1.1 is flagged superlinear).
 
 Settings are the environment's (``SHOPML_TRAIN__EPOCHS``, ``SHOPML_TRAIN__SERVED_STUDY_TRIALS``
-and the others apply): say which were lowered beside any figure.
+and the others apply): say which were lowered beside any figure. Feast's offline store is
+its Spark store unless ``SHOPML_FEAST__OFFLINE_STORE`` says otherwise.
 
 ``python -m benchmarks.scale --events 100000 1000000 [--stop-after train]``
 """
@@ -67,14 +68,19 @@ def main() -> None:
     p.add_argument("--events", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--stop-after", choices=STAGES, default=STAGES[-1])
     p.add_argument("--keep", action="store_true", help="keep each size's SHOPML_HOME")
+    p.add_argument("--json", type=Path, help="also write the records here, for "
+                   "`python -m benchmarks.capacity --scale FILE`")  # fmt: skip
     args = p.parse_args()
     stages = STAGES[: STAGES.index(args.stop_after) + 1]
     root = Path(tempfile.mkdtemp(prefix="shopml-scale-"))
     table: dict[str, dict[int, tuple[float, float]]] = {s: {} for s in ("synth", *stages)}
     failed: dict[int, str] = {}
+    records: list[dict[str, object]] = []
     for n in args.events:
         home = root / f"events={n}"
-        env = {**os.environ, "SHOPML_HOME": str(home)}
+        # Feast's Spark offline store (the production default): its file store joins in one
+        # Dask process and fails at 10^6 events ("Divisions calculation failed").
+        env = {"SHOPML_FEAST__OFFLINE_STORE": "spark", **os.environ, "SHOPML_HOME": str(home)}
         env["AIRFLOW_HOME"] = str(home / "airflow")
         log = root / f"events={n}.log"
         users, items = max(100, n // 100), max(1_000, n // 200)
@@ -86,8 +92,14 @@ def main() -> None:
         for name, argv in steps:
             seconds, gib, code = run_stage(argv, env, log)
             table[name][n] = (seconds, gib)
-            print(json.dumps({"events": n, "stage": name, "seconds": round(seconds, 1),
-                              "peak_gib": round(gib, 2), "exit": code}), flush=True)  # fmt: skip
+            records.append({"events": n, "stage": name, "seconds": round(seconds, 1),
+                            "peak_gib": round(gib, 2), "exit": code})  # fmt: skip
+            print(json.dumps(records[-1]), flush=True)
+            if args.json:  # the settings that were lowered travel with the figures
+                prefixes = ("SHOPML_TRAIN__", "SHOPML_FEAST__", "SHOPML_SPARK__")
+                lowered = {k: v for k, v in env.items() if k.startswith(prefixes)}
+                args.json.write_text(json.dumps({"cores": os.cpu_count(), "settings": lowered,
+                                                 "records": records}, indent=1))  # fmt: skip
             if code != 0:  # the table still shows what ran; this size stops here
                 print(f"{name} FAILED at {n} events (exit {code}): see {log}", flush=True)
                 failed[n] = name

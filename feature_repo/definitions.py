@@ -9,6 +9,8 @@ import os
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.data_source import DataSource
+from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 from feast.types import Array, Float32, Int64, String
 
 # Column names are fixed by shopml.schema; literals here keep this file importable by feast
@@ -16,6 +18,30 @@ from feast.types import Array, Float32, Int64, String
 _FEATURES_DIR = os.environ.get("SHOPML_FEATURES_DIR", "data/features")
 _RECOMMENDATIONS_DIR = os.environ.get("SHOPML_RECOMMENDATIONS_DIR", "data/recommendations")
 _SESSIONS_DIR = os.environ.get("SHOPML_SESSIONS_DIR", "data/session_features")
+# Each offline store reads its own source class: FileSource (Dask) or SparkSource.
+_OFFLINE = os.environ.get("SHOPML_FEAST_OFFLINE_TYPE", "file")
+
+
+def _snapshots(name: str, path: str, timestamp_field: str, description: str) -> DataSource:
+    """A Parquet directory of the lake that the offline store reads (training joins and
+    materialization), as the configured store reads it.
+
+    Views written to the online store only (recommendations, pushed sessions) keep a
+    FileSource under either store: `feast apply` makes the Spark store read every
+    SparkSource to validate it, and their offline directories may not exist yet.
+    """
+    if _OFFLINE == "spark":
+        return SparkSource(
+            name=name,
+            path=path,
+            file_format="parquet",
+            timestamp_field=timestamp_field,
+            description=description,
+        )
+    return FileSource(
+        name=name, path=path, timestamp_field=timestamp_field, description=description
+    )
+
 
 # --- entities ---------------------------------------------------------------------------------
 user = Entity(
@@ -32,13 +58,13 @@ item = Entity(
 )
 
 # --- sources ----------------------------------------------------------------------------------
-user_source = FileSource(
+user_source = _snapshots(
     name="user_daily_snapshots",
     path=f"{_FEATURES_DIR}/user",
     timestamp_field="feature_timestamp",
     description="Cumulative user features per active day, valid from the next midnight",
 )
-item_source = FileSource(
+item_source = _snapshots(
     name="item_daily_snapshots",
     path=f"{_FEATURES_DIR}/item",
     timestamp_field="feature_timestamp",

@@ -8,6 +8,7 @@ be set from the environment with the ``SHOPML_`` prefix and ``__`` for nesting, 
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
@@ -42,6 +43,32 @@ class SparkConfig(BaseModel):
     local_ip: str = Field(
         "127.0.0.1", description="address the driver binds and advertises (SPARK_LOCAL_IP)"
     )
+
+    def session_conf(self) -> dict[str, str]:
+        """The Spark settings every ShopML session carries, ours and the one Feast's Spark
+        offline store builds (its ``spark_conf``), so both read the lake alike.
+
+        Pinned for correctness: UTC everywhere (Feast and the model see the same instants),
+        microsecond Parquet timestamps (INT96 is Spark-only), dynamic partition overwrite so
+        a rerun replaces only the partitions it writes, nanosecond Parquet timestamps
+        (pandas' default) read as longs, which Spark 4 otherwise refuses
+        (``PARQUET_TYPE_ILLEGAL``), and Arrow for pandas <-> Spark (Feast uploads a pandas
+        entity frame; row by row it would take minutes at 10^6 rows).
+        """
+        return {
+            "spark.sql.session.timeZone": "UTC",
+            "spark.driver.extraJavaOptions": "-Duser.timezone=UTC",
+            "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+            "spark.sql.sources.partitionOverwriteMode": "dynamic",
+            "spark.sql.legacy.parquet.nanosAsLong": "true",
+            "spark.sql.execution.arrow.pyspark.enabled": "true",
+            "spark.sql.shuffle.partitions": str(self.shuffle_partitions),
+            "spark.ui.enabled": "false",
+            "spark.ui.showConsoleProgress": "false",
+            "spark.driver.memory": self.driver_memory,
+            "spark.driver.bindAddress": self.local_ip,
+            "spark.driver.host": self.local_ip,
+        }
 
 
 class LandConfig(BaseModel):
@@ -384,6 +411,12 @@ class FeastConfig(BaseModel):
         pattern=r"^[A-Za-z0-9][\w-]*$",
         description="Feast project; suffix of its Redis keys",
     )
+    offline_store: Literal["file", "spark"] = Field(
+        "file",
+        description="point-in-time joins: 'file' (Feast's Dask store, one process; embedded "
+        "default, fine to ~10^5 events) or 'spark' (Feast's Spark offline store on "
+        "spark.master; production default, and needed from ~10^6 events)",
+    )
 
 
 class PrivacyConfig(BaseModel):
@@ -525,6 +558,8 @@ class Settings(BaseSettings):
             return self
         if "online_store" not in self.feast.model_fields_set:
             self.feast = self.feast.model_copy(update={"online_store": "redis"})
+        if "offline_store" not in self.feast.model_fields_set:
+            self.feast = self.feast.model_copy(update={"offline_store": "spark"})
         if "backend" not in self.events.model_fields_set:
             self.events = self.events.model_copy(update={"backend": "redis"})
         missing = []
@@ -583,6 +618,8 @@ def service_environment(settings: Settings) -> dict[str, str]:
         "SHOPML_FEAST_ONLINE_PATH": str(settings.paths.feast / "online.db"),
         "SHOPML_FEAST_REDIS": settings.feast.redis_connection,
         "SHOPML_FEAST_PROJECT": settings.feast.project,
+        "SHOPML_FEAST_OFFLINE_TYPE": settings.feast.offline_store,
+        "SHOPML_FEAST_OFFLINE_STORE": json.dumps(_offline_store_block(settings)),
     }
     if settings.mlflow_tracking_uri:
         env["SHOPML_MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
@@ -594,7 +631,19 @@ def service_environment(settings: Settings) -> dict[str, str]:
         env["SHOPML_FEAST__REGISTRY"] = settings.feast_registry
         env["SHOPML_FEAST__REDIS_CONNECTION"] = settings.feast.redis_connection
         env["SHOPML_FEAST__PROJECT"] = settings.feast.project
+        env["SHOPML_FEAST__OFFLINE_STORE"] = settings.feast.offline_store
     return env
+
+
+def _offline_store_block(settings: Settings) -> dict[str, object]:
+    """The ``offline_store`` block of the Feast YAML (JSON is YAML, so one variable carries
+    it): the file store, or the Spark store with ShopML's session settings and master."""
+    if settings.feast.offline_store == "file":
+        return {"type": "file"}
+    conf = settings.spark.session_conf()
+    if not settings.spark.submitted:
+        conf["spark.master"] = settings.spark.master
+    return {"type": "spark", "spark_conf": conf}
 
 
 # Trigger-form Params -> the Settings field each one sets: the one path from a DAG run's

@@ -14,6 +14,16 @@ from shopml import schema as S
 DEFS = feast_store.FEATURE_REPO / "definitions.py"
 
 
+@pytest.fixture(params=["file", "spark"])
+def store_settings(request, settings):
+    """The same checks on both offline stores: Feast's file (Dask) store and its Spark store
+    (the production default, needed at scale). The Spark store uses the suite's session."""
+    if request.param == "spark":
+        request.getfixturevalue("spark")
+    feast = settings.feast.model_copy(update={"offline_store": request.param})
+    return settings.model_copy(update={"feast": feast})
+
+
 def test_feature_views_use_the_canonical_column_names():
     defs = runpy.run_path(str(DEFS))
     user_fields = [f.name for f in defs["user_features"].schema]
@@ -28,7 +38,8 @@ def test_feature_views_use_the_canonical_column_names():
 
 
 @pytest.mark.integration
-def test_historical_features_pick_the_latest_snapshot_not_after_each_row(settings):
+def test_historical_features_pick_the_latest_snapshot_not_after_each_row(store_settings):
+    settings = store_settings
     ds = date(2025, 1, 31)
     root = settings.paths.features / f"ds={ds.isoformat()}"
     snaps = pd.DataFrame(
@@ -52,8 +63,10 @@ def test_historical_features_pick_the_latest_snapshot_not_after_each_row(setting
     items[S.ITEM_REORDER_RATE] = items[S.ITEM_REORDER_RATE].astype("float32")
     (root / "user").mkdir(parents=True)
     (root / "item").mkdir(parents=True)
-    snaps.to_parquet(root / "user" / "part-0.parquet", index=False)
-    items.to_parquet(root / "item" / "part-0.parquet", index=False)
+    # Microsecond timestamps, as the Spark feature job writes them (the lake's Spark session
+    # reads pandas' default nanoseconds as longs).
+    snaps.to_parquet(root / "user" / "part-0.parquet", index=False, coerce_timestamps="us")
+    items.to_parquet(root / "item" / "part-0.parquet", index=False, coerce_timestamps="us")
     feast_store.apply(settings, ds)
 
     entity = pd.DataFrame(
@@ -97,11 +110,12 @@ def test_historical_features_pick_the_latest_snapshot_not_after_each_row(setting
 
 
 @pytest.mark.integration
-def test_rows_sharing_a_user_and_an_instant_all_get_their_features(settings):
+def test_rows_sharing_a_user_and_an_instant_all_get_their_features(store_settings):
     """A user's candidates at one moment: every (user, item) row comes back, in order, with
     its own item's point-in-time features (Feast's file store alone would keep one)."""
     from shopml.feast_store import point_in_time_features
 
+    settings = store_settings
     ds = date(2025, 1, 31)
     root = settings.paths.features / f"ds={ds.isoformat()}"
     users = pd.DataFrame(
@@ -126,8 +140,8 @@ def test_rows_sharing_a_user_and_an_instant_all_get_their_features(settings):
                 frame[f] = frame[f].astype("float32")
     (root / "user").mkdir(parents=True)
     (root / "item").mkdir(parents=True)
-    users.to_parquet(root / "user" / "part-0.parquet", index=False)
-    items.to_parquet(root / "item" / "part-0.parquet", index=False)
+    users.to_parquet(root / "user" / "part-0.parquet", index=False, coerce_timestamps="us")
+    items.to_parquet(root / "item" / "part-0.parquet", index=False, coerce_timestamps="us")
     feast_store.apply(settings, ds)
 
     at = pd.Timestamp("2025-01-12 08:00", tz="UTC")

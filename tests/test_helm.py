@@ -273,7 +273,10 @@ def test_passwords_come_from_the_referenced_secrets():
 
 # --- the profile ---------------------------------------------------------------------------------
 # Variables ShopML's engines read directly (shopml.config.service_environment), not Settings.
-SERVICE_ENV = {"SHOPML_FEAST_PROJECT", "SHOPML_FEAST_REGISTRY", "SHOPML_FEAST_REDIS"}
+SERVICE_ENV = {
+    "SHOPML_FEAST_PROJECT", "SHOPML_FEAST_REGISTRY", "SHOPML_FEAST_REDIS",
+    "SHOPML_FEAST_OFFLINE_STORE", "SHOPML_FEAST_OFFLINE_TYPE",
+}  # fmt: skip
 
 
 def _settings_field(key: str):
@@ -311,6 +314,8 @@ def test_profile_configmap_configures_shopml_settings(monkeypatch):
     assert settings.tracking_uri == f"http://shopml-mlflow.{NAMESPACE}.svc.cluster.local:5000"
     assert settings.artifact_root == "mlflow-artifacts:/shopml"
     assert settings.feast.online_store == "redis"
+    assert settings.feast.offline_store == "spark"
+    assert json.loads(data["SHOPML_FEAST_OFFLINE_STORE"]) == {"type": "spark"}
     assert settings.feast_registry.startswith("postgresql+psycopg2://shopml@shopml-db.")
     assert settings.spark.master == "k8s://https://kubernetes.default.svc:443"
     assert settings.train.workers == load_yaml(PRODUCTION)["training"]["workers"]

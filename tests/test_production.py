@@ -104,6 +104,10 @@ def _profile_env(prefix: str, home: Path) -> dict[str, str]:
         "SHOPML_FEAST__REGISTRY": f"postgresql+psycopg2://{pg}/{prefix}_feast",
         "SHOPML_FEAST__REDIS_CONNECTION": f"{REDIS_HOST}:{REDIS_PORT},db={REDIS_DB}",
         "SHOPML_FEAST__PROJECT": prefix,
+        # Feast's file offline store, not the production default (Spark): a Spark store's JVM
+        # in each of the DAG's feature-reading tasks costs ~50 s of the suite's budget, and
+        # tests/test_feast.py checks the Spark store's joins against the same oracle.
+        "SHOPML_FEAST__OFFLINE_STORE": "file",
         "SHOPML_PRIVACY__KEY": secrets.token_hex(32),  # as from the chart's Secret
         "SHOPML_SPARK__MASTER": "local[2]",
         # Spark stages go through spark-submit (SparkSubmitOperator) on this connection
