@@ -8,7 +8,9 @@ it reads top to bottom like Horovod's PyTorch example, every distributed step na
 1. ``hvd.init()``; each process pinned to its GPU (``local_rank``), or to its share of the CPU
    threads; the seed is the same everywhere, the per-rank generator (negatives) is offset
    by rank.
-2. model; examples sharded with a ``DistributedSampler`` (``set_epoch`` every epoch).
+2. model; examples sharded with a ``DistributedSampler`` (``set_epoch`` every epoch), or,
+   for a task that reads its own shard from storage (``shard``), each rank's rows only
+   (``mlkit.shards``).
 3. Adam with the learning rate scaled by ``hvd.size()`` (the effective batch grows with it),
    parameters and optimizer state broadcast from rank 0, gradients averaged by
    ``hvd.DistributedOptimizer``.
@@ -61,6 +63,9 @@ class Trainable(Protocol):
 
     # Optional: ``validation_loss(net) -> float | None``. When a task has it, each epoch's
     # validation loss joins the curve and the weights of the best epoch are the result.
+    # Optional: ``shard(net, rank, size) -> Dataset``, this rank's part of the examples read
+    # from storage (mlkit.shards), so no process holds them all; then ``dataset`` is not
+    # called and a ShardSampler replaces the DistributedSampler.
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,8 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
 
     # --- model and data -----------------------------------------------------------------------
     net = task.build()
-    dataset = task.dataset(net)
+    shard = getattr(task, "shard", None)
+    dataset = None if shard is not None else task.dataset(net)
 
     # --- optimizer: LR scaled by workers, state broadcast, gradients averaged ------------------
     optimizer = torch.optim.Adam(
@@ -116,10 +122,9 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
 
     # --- loop ---------------------------------------------------------------------------------
     def run_epochs(state: hvd.elastic.TorchState) -> None:
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            dataset, num_replicas=hvd.size(), rank=hvd.rank(), shuffle=True, seed=cfg.seed
-        )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
+        # (re)entered after an elastic reset: the shards follow the surviving ranks
+        data, sampler = _sharded(task, net, dataset, cfg.seed)
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler)
         gen = torch.Generator().manual_seed(cfg.seed + hvd.rank())  # negatives differ by rank
         for epoch in range(state.epoch, cfg.epochs):
             sampler.set_epoch(epoch)
@@ -155,6 +160,24 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
         net.load_state_dict(state.best)
     net.eval()
     return net, list(state.curve)
+
+
+def _sharded(task: Trainable, net: nn.Module, dataset, seed: int):
+    """This rank's examples and sampler: the task's own shard (every rank the same number
+    of steps: the largest shard's, agreed by allreduce) or the whole dataset, sharded by a
+    ``DistributedSampler``."""
+    import horovod.torch as hvd
+
+    from mlkit.shards import ShardSampler
+
+    if dataset is not None:
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            dataset, num_replicas=hvd.size(), rank=hvd.rank(), shuffle=True, seed=seed
+        )
+        return dataset, sampler
+    local = task.shard(net, hvd.rank(), hvd.size())
+    largest = hvd.allreduce(torch.tensor(len(local)), op=hvd.Max, name="shard_rows").item()
+    return local, ShardSampler(len(local), int(largest), seed=seed + hvd.rank())
 
 
 def save_checkpoint(state, cfg: LoopConfig) -> None:

@@ -53,7 +53,9 @@ class SparkConfig(BaseModel):
         a rerun replaces only the partitions it writes, nanosecond Parquet timestamps
         (pandas' default) read as longs, which Spark 4 otherwise refuses
         (``PARQUET_TYPE_ILLEGAL``), and Arrow for pandas <-> Spark (Feast uploads a pandas
-        entity frame; row by row it would take minutes at 10^6 rows).
+        entity frame; row by row it would take minutes at 10^6 rows). For speed: caches are
+        not compressed (the feature job's cache is read twice, right after it is built;
+        compressing it cost more CPU than the memory it saved, ``make bench-features``).
         """
         return {
             "spark.sql.session.timeZone": "UTC",
@@ -62,6 +64,7 @@ class SparkConfig(BaseModel):
             "spark.sql.sources.partitionOverwriteMode": "dynamic",
             "spark.sql.legacy.parquet.nanosAsLong": "true",
             "spark.sql.execution.arrow.pyspark.enabled": "true",
+            "spark.sql.inMemoryColumnarStorage.compressed": "false",
             "spark.sql.shuffle.partitions": str(self.shuffle_partitions),
             "spark.ui.enabled": "false",
             "spark.ui.showConsoleProgress": "false",

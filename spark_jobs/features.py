@@ -46,6 +46,11 @@ def with_basket_and_flags(events: DataFrame) -> DataFrame:
     return ev.withColumn("is_first_touch", (F.row_number().over(pair) == 1).cast("int"))
 
 
+# What user_features and item_features read of the flagged events: the job caches only these
+# (a cache of whole rows cost more to build than the flags themselves: 16 s vs 7 s at 10^7).
+FLAGGED_COLUMNS = (S.USER_ID, S.ITEM_ID, DAY, BASKET, "is_purchase", "is_reorder", "is_first_touch")
+
+
 def _cumulative(daily: DataFrame, key: str, columns: list[str]) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F

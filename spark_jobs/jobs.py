@@ -218,7 +218,7 @@ def build_features(
     p = settings.paths
     events = spark.read.parquet(str(p.clean_events_for(ds)))
     # flagged once, kept for both tables: the flags' window is the job's costliest step
-    flagged = F.with_basket_and_flags(events).cache()
+    flagged = F.with_basket_and_flags(events).select(*F.FLAGGED_COLUMNS).cache()
     out = p.features_for(ds)
     F.user_features(flagged, flagged=True).write.mode("overwrite").parquet(str(out / "user"))
     F.item_features(flagged, flagged=True).write.mode("overwrite").parquet(str(out / "item"))

@@ -24,7 +24,8 @@ def test_two_horovod_workers_learn_the_two_tower(settings, tmp_path):
         for n, u in enumerate(users)
         for j in range(4)
     ]
-    pd.DataFrame(rows).to_parquet(run_dir / "train.parquet")
+    # 8 row groups of 16 (the last 8): each rank reads its own four (mlkit.shards)
+    pd.DataFrame(rows).to_parquet(run_dir / "train.parquet", row_group_size=16)
     (run_dir / "vocab.json").write_text(
         json.dumps({"users": users, "items": items, "popular": items[:3]})
     )

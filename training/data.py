@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlkit.shards import ROW_GROUP
 from mlkit.splits import split_last_basket
 from shopml import schema as S
 from shopml.config import Settings
@@ -50,7 +51,8 @@ def build_training_set(settings: Settings, ds: date) -> dict[str, int]:
     user_ids = sorted(split.train[S.USER_ID].unique())
     run = settings.paths.run(ds)
     run.mkdir(parents=True, exist_ok=True)
-    examples.to_parquet(run / "train.parquet", index=False)
+    # in row groups: each Horovod rank reads its own (mlkit.shards)
+    examples.to_parquet(run / "train.parquet", index=False, row_group_size=ROW_GROUP)
     split.train.to_parquet(run / "train_events.parquet", index=False)
     split.test.to_parquet(run / "test.parquet", index=False)
     test_users.drop(columns=[S.ITEM_ID, *S.ITEM_FEATURES]).to_parquet(

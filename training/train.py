@@ -3,7 +3,8 @@
 Examples are the run's training purchases with the user's point-in-time Feast features
 (``train.parquet``, written by ``training.data``); the model is the served
 ``served_model.two_tower.TwoTower`` over the run's vocabularies (``vocab.json``); the loss is
-its sampled softmax. Each rank reads the examples itself, so nothing large is pickled.
+its sampled softmax. Each rank reads only its own row groups of the examples
+(``mlkit.shards``), so nothing large is pickled and no process holds the whole set.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from mlkit.launch import train as launch
 from mlkit.loop import Curve, LoopConfig
+from mlkit.shards import read_shard
 from served_model.two_tower import TwoTower, sampled_softmax_loss
 from shopml import schema as S
 from shopml.config import Settings, service_environment
@@ -36,7 +38,15 @@ class TwoTowerTask:
         return TwoTower(vocab["users"], vocab["items"], vocab["popular"], dim=self.dim)
 
     def dataset(self, net: TwoTower) -> torch.utils.data.TensorDataset:
-        df = pd.read_parquet(self.run_dir / "train.parquet")
+        return self._tensors(net, pd.read_parquet(self.run_dir / "train.parquet"))
+
+    def shard(self, net: TwoTower, rank: int, size: int) -> torch.utils.data.TensorDataset:
+        """This rank's row groups of ``train.parquet`` (``mlkit.shards``): no process reads
+        the whole training set."""
+        columns = [S.USER_ID, S.ITEM_ID, *net.feature_names]
+        return self._tensors(net, read_shard(self.run_dir / "train.parquet", rank, size, columns))
+
+    def _tensors(self, net: TwoTower, df: pd.DataFrame) -> torch.utils.data.TensorDataset:
         item_pos = {item: i for i, item in enumerate(net.item_ids)}
         users = net.user_indices(df[S.USER_ID].tolist())
         items = torch.tensor(df[S.ITEM_ID].map(item_pos).to_numpy(dtype=np.int64))
