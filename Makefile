@@ -1,5 +1,5 @@
 # ShopML. `make demo` runs the nightly pipeline; `make test` runs the test suite.
-.PHONY: install demo demo-search bench-search bench-compression bench-chaos bench-freshness bench-session bench-intraday bench-features bench-scale test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
+.PHONY: install demo demo-search bench-search bench-compression bench-chaos bench-freshness bench-session bench-intraday bench-features bench-scale capacity test test-fast lint format lock serve bench-serving airflow-ui mlflow-ui clean tools image prod-demo prod-clean
 
 install:  ## Create .venv: torch CPU, locked deps, Horovod (cached wheel), shopml
 	bash scripts/setup.sh
@@ -43,8 +43,11 @@ bench-intraday:  ## The intraday_update DAG (Airflow) on the next day of Instaca
 bench-features:  ## The Spark feature job vs its DuckDB peer on synthetic logs of 10^6 and 10^7 events (equal rows, timed side by side)
 	. scripts/env.sh && python -m benchmarks.spark_features --sizes 1000000 10000000
 
-bench-scale:  ## Every nightly stage as its own process at 10^5 and 10^6 synthetic events: time, peak memory, exponents
-	. scripts/env.sh && python -m benchmarks.scale --events 100000 1000000
+bench-scale:  ## Every nightly stage as its own process at 10^5, 10^6 and 10^7 synthetic events: time, peak memory, exponents (var/scale.json)
+	. scripts/env.sh && mkdir -p var && python -m benchmarks.scale --events 100000 1000000 10000000 --json var/scale.json
+
+capacity:  ## docs/capacity.md from `make bench-scale`'s per-event costs and Redis bytes measured through Feast
+	. scripts/env.sh && python -m benchmarks.capacity --scale var/scale.json --out docs/capacity.md
 
 bench-session:  ## Session replay on the last demo run: the rest of each held-out basket after its first 1-3 items, stale vs fresh session
 	. scripts/env.sh && python -m benchmarks.session_replay

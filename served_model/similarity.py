@@ -6,21 +6,37 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+_BLOCK_ENTRIES = 50_000_000  # most co-occurrence entries held at once (a few hundred MB)
+
 
 def cosine_neighbours(x: sparse.csr_matrix, shrink: float, neighbors: int) -> sparse.csr_matrix:
     """Cosine similarity between the columns of ``x`` with shrinkage, top-``neighbors`` kept.
 
     ``sim(i, j) = <x_i, x_j> / (|x_i| |x_j| + shrink)``; the diagonal is dropped.
+
+    Computed a block of columns at a time, each block's rows cut to their neighbourhood
+    before the next: the full co-occurrence matrix is quadratic in the columns (with a
+    popular item nearly every pair of users co-occurs), 10^10 entries for user-kNN at 10^5
+    users (10^7 events), while the kept neighbourhoods are linear. Same result as the whole
+    matrix at once, row by row.
     """
     xc = x.tocsc().astype(np.float32)
     norms = np.sqrt(np.asarray(xc.multiply(xc).sum(axis=0)).ravel())
-    co = (xc.T @ xc).tocsr()
-    co.setdiag(0)
-    co.eliminate_zeros()
-    co = co.tocoo()
-    data = co.data / (norms[co.row] * norms[co.col] + shrink)
-    sim = sparse.csr_matrix((data.astype(np.float32), (co.row, co.col)), shape=co.shape)
-    return keep_top(sim, neighbors)
+    xt, xr = xc.T.tocsr(), xc.tocsr()
+    n = xc.shape[1]
+    block = max(1, _BLOCK_ENTRIES // max(n, 1))
+    parts = []
+    for lo in range(0, n, block):
+        co = (xt[lo : lo + block] @ xr).tocoo()
+        row = co.row + lo
+        off = row != co.col
+        row, col = row[off], co.col[off]
+        data = co.data[off] / (norms[row] * norms[col] + shrink)
+        sim = sparse.csr_matrix((data.astype(np.float32), (row - lo, col)), shape=(co.shape[0], n))
+        parts.append(keep_top(sim, neighbors))
+    if not parts:
+        return sparse.csr_matrix((n, n), dtype=np.float32)
+    return sparse.vstack(parts, format="csr")
 
 
 def keep_top(m: sparse.csr_matrix, k: int) -> sparse.csr_matrix:

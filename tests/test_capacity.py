@@ -1,0 +1,50 @@
+"""The capacity model (benchmarks.capacity): per-event costs fitted from the scale records,
+and the plan that scales them."""
+
+import argparse
+
+import pytest
+
+from benchmarks.capacity import SPARK, fit, plan
+
+
+def _records(stage: str, fixed: float, per_event: float, sizes=(10**5, 10**6, 10**7)):
+    return [
+        {"events": n, "stage": stage, "seconds": fixed + per_event * n, "peak_gib": 1.0, "exit": 0}
+        for n in sizes
+    ]
+
+
+def test_fit_separates_start_up_from_the_per_event_cost():
+    cost = fit(_records("features", fixed=12.0, per_event=2e-6), "features")
+    assert cost.fixed_s == pytest.approx(12.0)
+    assert cost.per_event_s == pytest.approx(2e-6)
+    assert cost.seconds(10**8) == pytest.approx(212.0)
+
+
+def test_fit_skips_a_failed_size_and_bounds_a_single_one():
+    records = _records("train", fixed=5.0, per_event=1e-5, sizes=(10**5, 10**6))
+    records.append({"events": 10**7, "stage": "train", "seconds": 9.0, "peak_gib": 9, "exit": 1})
+    assert fit(records, "train").largest == 10**6  # the failed 10^7 does not count
+    one = fit([{"events": 1000, "stage": "x", "seconds": 2.0, "peak_gib": 0.1, "exit": 0}], "x")
+    assert one.per_event_s == pytest.approx(2.0 / 1000) and one.fixed_s == 0.0
+    assert fit(records, "missing") is None
+
+
+def test_the_plan_grows_with_events_and_shrinks_with_the_window():
+    costs = {s: fit(_records(s, 10.0, 2e-6), s) for s in SPARK}
+    costs["train"] = fit(_records("train", 10.0, 1e-5), "train")
+    args = argparse.Namespace(
+        window_hours=6.0, events_per_day=[1e8, 1e9], history_days=30, measured_cores=2,
+        spark_share=0.5, spark_efficiency=0.9, node_cores=16, gpu_speedup=25.0,
+        train_share=0.4, users_per_event=0.01, items_per_event=0.005, max_items=5e6,
+        redis_headroom=1.5,
+    )  # fmt: skip
+    redis = {"user": 2000.0, "item": 200.0, "top_k": 20}
+    small, big = plan(costs, redis, args)
+    assert big["spark_cores"] == pytest.approx(10 * small["spark_cores"])
+    assert big["gpus"] >= small["gpus"] and big["redis_gib"] > small["redis_gib"]
+    # 6 Spark stages x 2e-6 s x 2 cores x 3e9 events over 3 h at 0.9 efficiency
+    assert small["spark_cores"] == pytest.approx(6 * 2e-6 * 2 * 3e9 / (0.5 * 6 * 3600 * 0.9))
+    args.window_hours = 12.0
+    assert plan(costs, redis, args)[0]["spark_cores"] == pytest.approx(small["spark_cores"] / 2)
