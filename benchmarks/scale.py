@@ -11,7 +11,8 @@ of log seconds on log events between the sizes; > 1.1 is flagged superlinear).
 
 Settings are the environment's (``SHOPML_TRAIN__EPOCHS``, ``SHOPML_TRAIN__SERVED_STUDY_TRIALS``
 and the others apply): say which were lowered beside any figure. Feast's offline store is
-its Spark store unless ``SHOPML_FEAST__OFFLINE_STORE`` says otherwise.
+its Spark store unless ``SHOPML_FEAST__OFFLINE_STORE`` says otherwise, and Spark's driver has
+6 GiB unless ``SHOPML_SPARK__DRIVER_MEMORY`` says otherwise.
 
 ``python -m benchmarks.scale --events 100000 1000000 [--stop-after train]``
 """
@@ -63,6 +64,37 @@ def run_stage(args: list[str], env: dict[str, str], log: Path) -> tuple[float, f
     return seconds, peak / 2**30, proc.returncode
 
 
+def table_of(records: list[dict]) -> str:
+    """The Markdown table stage x size (wall s / peak GiB / events per s) and each stage's
+    exponent (slope of log seconds on log events over the sizes it ran at; > 1.1 flagged)."""
+    sizes = sorted({r["events"] for r in records})
+    by_stage: dict[str, dict[int, dict]] = {}
+    for r in records:
+        by_stage.setdefault(r["stage"], {})[r["events"]] = r
+    lines = [
+        "## Nightly stages by size (events; wall s / peak GiB / events per s; exponent of s "
+        "on events)",
+        "",
+        "| stage | " + " | ".join(f"{n:,}" for n in sizes) + " | exponent |",
+        "|---|" + "---|" * (len(sizes) + 1),
+    ]
+    for name, runs in by_stage.items():
+        cells = [(f"{runs[n]['seconds']:.0f} s / {runs[n]['peak_gib']:.2f} / "
+                  f"{n / runs[n]['seconds']:,.0f}" + (" FAILED" if runs[n]["exit"] else ""))
+                 if n in runs else "-" for n in sizes]  # fmt: skip
+        ok = [n for n in sizes if n in runs and not runs[n]["exit"]]
+        slope = (np.polyfit(np.log(ok), np.log([runs[n]["seconds"] for n in ok]), 1)[0]
+                 if len(ok) > 1 else math.nan)  # fmt: skip
+        flag = " (superlinear)" if slope > 1.1 else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {slope:.2f}{flag} |")
+    totals = [sum(runs[n]["seconds"] for runs in by_stage.values() if n in runs) for n in sizes]
+    lines.append("| total | " + " | ".join(f"{t:.0f} s" for t in totals) + " | |")
+    failed = {r["events"]: r["stage"] for r in records if r["exit"]}
+    if failed:
+        lines.append(f"\nfailed: {failed}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -70,17 +102,25 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep each size's SHOPML_HOME")
     p.add_argument("--json", type=Path, help="also write the records here, for "
                    "`python -m benchmarks.capacity --scale FILE`")  # fmt: skip
+    p.add_argument("--table", type=Path, nargs="+", help="only print the table of these "
+                   "--json files (a later file's stage and size replace an earlier's)")  # fmt: skip
     args = p.parse_args()
+    if args.table:
+        merged = {(r["events"], r["stage"]): r for f in args.table
+                  for r in json.loads(f.read_text())["records"]}  # fmt: skip
+        print(table_of(list(merged.values())))
+        return
     stages = STAGES[: STAGES.index(args.stop_after) + 1]
     root = Path(tempfile.mkdtemp(prefix="shopml-scale-"))
-    table: dict[str, dict[int, tuple[float, float]]] = {s: {} for s in ("synth", *stages)}
-    failed: dict[int, str] = {}
     records: list[dict[str, object]] = []
     for n in args.events:
         home = root / f"events={n}"
         # Feast's Spark offline store (the production default): its file store joins in one
         # Dask process and fails at 10^6 events ("Divisions calculation failed").
-        env = {"SHOPML_FEAST__OFFLINE_STORE": "spark", **os.environ, "SHOPML_HOME": str(home)}
+        # Spark's driver is local mode's only executor: 2g (the default) ran out of memory in
+        # the ranker's point-in-time join of 10^6 events' candidate rows.
+        env = {"SHOPML_FEAST__OFFLINE_STORE": "spark", "SHOPML_SPARK__DRIVER_MEMORY": "6g",
+               **os.environ, "SHOPML_HOME": str(home)}  # fmt: skip
         env["AIRFLOW_HOME"] = str(home / "airflow")
         log = root / f"events={n}.log"
         users, items = max(100, n // 100), max(1_000, n // 200)
@@ -91,7 +131,6 @@ def main() -> None:
         steps += [(s, [s, "--ds", DS]) for s in stages[1:]]
         for name, argv in steps:
             seconds, gib, code = run_stage(argv, env, log)
-            table[name][n] = (seconds, gib)
             records.append({"events": n, "stage": name, "seconds": round(seconds, 1),
                             "peak_gib": round(gib, 2), "exit": code})  # fmt: skip
             print(json.dumps(records[-1]), flush=True)
@@ -102,30 +141,12 @@ def main() -> None:
                                                  "records": records}, indent=1))  # fmt: skip
             if code != 0:  # the table still shows what ran; this size stops here
                 print(f"{name} FAILED at {n} events (exit {code}): see {log}", flush=True)
-                failed[n] = name
                 break
-    sizes = args.events
-    print(f"\n## Nightly stages by size (events; wall s / peak GiB / events per s; exponent "
-          f"of s on events). Logs: {root}\n")  # fmt: skip
-    print("| stage | " + " | ".join(f"{n:,}" for n in sizes) + " | exponent |")
-    print("|---|" + "---|" * (len(sizes) + 1))
-    for name, by_size in table.items():
-        cells = [(f"{by_size[n][0]:.0f} s / {by_size[n][1]:.2f} / {n / by_size[n][0]:,.0f}"
-                  + (" FAILED" if failed.get(n) == name else "")) if n in by_size else "-"
-                 for n in sizes]  # fmt: skip
-        ok = [n for n in sizes if n in by_size and failed.get(n) != name]
-        slope = (np.polyfit(np.log(ok), np.log([by_size[n][0] for n in ok]), 1)[0]
-                 if len(ok) > 1 else math.nan)  # fmt: skip
-        flag = " (superlinear)" if slope > 1.1 else ""
-        print(f"| {name} | " + " | ".join(cells) + f" | {slope:.2f}{flag} |")
-    total = {n: sum(t[n][0] for t in table.values() if n in t) for n in sizes}
-    print("| total | " + " | ".join(f"{total[n]:.0f} s" for n in sizes) + " | |")
-    if failed:
-        print(f"failed: {failed}")
+    print(f"\nLogs: {root}\n" + table_of(records))
     if not args.keep:
         import shutil
 
-        for n in sizes:
+        for n in args.events:
             shutil.rmtree(root / f"events={n}", ignore_errors=True)
 
 

@@ -186,6 +186,7 @@ def replayed_rows(
     sources: SourceFit | None = None,
     session_items: int = 0,
     seed: int = 0,
+    max_users: int | None = None,
 ) -> pd.DataFrame:
     """The ranker's examples: each user's last basket in ``events`` held out again, the lists
     the served path retrieves just before it, labelled by that basket; then the basket before
@@ -196,13 +197,25 @@ def replayed_rows(
     ``session_items`` > 0 replays each basket as a session already begun
     (:func:`session_prefixes`): its first items are the session the lists are retrieved
     with (as a pushed session is served), they leave the lists, and the rest of the basket
-    labels them: the same point-in-time rules, one moment later in the basket."""
+    labels them: the same point-in-time rules, one moment later in the basket.
+
+    ``max_users``: replay the baskets of a seeded sample of that many users only (the tables
+    and scorers still learn from everyone's purchases). The rows grow as users x candidates
+    x rounds: 6 x 10^7 at 10^5 users, more than one process should hold."""
     frames = []
     current = events  # the round's events: its split's train, plus the held-out basket
+    everyone = events[S.USER_ID].unique()
+    sample = None
+    if max_users is not None and len(everyone) > max_users:
+        sample = np.random.default_rng(seed).choice(everyone, size=max_users, replace=False)
     for r, inner in enumerate(held_out_rounds(events, rounds)):
         purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
         engine = offline_engine(purchases, model, None, cfg, sources)
-        at = inner.test_time
+        at = (
+            inner.test_time
+            if sample is None
+            else inner.test_time[inner.test_time.index.isin(sample)]
+        )
         moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at})
         users = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
         sessions = None

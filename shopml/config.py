@@ -112,6 +112,12 @@ class TrainConfig(BaseModel):
         3, ge=1, description="serving ranker: past baskets per user replayed as examples"
     )
     ranker_batch_size: int = Field(2048, ge=8, description="serving ranker: rows per step")
+    ranker_max_users: int | None = Field(
+        20_000,
+        ge=1,
+        description="serving ranker: replay the baskets of a seeded sample of this many users "
+        "(its rows grow as users x candidates x rounds); None = every user",
+    )
     ranker_retrieval: Literal["earlier", "run"] = Field(
         "earlier",
         description="serving ranker: the two-tower that retrieves the replayed lists: "

@@ -159,3 +159,23 @@ def test_a_clearly_better_configuration_replaces_a_poor_setting(replay, settings
     assert record["chosen_trial"] != 0 and record["best_vs_default"]["ci_low"] > 0
     assert record["decision"].startswith(f"trial {record['chosen_trial']} beats")
     assert record["val_ndcg_at_10"] > record["default_val_ndcg_at_10"]
+
+
+def test_a_user_sample_replays_only_those_users_with_the_same_lists(replay):
+    """``max_users`` (train.ranker_max_users at scale) keeps a seeded sample of users' replayed
+    rows; the tables still know everyone, so each kept user's rows are what the full replay
+    gives them."""
+    from mlkit.two_stage import no_features, replayed_rows
+
+    events, model, sources = replay
+    cfg = ServingConfig()
+    full = replayed_rows(model, events, 2, no_features, cfg, sources, seed=7)
+    some = replayed_rows(model, events, 2, no_features, cfg, sources, seed=7, max_users=10)
+    kept = some[S.USER_ID].unique()
+    assert len(kept) == 10
+    again = replayed_rows(model, events, 2, no_features, cfg, sources, seed=7, max_users=10)
+    assert sorted(again[S.USER_ID].unique()) == sorted(kept)  # seeded
+    mine = full[full[S.USER_ID].isin(kept)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(some.reset_index(drop=True), mine)
+    everyone = replayed_rows(model, events, 2, no_features, cfg, sources, max_users=10**6)
+    pd.testing.assert_frame_equal(everyone, full)  # a cap above the users changes nothing

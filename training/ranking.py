@@ -149,7 +149,8 @@ def train_ranker(settings: Settings, ds: date) -> dict[str, object]:
     study = cfg.served_study_trials > 0
     replay = upper_config(settings.serving) if study else settings.serving
     rows = replayed_rows(model, events, cfg.ranker_rounds, features, replay,
-                         zoo_sources(settings, model))  # fmt: skip
+                         zoo_sources(settings, model), seed=cfg.seed,
+                         max_users=cfg.ranker_max_users)  # fmt: skip
     if study:
         record = served_study(settings, rows, replayed_baskets(events, cfg.ranker_rounds))
         rows = select_candidates(rows, settings.serving.model_copy(update=record["retrieval"]))
