@@ -162,7 +162,7 @@ def test_a_clearly_better_configuration_replaces_a_poor_setting(replay, settings
 
 
 def test_a_user_sample_replays_only_those_users_with_the_same_lists(replay):
-    """``max_users`` (train.ranker_max_users at scale) keeps a seeded sample of users' replayed
+    """``max_users`` (train.ranker_max_users) keeps a seeded sample of users' replayed
     rows; the tables still know everyone, so each kept user's rows are what the full replay
     gives them."""
     from mlkit.two_stage import no_features, replayed_rows
