@@ -100,6 +100,9 @@ def main() -> None:
     p.add_argument("--events", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--stop-after", choices=STAGES, default=STAGES[-1])
     p.add_argument("--keep", action="store_true", help="keep each size's SHOPML_HOME")
+    p.add_argument("--start-at", choices=STAGES, help="go on from this stage in the kept "
+                   "homes under --root (one earlier run's, with --keep)")  # fmt: skip
+    p.add_argument("--root", type=Path, help="the directory of the homes (default: a new one)")
     p.add_argument("--json", type=Path, help="also write the records here, for "
                    "`python -m benchmarks.capacity --scale FILE`")  # fmt: skip
     p.add_argument("--table", type=Path, nargs="+", help="only print the table of these "
@@ -111,7 +114,9 @@ def main() -> None:
         print(table_of(list(merged.values())))
         return
     stages = STAGES[: STAGES.index(args.stop_after) + 1]
-    root = Path(tempfile.mkdtemp(prefix="shopml-scale-"))
+    if args.start_at and not args.root:
+        p.error("--start-at goes on in an earlier run's homes: give its --root")
+    root = args.root or Path(tempfile.mkdtemp(prefix="shopml-scale-"))
     records: list[dict[str, object]] = []
     for n in args.events:
         home = root / f"events={n}"
@@ -129,6 +134,8 @@ def main() -> None:
                             "--items", str(items), "--out", str(source)])]  # fmt: skip
         steps.append(("land", ["land", "--ds", DS, "--source", str(source)]))
         steps += [(s, [s, "--ds", DS]) for s in stages[1:]]
+        if args.start_at:
+            steps = steps[[name for name, _ in steps].index(args.start_at) :]
         for name, argv in steps:
             seconds, gib, code = run_stage(argv, env, log)
             records.append({"events": n, "stage": name, "seconds": round(seconds, 1),
