@@ -170,8 +170,6 @@ def plan(costs: dict[str, StageCost], redis: dict[str, float], args) -> list[dic
         train_cpu_s = train.per_event_s * events if train else math.nan
         gpus = max(1, math.ceil(train_cpu_s / args.gpu_speedup / (args.train_share * window)))
         single_s = sum(costs[s].seconds(events) for s in SINGLE if s in costs)
-        single_gib = max((costs[s].peak_gib / costs[s].largest * events for s in SINGLE
-                          if s in costs), default=0.0)  # fmt: skip
         users = events * args.users_per_event
         items = min(events * args.items_per_event, args.max_items)
         redis_gib = (users * redis["user"] + items * redis["item"]) * args.redis_headroom / 2**30
@@ -179,7 +177,7 @@ def plan(costs: dict[str, StageCost], redis: dict[str, float], args) -> list[dic
             "events_per_day": per_day, "events_per_night": events,
             "spark_cores": spark_cores, "spark_nodes": spark_nodes, "gpus": gpus,
             "train_cpu_hours": train_cpu_s / 3600, "single_task_hours": single_s / 3600,
-            "single_task_gib": single_gib, "users": users, "items": items,
+            "users": users, "items": items,
             "redis_gib": redis_gib,
         })  # fmt: skip
     return rows
@@ -206,21 +204,21 @@ def render(costs: dict[str, StageCost], redis: dict[str, float], rows: list[dict
         f"{args.node_cores} cores:",
         "",
         "| events/day | events/night | Spark cores (nodes) | GPUs (ASSUMED speed-up) | "
-        "one-process stages | Redis | users / items |",
+        "one-process stages (linear) | Redis | users / items |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['events_per_day']:.0e} | {r['events_per_night']:.1e} | "
             f"{r['spark_cores']:,.0f} ({r['spark_nodes']}) | {r['gpus']} | "
-            f"{r['single_task_hours']:.1f} h, {r['single_task_gib']:,.0f} GiB | "
+            f"{r['single_task_hours']:,.0f} h on one node | "
             f"{r['redis_gib']:,.1f} GiB | {r['users']:.1e} / {r['items']:.1e} |"
         )
     lines += [
         "",
         "**Read the one-process column as what does not scale out today**: feast-sync, the "
         "ranker, compression, evaluation and promotion each run in one Airflow task process, "
-        "so their time and memory are extrapolated linearly from the largest size they ran "
+        "so their time is extrapolated linearly from the largest size they ran "
         "at, on one node. Where that exceeds the window or a node, the stage needs what the "
         "Spark stages have (work split over executors) or a stated sample (evaluated users, "
         "the ranker's replayed users); the Spark and GPU columns assume those stages were "
@@ -235,11 +233,23 @@ def render(costs: dict[str, StageCost], redis: dict[str, float], rows: list[dict
         "| stage | where | sizes | fixed s | µs per event | peak GiB at largest |",
         "|---|---|---|---|---|---|",
     ]
+    largest = max(c.largest for c in costs.values())
+    short = []
     for name, c in costs.items():
         where = "Spark" if name in SPARK else "GPU Job" if name in TRAIN else "one process"
         sizes = ", ".join(f"{n:.0e}" for n in c.sizes)
         lines.append(f"| {name} | {where} | {sizes} | {c.fixed_s:.1f} | "
                      f"{c.per_event_s * 1e6:.2f} | {c.peak_gib:.2f} |")  # fmt: skip
+        if c.largest < largest:
+            short.append(name)
+    if short:
+        lines += [
+            "",
+            f"**Fitted below {largest:.0e} events** (did not finish or did not run there): "
+            f"{', '.join(short)}. Their costs are only as good as the smaller sizes; a stage "
+            "that grows faster than linearly is under-counted (see the README's Scale "
+            "section for what is known of each).",
+        ]
     lines += [
         "",
         "## Redis (measured)",
@@ -292,8 +302,10 @@ def render(costs: dict[str, StageCost], redis: dict[str, float], rows: list[dict
         f"  workers: {min(big['gpus'], 8)}",
         "```",
         "",
-        f"Redis: a primary with at least {math.ceil(big['redis_gib'] * 1.1)} GiB "
-        "(`maxmemory`), and a replica of the same size.",
+        f"Redis: {math.ceil(big['redis_gib'])} GiB of `maxmemory` in all: a Redis Cluster "
+        f"of {math.ceil(big['redis_gib'] / args.redis_shard_gib)} primaries of "
+        f"{args.redis_shard_gib} GiB (Feast's Redis store: `redis_type: redis_cluster`), "
+        "each with a replica.",
         "",
     ]
     return "\n".join(lines)
@@ -320,6 +332,7 @@ def main() -> None:
     p.add_argument("--max-items", type=float, default=5e6)
     p.add_argument("--redis-headroom", type=float, default=1.5)
     p.add_argument("--redis-sample", type=int, default=2000)
+    p.add_argument("--redis-shard-gib", type=int, default=64, help="memory of one primary")
     p.add_argument("--redis", default="127.0.0.1:6379,db=14", help="Feast connection string")
     args = p.parse_args()
     files = [json.loads(f.read_text()) for f in args.scale]
