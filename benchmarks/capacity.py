@@ -76,10 +76,8 @@ def redis_bytes_per_entity(sample: int, connection: str) -> dict[str, float]:
     """Bytes of Redis memory per user and per item, as Feast's Redis store writes them."""
     import random
     import runpy
-    import tempfile
     from datetime import timedelta
 
-    import redis
     from feast import RepoConfig
     from feast.infra.online_stores.helpers import _redis_key
     from feast.infra.online_stores.redis import RedisOnlineStore
@@ -94,17 +92,16 @@ def redis_bytes_per_entity(sample: int, connection: str) -> dict[str, float]:
 
     defs = runpy.run_path(str(FEATURE_REPO / "definitions.py"))
     project = f"capacity{random.randrange(10**6)}"
-    with tempfile.TemporaryDirectory() as tmp:
-        config = RepoConfig(
-            project=project,
-            provider="local",
-            registry=str(Path(tmp) / "registry.db"),
-            online_store={"type": "redis", "connection_string": connection},
-            offline_store={"type": "file"},
-            entity_key_serialization_version=3,
-            repo_path=tmp,
-        )
+    config = RepoConfig(  # the online store alone is used: the registry is never opened
+        project=project,
+        provider="local",
+        registry="unused-registry.db",
+        online_store={"type": "redis", "connection_string": connection},
+        offline_store={"type": "file"},
+        entity_key_serialization_version=3,
+    )
     store = RedisOnlineStore()
+    client = store._get_client(config.online_store)  # Feast's parsing of the connection
     rng = random.Random(0)
     now = datetime.now(UTC)
     top_k = 20
@@ -128,7 +125,6 @@ def redis_bytes_per_entity(sample: int, connection: str) -> dict[str, float]:
             rows = [(k, {f.name: value(f) for f in view.schema}, now - timedelta(hours=1), None)
                     for k in keys]  # fmt: skip
             store.online_write_batch(config, view, rows, None)
-        client = redis.Redis(**_redis_kwargs(connection))
         names = [_redis_key(project, k, entity_key_serialization_version=3) for k in keys]
         used = sum(client.memory_usage(n, samples=0) or 0 for n in names)
         client.delete(*names)
@@ -142,17 +138,6 @@ def redis_bytes_per_entity(sample: int, connection: str) -> dict[str, float]:
         "item": write("item_id", [defs["item_features"]], items),
         "top_k": top_k,
     }
-
-
-def _redis_kwargs(connection: str) -> dict[str, object]:
-    host, _, rest = connection.partition(",")
-    name, _, port = host.partition(":")
-    kwargs: dict[str, object] = {"host": name, "port": int(port or 6379)}
-    for part in filter(None, rest.split(",")):
-        key, _, val = part.partition("=")
-        if key == "db":
-            kwargs["db"] = int(val)
-    return kwargs
 
 
 def plan(costs: dict[str, StageCost], redis: dict[str, float], args) -> list[dict[str, object]]:
@@ -335,9 +320,9 @@ def main() -> None:
     p.add_argument("--redis-shard-gib", type=int, default=64, help="memory of one primary")
     p.add_argument("--redis", default="127.0.0.1:6379,db=14", help="Feast connection string")
     args = p.parse_args()
-    files = [json.loads(f.read_text()) for f in args.scale]
-    merged = {(r["events"], r["stage"]): r for f in files for r in f["records"]}
-    scale = {**files[-1], "records": list(merged.values())}
+    from benchmarks.scale import merged_records
+
+    scale = {**json.loads(args.scale[-1].read_text()), "records": merged_records(args.scale)}
     args.measured_cores = scale.get("cores", 2)
     stages = dict.fromkeys(r["stage"] for r in scale["records"] if r["stage"] != "synth")
     costs = {s: c for s in stages if (c := fit(scale["records"], s))}

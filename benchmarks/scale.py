@@ -64,6 +64,14 @@ def run_stage(args: list[str], env: dict[str, str], log: Path) -> tuple[float, f
     return seconds, peak / 2**30, proc.returncode
 
 
+def merged_records(files: list[Path]) -> list[dict]:
+    """The records of several ``--json`` files; a later file's (size, stage) replaces an
+    earlier one's."""
+    merged = {(r["events"], r["stage"]): r for f in files
+              for r in json.loads(f.read_text())["records"]}  # fmt: skip
+    return list(merged.values())
+
+
 def table_of(records: list[dict]) -> str:
     """The Markdown table stage x size (wall s / peak GiB / events per s) and each stage's
     exponent (slope of log seconds on log events over the sizes it ran at; > 1.1 flagged)."""
@@ -109,9 +117,7 @@ def main() -> None:
                    "--json files (a later file's stage and size replace an earlier's)")  # fmt: skip
     args = p.parse_args()
     if args.table:
-        merged = {(r["events"], r["stage"]): r for f in args.table
-                  for r in json.loads(f.read_text())["records"]}  # fmt: skip
-        print(table_of(list(merged.values())))
+        print(table_of(merged_records(args.table)))
         return
     stages = STAGES[: STAGES.index(args.stop_after) + 1]
     if args.start_at and not args.root:

@@ -5,6 +5,7 @@ Declarative only: `feast apply` imports this file. ``SHOPML_FEATURES_DIR`` point
 at the run's snapshot (``lake/features/ds=YYYY-MM-DD``); `shopml` sets it before applying.
 """
 
+import json
 import os
 from datetime import timedelta
 
@@ -18,8 +19,9 @@ from feast.types import Array, Float32, Int64, String
 _FEATURES_DIR = os.environ.get("SHOPML_FEATURES_DIR", "data/features")
 _RECOMMENDATIONS_DIR = os.environ.get("SHOPML_RECOMMENDATIONS_DIR", "data/recommendations")
 _SESSIONS_DIR = os.environ.get("SHOPML_SESSIONS_DIR", "data/session_features")
-# Each offline store reads its own source class: FileSource (Dask) or SparkSource.
-_OFFLINE = os.environ.get("SHOPML_FEAST_OFFLINE_TYPE", "file")
+# Each offline store reads its own source class: FileSource (Dask) or SparkSource; the store
+# is the YAML's offline_store block, which `shopml` passes as JSON.
+_OFFLINE = json.loads(os.environ.get("SHOPML_FEAST_OFFLINE_STORE", '{"type": "file"}'))["type"]
 
 
 def _snapshots(name: str, path: str, timestamp_field: str, description: str) -> DataSource:

@@ -211,11 +211,9 @@ def replayed_rows(
     for r, inner in enumerate(held_out_rounds(events, rounds)):
         purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
         engine = offline_engine(purchases, model, None, cfg, sources)
-        at = (
-            inner.test_time
-            if sample is None
-            else inner.test_time[inner.test_time.index.isin(sample)]
-        )
+        at = inner.test_time
+        if sample is not None:
+            at = at[at.index.isin(sample)]
         moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at})
         users = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
         sessions = None

@@ -628,7 +628,6 @@ def service_environment(settings: Settings) -> dict[str, str]:
         "SHOPML_FEAST_ONLINE_PATH": str(settings.paths.feast / "online.db"),
         "SHOPML_FEAST_REDIS": settings.feast.redis_connection,
         "SHOPML_FEAST_PROJECT": settings.feast.project,
-        "SHOPML_FEAST_OFFLINE_TYPE": settings.feast.offline_store,
         "SHOPML_FEAST_OFFLINE_STORE": json.dumps(_offline_store_block(settings)),
     }
     if settings.mlflow_tracking_uri:

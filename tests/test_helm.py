@@ -275,7 +275,7 @@ def test_passwords_come_from_the_referenced_secrets():
 # Variables ShopML's engines read directly (shopml.config.service_environment), not Settings.
 SERVICE_ENV = {
     "SHOPML_FEAST_PROJECT", "SHOPML_FEAST_REGISTRY", "SHOPML_FEAST_REDIS",
-    "SHOPML_FEAST_OFFLINE_STORE", "SHOPML_FEAST_OFFLINE_TYPE",
+    "SHOPML_FEAST_OFFLINE_STORE",
 }  # fmt: skip
 
 
