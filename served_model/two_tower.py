@@ -5,6 +5,9 @@ training, online at serving). Item tower: an item-id embedding and a popularity 
 score of (user, item) is their dot product plus the bias, so one matrix product ranks the
 whole catalog. The vocabularies travel inside the module, so a model loaded from MLflow can
 answer by raw ids with no side files.
+
+The embedding tables have sparse gradients: a training step touches only its batch's rows
+(``mlkit.loop.LazyAdam``), so its cost does not grow with the vocabularies.
 """
 
 from __future__ import annotations
@@ -46,15 +49,15 @@ class TwoTower(nn.Module):
         self.item_ids = list(item_ids)
         self.popular_items = list(popular_items)  # fallback for unknown users
         self.feature_names = tuple(feature_names)
-        self.user_emb = nn.Embedding(len(user_ids) + 1, dim)
+        self.user_emb = nn.Embedding(len(user_ids) + 1, dim, sparse=True)
         # no features (the zoo fits it on interactions alone): id embeddings only
         self.user_mlp = (
             nn.Sequential(nn.Linear(len(feature_names), dim), nn.ReLU(), nn.Linear(dim, dim))
             if feature_names
             else None
         )
-        self.item_emb = nn.Embedding(len(item_ids), dim)
-        self.item_bias = nn.Embedding(len(item_ids), 1)
+        self.item_emb = nn.Embedding(len(item_ids), dim, sparse=True)
+        self.item_bias = nn.Embedding(len(item_ids), 1, sparse=True)
         self.register_buffer(
             "_log_mask",
             torch.tensor([f in _LOG_SCALED for f in feature_names], dtype=torch.bool),
