@@ -123,6 +123,7 @@ def main() -> None:
     if args.start_at and not args.root:
         p.error("--start-at goes on in an earlier run's homes: give its --root")
     root = args.root or Path(tempfile.mkdtemp(prefix="shopml-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, object]] = []
     for n in args.events:
         home = root / f"events={n}"
@@ -148,7 +149,7 @@ def main() -> None:
                             "peak_gib": round(gib, 2), "exit": code})  # fmt: skip
             print(json.dumps(records[-1]), flush=True)
             if args.json:  # the settings that were lowered travel with the figures
-                prefixes = ("SHOPML_TRAIN__", "SHOPML_FEAST__", "SHOPML_SPARK__")
+                prefixes = ("SHOPML_TRAIN__", "SHOPML_EVAL__", "SHOPML_FEAST__", "SHOPML_SPARK__")
                 lowered = {k: v for k, v in env.items() if k.startswith(prefixes)}
                 args.json.write_text(json.dumps({"cores": os.cpu_count(), "settings": lowered,
                                                  "records": records}, indent=1))  # fmt: skip

@@ -205,6 +205,13 @@ class EvalConfig(BaseModel):
     compression_eval_users: int = Field(
         0, ge=0, description="compress: seeded user sample per split for NDCG (0: all users)"
     )
+    max_users: int = Field(
+        0,
+        ge=0,
+        description="evaluate: judge every model on the holdout of a seeded sample of this "
+        "many test users (0: all); the same users for each model, so the gate's paired "
+        "bootstrap still pairs them; its intervals widen as 1/sqrt(users)",
+    )
     segment_tolerance: float = Field(
         0.05, ge=0, description="largest relative NDCG drop allowed in a protected segment"
     )

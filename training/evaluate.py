@@ -34,11 +34,29 @@ BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def run_interactions(run_dir: Path) -> tuple[Interactions, Interactions, pd.DataFrame]:
-    """(train, test, test users' point-in-time features) of a run, on one vocabulary."""
+def sample_users(users, n: int, seed: int) -> list:
+    """A seeded sample of ``n`` of ``users``, sorted (all of them when ``n`` is 0 or more
+    than there are): the users an evaluation is judged on when it samples."""
+    users = sorted(users)
+    if not n or n >= len(users):
+        return users
+    return sorted(np.random.default_rng(seed).choice(users, size=n, replace=False).tolist())
+
+
+def run_interactions(
+    run_dir: Path, max_users: int = 0, seed: int = 0
+) -> tuple[Interactions, Interactions, pd.DataFrame]:
+    """(train, test, test users' point-in-time features) of a run, on one vocabulary.
+
+    ``max_users`` > 0: the holdout of a seeded sample of that many test users only
+    (:func:`sample_users`); every model still learns from all of the training events."""
     catalog = pd.DataFrame({S.ITEM_ID: read_vocab(run_dir)["items"]})
     train = from_events(pd.read_parquet(run_dir / "train_events.parquet"), catalog)
-    test = index_like(train, pd.read_parquet(run_dir / "test.parquet"))
+    held = pd.read_parquet(run_dir / "test.parquet")
+    if max_users:
+        users = sample_users(held[S.USER_ID].unique(), max_users, seed)
+        held = held[held[S.USER_ID].isin(users)]
+    test = index_like(train, held)
     features = pd.read_parquet(run_dir / "test_users.parquet").set_index(S.USER_ID)
     return train, test, features
 
@@ -124,8 +142,11 @@ def evaluate_run(
     models: dict[str, TwoTower],
     zoo: dict[str, tuple[str, dict[str, Any]]] | None = None,
     scorers: dict[str, ScorerFactory] | None = None,
+    max_users: int = 0,
+    seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table, per-user frame): baselines, the run's models and the zoo on the same holdout.
+    """(table, per-user frame): baselines, the run's models and the zoo on the same holdout
+    (of a seeded sample of ``max_users`` test users when > 0: ``eval.max_users``).
 
     Zoo models are fitted here on the run's training events (they need no Horovod launch or
     Feast features); ``training.report`` logs every row as a nested MLflow run.
@@ -136,7 +157,7 @@ def evaluate_run(
     from zoo.compare import fit_and_evaluate
 
     check_unique_names([*BASELINES, *(zoo or {}), *models, *(scorers or {})])
-    train, test, features = run_interactions(run_dir)
+    train, test, features = run_interactions(run_dir, max_users, seed)
     split = Split(train, test, "run", PROTOCOL)
     rows, per_user = [], []
     protocol = PROTOCOL

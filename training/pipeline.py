@@ -123,15 +123,6 @@ def _ranker_rows(settings: Settings, ds: date, teacher: torch.nn.Module):
     return x, val, users
 
 
-def _sample(users, n: int, seed: int):
-    import numpy as np
-
-    users = sorted(users)
-    if not n or n >= len(users):
-        return users
-    return sorted(np.random.default_rng(seed).choice(users, size=n, replace=False).tolist())
-
-
 def compression_ndcg(
     settings: Settings, ds: date, rankers: dict, retrieval: dict[str, int] | None = None
 ) -> dict[str, dict]:
@@ -147,7 +138,7 @@ def compression_ndcg(
     from mlkit.two_stage import offline_engine, ranker_scorers
     from served_model.engine import version_config
     from training.data import PROTOCOL, read_vocab
-    from training.evaluate import run_interactions
+    from training.evaluate import run_interactions, sample_users
     from training.ranking import replay_two_tower, served_retrieval, zoo_sources
 
     run_dir = settings.paths.run(ds)
@@ -164,7 +155,7 @@ def compression_ndcg(
 
     # validation: the last basket of the training part, for the ranker's validation users
     inner = split_last_basket(events)
-    users = _sample(set(inner.test_time.index) & val_users, n, seed)
+    users = sample_users(set(inner.test_time.index) & val_users, n, seed)
     catalog = pd.DataFrame({S.ITEM_ID: read_vocab(run_dir)["items"]})
     train = from_events(inner.train, catalog)
     test = index_like(train, inner.test[inner.test[S.USER_ID].isin(users)])
@@ -181,12 +172,7 @@ def compression_ndcg(
     }
 
     # test: the run's holdout, tables from every training purchase (as evaluate's SERVED row)
-    train, test, test_features = run_interactions(run_dir)
-    users = _sample(set(test.user_ids[test.matrix.getnnz(axis=1) > 0]), n, seed)
-    if n:
-        test = index_like(
-            train, pd.read_parquet(run_dir / "test.parquet").query(f"{S.USER_ID} in @users")
-        )
+    train, test, test_features = run_interactions(run_dir, n, seed)
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
     engine = offline_engine(purchases, model, None, serving,
                             zoo_sources(settings, model))  # fmt: skip
@@ -356,7 +342,15 @@ def evaluate(settings: Settings, ds: date) -> pd.DataFrame:
                 settings, purchases, model, champion_ranker, retrieval
             )
     k = settings.eval.k
-    table, per_user = evaluate_run(run_dir, k, models, zoo, scorers=scorers)
+    table, per_user = evaluate_run(
+        run_dir,
+        k,
+        models,
+        zoo,
+        scorers=scorers,
+        max_users=settings.eval.max_users,
+        seed=settings.train.seed,
+    )
     table.insert(1, "role", [role_of(m, set(zoo)) for m in table["model"]])
     write_results(table, per_user, run_dir)
     versus = served_vs_best(table, per_user, SERVED, k, settings.train.seed)
