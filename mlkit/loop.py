@@ -124,7 +124,7 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
     def run_epochs(state: hvd.elastic.TorchState) -> None:
         # (re)entered after an elastic reset: the shards follow the surviving ranks
         data, sampler = _sharded(task, net, dataset, cfg.seed)
-        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler)
+        loader = batch_loader(data, sampler, cfg.batch_size)
         gen = torch.Generator().manual_seed(cfg.seed + hvd.rank())  # negatives differ by rank
         for epoch in range(state.epoch, cfg.epochs):
             sampler.set_epoch(epoch)
@@ -160,6 +160,19 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
         net.load_state_dict(state.best)
     net.eval()
     return net, list(state.curve)
+
+
+def batch_loader(
+    data: torch.utils.data.Dataset, sampler, batch_size: int
+) -> torch.utils.data.DataLoader:
+    """The batches of ``data`` in ``sampler``'s order. A ``TensorDataset`` is indexed a batch
+    at a time (one gather per tensor), giving the very batches the per-row default would:
+    fetching and collating row by row was 80% of the ranker's training time at 10^6 events
+    (30 million ``__getitem__`` calls)."""
+    if isinstance(data, torch.utils.data.TensorDataset):
+        rows = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
+        return torch.utils.data.DataLoader(data, sampler=rows, batch_size=None)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
 
 
 class LazyAdam(torch.optim.Adam):

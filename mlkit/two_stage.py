@@ -21,7 +21,7 @@ labelled items more easily than tomorrow's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,10 +54,11 @@ RANK_COLUMNS = tuple(f"rank_{s}" for s in SOURCES)
 # Rows with user_id, item_id and event_timestamp in; the same rows, in order, with the
 # user's and the item's features (USER_FEATURES, ITEM_FEATURES) valid at that time out.
 FeatureSource = Callable[[pd.DataFrame], pd.DataFrame]
-# Purchases (user_id, item_id, timestamp) in; zoo source name -> its per-user top-N table
+# Purchases (user_id, item_id, timestamp) in, and optionally ``users=``, the users whose rows
+# are asked for (None: all); zoo source name -> its per-user top-N table
 # (``served_model.bundle.Tables.scores``) fitted on exactly those purchases out
 # (``zoo.sources.source_fitter``).
-SourceFit = Callable[[pd.DataFrame], dict[str, sparse.csr_matrix]]
+SourceFit = Callable[..., dict[str, sparse.csr_matrix]]
 
 
 def no_features(rows: pd.DataFrame) -> pd.DataFrame:
@@ -74,12 +75,14 @@ def offline_engine(
     ranker: nn.Module | None,
     cfg: ServingConfig,
     sources: SourceFit | None = None,
+    users: Collection[str] | None = None,
 ) -> TwoStage:
     """A two-stage engine whose tables (and zoo scorers, when ``sources`` fits them) know
-    only ``purchases``."""
+    only ``purchases``. ``users``: the only users it will be asked for (a replay's or an
+    evaluation's sample), the zoo scorers' rows are computed for them alone; None: all."""
     catalog = pd.DataFrame({S.ITEM_ID: model.item_ids})
     vectors = item_matrix(model)
-    scores = sources(purchases) if sources is not None else None
+    scores = sources(purchases, users=users) if sources is not None else None
     tables = build_tables(model, purchases, catalog, scores)
     bundle = Bundle("offline", model, ranker, build_index(vectors), tables, vectors)
     return TwoStage(bundle, features=None, cfg=cfg)
@@ -210,10 +213,10 @@ def replayed_rows(
         sample = np.random.default_rng(seed).choice(everyone, size=max_users, replace=False)
     for r, inner in enumerate(held_out_rounds(events, rounds)):
         purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
-        engine = offline_engine(purchases, model, None, cfg, sources)
         at = inner.test_time
         if sample is not None:
             at = at[at.index.isin(sample)]
+        engine = offline_engine(purchases, model, None, cfg, sources, users=at.index)
         moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at})
         users = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
         sessions = None

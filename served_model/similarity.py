@@ -9,7 +9,9 @@ from scipy import sparse
 _BLOCK_ENTRIES = 50_000_000  # most co-occurrence entries held at once (a few hundred MB)
 
 
-def cosine_neighbours(x: sparse.csr_matrix, shrink: float, neighbors: int) -> sparse.csr_matrix:
+def cosine_neighbours(
+    x: sparse.csr_matrix, shrink: float, neighbors: int, of: np.ndarray | None = None
+) -> sparse.csr_matrix:
     """Cosine similarity between the columns of ``x`` with shrinkage, top-``neighbors`` kept.
 
     ``sim(i, j) = <x_i, x_j> / (|x_i| |x_j| + shrink)``; the diagonal is dropped.
@@ -19,24 +21,37 @@ def cosine_neighbours(x: sparse.csr_matrix, shrink: float, neighbors: int) -> sp
     popular item nearly every pair of users co-occurs), 10^10 entries for user-kNN at 10^5
     users (10^7 events), while the kept neighbourhoods are linear. Same result as the whole
     matrix at once, row by row.
+
+    ``of``: only these columns' neighbourhoods (distinct indices; every other row is
+    empty), each the same as in the whole matrix. What scoring a sample of users needs:
+    its cost grows with the columns, not with their square.
     """
     xc = x.tocsc().astype(np.float32)
     norms = np.sqrt(np.asarray(xc.multiply(xc).sum(axis=0)).ravel())
     xt, xr = xc.T.tocsr(), xc.tocsr()
     n = xc.shape[1]
+    targets = np.arange(n) if of is None else np.asarray(of, dtype=np.int64)
     block = max(1, _BLOCK_ENTRIES // max(n, 1))
     parts = []
-    for lo in range(0, n, block):
-        co = (xt[lo : lo + block] @ xr).tocoo()
-        row = co.row + lo
-        off = row != co.col
-        row, col = row[off], co.col[off]
-        data = co.data[off] / (norms[row] * norms[col] + shrink)
-        sim = sparse.csr_matrix((data.astype(np.float32), (row - lo, col)), shape=(co.shape[0], n))
+    for lo in range(0, len(targets), block):
+        idx = targets[lo : lo + block]
+        co = (xt[idx] @ xr).tocoo()
+        local, col = co.row, co.col
+        off = idx[local] != col
+        local, col = local[off], col[off]
+        data = co.data[off] / (norms[idx[local]] * norms[col] + shrink)
+        sim = sparse.csr_matrix((data.astype(np.float32), (local, col)), shape=(len(idx), n))
         parts.append(keep_top(sim, neighbors))
     if not parts:
         return sparse.csr_matrix((n, n), dtype=np.float32)
-    return sparse.vstack(parts, format="csr")
+    stacked = sparse.vstack(parts, format="csr")
+    if of is None:
+        return stacked
+    place = sparse.csr_matrix(  # row t of ``stacked`` to row targets[t]
+        (np.ones(len(targets), np.float32), (targets, np.arange(len(targets)))),
+        shape=(n, len(targets)),
+    )
+    return (place @ stacked).tocsr()
 
 
 def keep_top(m: sparse.csr_matrix, k: int) -> sparse.csr_matrix:

@@ -6,8 +6,9 @@ score of (user, item) is their dot product plus the bias, so one matrix product 
 whole catalog. The vocabularies travel inside the module, so a model loaded from MLflow can
 answer by raw ids with no side files.
 
-The embedding tables have sparse gradients: a training step touches only its batch's rows
-(``mlkit.loop.LazyAdam``), so its cost does not grow with the vocabularies.
+With ``sparse=True`` the embedding tables have sparse gradients: a training step touches
+only its batch's rows (``mlkit.loop.LazyAdam``), so its cost does not grow with the
+vocabularies (the nightly pipeline's default, ``train.sparse_embeddings``).
 """
 
 from __future__ import annotations
@@ -43,21 +44,22 @@ class TwoTower(nn.Module):
         popular_items: list[str],
         feature_names: tuple[str, ...] = S.USER_FEATURES,
         dim: int = 64,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         self.user_index = {u: i + 1 for i, u in enumerate(user_ids)}  # 0 = unknown
         self.item_ids = list(item_ids)
         self.popular_items = list(popular_items)  # fallback for unknown users
         self.feature_names = tuple(feature_names)
-        self.user_emb = nn.Embedding(len(user_ids) + 1, dim, sparse=True)
+        self.user_emb = nn.Embedding(len(user_ids) + 1, dim, sparse=sparse)
         # no features (the zoo fits it on interactions alone): id embeddings only
         self.user_mlp = (
             nn.Sequential(nn.Linear(len(feature_names), dim), nn.ReLU(), nn.Linear(dim, dim))
             if feature_names
             else None
         )
-        self.item_emb = nn.Embedding(len(item_ids), dim, sparse=True)
-        self.item_bias = nn.Embedding(len(item_ids), 1, sparse=True)
+        self.item_emb = nn.Embedding(len(item_ids), dim, sparse=sparse)
+        self.item_bias = nn.Embedding(len(item_ids), 1, sparse=sparse)
         self.register_buffer(
             "_log_mask",
             torch.tensor([f in _LOG_SCALED for f in feature_names], dtype=torch.bool),

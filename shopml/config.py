@@ -105,6 +105,12 @@ class TrainConfig(BaseModel):
     dim: int = Field(64, ge=4)
     negatives: int = Field(1024, ge=1, description="shared sampled negatives per batch")
     weight_decay: float = Field(1e-6, ge=0)
+    sparse_embeddings: bool = Field(
+        True,
+        description="two-tower: sparse embedding gradients, allgathered by Horovod and updated "
+        "lazily (mlkit.loop.LazyAdam): a step costs its batch's rows, not the vocabulary's; "
+        "dense steps made training quadratic in the data (10^7 events did not finish)",
+    )
     ranker_epochs: int = Field(
         8, ge=1, description="serving ranker: most epochs (the best on validation is kept)"
     )

@@ -11,7 +11,7 @@ def _toy(seed: int = 0):
     torch.manual_seed(seed)
     users = [f"u{i}" for i in range(20)]
     items = [f"i{i}" for i in range(50)]
-    model = TwoTower(users, items, popular_items=items[:5], dim=16)
+    model = TwoTower(users, items, popular_items=items[:5], dim=16, sparse=True)
     # each user buys two "own" items: learnable from the id embeddings
     u = torch.arange(1, 21).repeat_interleave(2)
     pos = torch.tensor([(i * 2 + j) % 50 for i in range(20) for j in range(2)])

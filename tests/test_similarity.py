@@ -31,3 +31,16 @@ def test_each_row_keeps_its_top_neighbours_whatever_the_block(monkeypatch, block
     monkeypatch.setattr(similarity, "_BLOCK_ENTRIES", 10**9)
     whole = similarity.cosine_neighbours(x, shrink=5.0, neighbors=4).toarray()
     np.testing.assert_array_equal(got, whole)  # and the very same entries as all at once
+
+
+@pytest.mark.parametrize("block_entries", [10**9, 200])
+def test_the_neighbourhoods_of_some_columns_are_those_rows_of_the_whole(monkeypatch, block_entries):
+    """``of``: what user-kNN computes for the users it scores (zoo.classic.UserKNN)."""
+    x = sparse.random(120, 90, density=0.06, random_state=4, format="csr", dtype=np.float32)
+    whole = similarity.cosine_neighbours(x, shrink=5.0, neighbors=4).toarray()
+    monkeypatch.setattr(similarity, "_BLOCK_ENTRIES", block_entries)
+    some = np.array([70, 3, 41, 88])
+    got = similarity.cosine_neighbours(x, shrink=5.0, neighbors=4, of=some).toarray()
+    np.testing.assert_array_equal(got[some], whole[some])
+    others = np.setdiff1d(np.arange(90), some)
+    assert not got[others].any()

@@ -58,6 +58,8 @@ def run_interactions(
         held = held[held[S.USER_ID].isin(users)]
     test = index_like(train, held)
     features = pd.read_parquet(run_dir / "test_users.parquet").set_index(S.USER_ID)
+    if max_users:
+        features = features[features.index.isin(users)]
     return train, test, features
 
 

@@ -164,7 +164,7 @@ def compression_ndcg(
     val_features = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
     purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
     engine = offline_engine(purchases, replay_model, None, serving,
-                            zoo_sources(settings, replay_model))  # fmt: skip
+                            zoo_sources(settings, replay_model), users=users)  # fmt: skip
     scorers = ranker_scorers(engine, train, val_features, features, rankers)
     out["val"] = {
         name: evaluate_scores(f, train, test, k, exclude_seen=False, split=PROTOCOL)
@@ -174,8 +174,8 @@ def compression_ndcg(
     # test: the run's holdout, tables from every training purchase (as evaluate's SERVED row)
     train, test, test_features = run_interactions(run_dir, n, seed)
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
-    engine = offline_engine(purchases, model, None, serving,
-                            zoo_sources(settings, model))  # fmt: skip
+    engine = offline_engine(purchases, model, None, serving, zoo_sources(settings, model),
+                            users=test_features.index)  # fmt: skip
     scorers = ranker_scorers(engine, train, test_features, features, rankers)
     out["test"] = {
         name: evaluate_scores(f, train, test, k, exclude_seen=False, split=PROTOCOL)
@@ -304,7 +304,8 @@ def served_path(
     cfg = version_config(settings.serving, retrieval)
 
     def factory(train: Interactions, test_users: pd.DataFrame) -> Callable:
-        engine = offline_engine(purchases, model, ranker.eval(), cfg, sources)
+        engine = offline_engine(purchases, model, ranker.eval(), cfg, sources,
+                                users=test_users.index)  # fmt: skip
         return scorer(engine, train, test_users, partial(point_in_time_features, settings))
 
     return factory

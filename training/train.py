@@ -32,10 +32,12 @@ class TwoTowerTask:
     run_dir: Path
     dim: int
     negatives: int
+    sparse: bool = True  # sparse embedding gradients (train.sparse_embeddings)
 
     def build(self) -> TwoTower:
         vocab = read_vocab(self.run_dir)
-        return TwoTower(vocab["users"], vocab["items"], vocab["popular"], dim=self.dim)
+        return TwoTower(vocab["users"], vocab["items"], vocab["popular"], dim=self.dim,
+                        sparse=self.sparse)  # fmt: skip
 
     def dataset(self, net: TwoTower) -> torch.utils.data.TensorDataset:
         return self._tensors(net, pd.read_parquet(self.run_dir / "train.parquet"))
@@ -87,5 +89,5 @@ def train_two_tower(settings: Settings, run_dir: Path) -> tuple[TwoTower, Curve]
         checkpoint=str(run_dir / CHECKPOINT),
         data_version=data_version(run_dir / "train.parquet", run_dir / "vocab.json"),
     )
-    task = TwoTowerTask(run_dir, cfg.dim, cfg.negatives)
+    task = TwoTowerTask(run_dir, cfg.dim, cfg.negatives, cfg.sparse_embeddings)
     return launch(task, loop, cfg.workers, env=service_environment(settings), elastic=cfg.elastic)

@@ -151,15 +151,25 @@ class UserKNN(Base):
         # row-normalised histories: a heavy user's vector should not swamp the neighbourhood
         norms = np.sqrt(np.asarray(self.hist.multiply(self.hist).sum(axis=1)).ravel())
         self.hist_n = sparse.diags(1.0 / np.maximum(norms, 1e-9)).astype(np.float32) @ self.hist
-        self.sim = cosine_neighbours(self.hist.T.tocsr(), self.shrink, self.neighbors)
+        self.columns = self.hist.T.tocsr()  # users as columns: cosine_neighbours' input
         return self
+
+    def neighbourhoods(self, users: np.ndarray) -> sparse.csr_matrix:
+        """Rows ``users`` of the user x user neighbourhood matrix (the others empty).
+
+        Computed when scored, for the users scored only: the whole matrix is quadratic in
+        the users (10^5 users at 10^7 events: hours), while the replay and the evaluation
+        score a sample of them. Row by row the same as computing it all at fit time."""
+        return cosine_neighbours(self.columns, self.shrink, self.neighbors, of=np.unique(users))
 
     def score(self, users: np.ndarray) -> np.ndarray:
         users = np.asarray(users)
-        sim = self.sim[np.minimum(users, self.sim.shape[0] - 1)]
+        n = self.columns.shape[1]
+        known = np.minimum(users, n - 1)
+        sim = self.neighbourhoods(known)[known]
         wsum = np.asarray(np.abs(sim).sum(axis=1)).ravel()
         neigh = np.asarray((sim @ self.hist_n).todense()) / np.maximum(wsum, 1e-9)[:, None]
-        neigh[users >= self.sim.shape[0]] = 0.0
+        neigh[users >= n] = 0.0
         own = dense_rows(self.hist_n, users)
         scores = self.own_weight * own + (1 - self.own_weight) * neigh
         return self._finish(scores, users)

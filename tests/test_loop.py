@@ -1,4 +1,5 @@
-"""``mlkit.loop.LazyAdam``: Adam's step for dense gradients, SparseAdam's for sparse ones."""
+"""``mlkit.loop``: LazyAdam (Adam for dense gradients, SparseAdam for sparse ones) and the
+batches a TensorDataset is read in."""
 
 import pytest
 import torch
@@ -74,3 +75,19 @@ def test_amsgrad_is_refused():
 
     with pytest.raises(ValueError, match="amsgrad"):
         LazyAdam(Net(sparse=True).parameters(), amsgrad=True)
+
+
+def test_a_tensor_dataset_is_batched_a_batch_at_a_time_into_the_same_batches():
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    from mlkit.loop import batch_loader
+
+    data = TensorDataset(torch.arange(23), torch.arange(23).float().unsqueeze(1) * 2)
+    sampler = RandomSampler(data, generator=torch.Generator().manual_seed(3))
+    fast = list(batch_loader(data, sampler, 5))
+    sampler.generator.manual_seed(3)
+    slow = list(DataLoader(data, batch_size=5, sampler=sampler))  # row by row, collated
+    assert [len(b[0]) for b in fast] == [5, 5, 5, 5, 3]
+    for a, b in zip(fast, slow, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y)
