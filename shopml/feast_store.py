@@ -106,29 +106,36 @@ def point_in_time_features(settings: Settings, entity_df: pd.DataFrame) -> pd.Da
     """Feast ``get_historical_features`` with the training feature service.
 
     ``entity_df`` needs ``user_id``, ``item_id`` and ``event_timestamp``; each row gets the
-    latest feature snapshot valid at its timestamp (never a later one). The rows Feast returns
-    come back in ``entity_df``'s order, with its timestamps (its file store can still drop an
-    entity row older than any snapshot of its entity: see tests/test_feast.py).
+    latest feature snapshot valid at its timestamp (never a later one), every row comes back,
+    in ``entity_df``'s order, with its timestamps; an entity with no snapshot yet (brand new)
+    gets zeros.
 
-    Feast 0.67's file offline store keeps one row per (user_id, event_timestamp) when it joins
-    the user view (it de-duplicates on the join keys seen so far), so rows that share a user
-    and an instant (a user's candidates at one moment, negatives beside their positive) would
-    collapse into one. Such rows are nudged apart by microseconds for the join, far below the
-    daily snapshot grain, and get their own timestamps back.
+    Each view of the service is asked for once per distinct (its entity key, timestamp) and
+    the answers are spread back over the rows: a user's candidates at one moment are one user
+    row to Feast, not one per candidate (the replay's 2 x 10^6 candidate rows of a round are
+    10^4 users), and a basket's items share one user row. It also sidesteps two quirks of
+    Feast 0.67's file store: it keeps one row per (user_id, event_timestamp) when it joins
+    the user view, and it drops some entity rows older than any snapshot of their entity.
     """
     import numpy as np
     import pandas as pd
 
     ts = S.ENTITY_TIMESTAMP
-    entity = entity_df.reset_index(drop=True).assign(_row=np.arange(len(entity_df)))
-    nudge = entity.groupby([S.USER_ID, ts]).cumcount().to_numpy()
-    entity[ts] = pd.to_datetime(entity[ts], utc=True) + pd.to_timedelta(nudge, unit="us")
+    out = entity_df.reset_index(drop=True).copy()
+    at = out.assign(**{ts: pd.to_datetime(out[ts], utc=True)})
     store = open_store(settings)
     service = store.get_feature_service("recommender_training")
-    out = store.get_historical_features(entity_df=entity, features=service).to_df()
-    out = out.sort_values("_row").reset_index(drop=True)
-    out[ts] = entity_df[ts].reset_index(drop=True).iloc[out["_row"]].reset_index(drop=True)
-    out = out.drop(columns="_row")
+    for view in service.feature_view_projections:
+        keys = [*store.get_feature_view(view.name).join_keys, ts]
+        names = [f.name for f in view.features]
+        distinct = at[keys].drop_duplicates().reset_index(drop=True)
+        distinct["_row"] = np.arange(len(distinct))
+        refs = [f"{view.name}:{n}" for n in names]
+        got = store.get_historical_features(entity_df=distinct, features=refs).to_df()
+        rows = at[keys].merge(distinct, on=keys, how="left")["_row"].to_numpy()
+        values = got.set_index("_row")[names].reindex(rows)  # a dropped row: NaN, then 0
+        for n in names:
+            out[n] = values[n].to_numpy()
     for f in (*S.USER_FEATURES, *S.ITEM_FEATURES):
         out[f] = out[f].astype("float32").fillna(0.0)  # no snapshot yet: a brand-new entity
     return out

@@ -104,9 +104,9 @@ def test_historical_features_pick_the_latest_snapshot_not_after_each_row(store_s
     # Every returned row carries the latest snapshot not after its timestamp (never a later one).
     assert got[S.USER_N_EVENTS].tolist() == expected
     assert expected[-4:] == [2.0, 3.0, 7.0, 0.0]
-    # Known: Feast 0.67's file store drops some entity rows earlier than any snapshot of that
-    # entity (here a@2025-01-01); tracked in the closing note of issue 2.
-    assert len(got) >= 5
+    # every row comes back: a@2025-01-01, earlier than any snapshot of a (Feast 0.67's file
+    # store drops it from its answer), with zeros
+    assert len(got) == len(entity)
 
 
 @pytest.mark.integration
