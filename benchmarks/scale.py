@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 DS = "2025-12-31"
 STAGES = (
@@ -103,6 +104,32 @@ def table_of(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sampling_effect(per_user: pd.DataFrame, users: int, seeds: int = 20) -> str:
+    """What judging each model on a seeded sample of ``users`` test users (``eval.max_users``,
+    ``eval.compression_eval_users``) does to its NDCG, from one evaluation of every user
+    (a run's ``per_user.parquet``): the full mean and 95% CI beside one sample's (seed 42,
+    the pipeline's), and the spread of the sample mean over ``seeds`` seeds. A user's NDCG
+    does not depend on who else is evaluated, so these are the sample's exact figures."""
+    from mlkit.bootstrap import bootstrap_ci
+    from training.evaluate import sample_users
+
+    rows = per_user[per_user["segment"] == "all"]
+    lines = [f"| model | all users: NDCG [95% CI] | {users:,} users (seed 42) | "
+             f"sample mean over {seeds} seeds: sd, range |", "|---|---|---|---|"]  # fmt: skip
+    for model, frame in rows.groupby("model"):
+        values = frame.set_index("user_idx")["ndcg"]
+        full = bootstrap_ci(values.to_numpy(), seed=0)
+        one = bootstrap_ci(values.loc[sample_users(values.index, users, 42)].to_numpy(), seed=0)
+        means = np.array([values.loc[sample_users(values.index, users, s)].mean()
+                          for s in range(seeds)])  # fmt: skip
+        lines.append(
+            f"| {model} | {full.mean:.4f} [{full.low:.4f}, {full.high:.4f}] (n={len(values):,}) | "
+            f"{one.mean:.4f} [{one.low:.4f}, {one.high:.4f}] | "
+            f"{means.std():.4f}, [{means.min():.4f}, {means.max():.4f}] |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -115,7 +142,14 @@ def main() -> None:
                    "`python -m benchmarks.capacity --scale FILE`")  # fmt: skip
     p.add_argument("--table", type=Path, nargs="+", help="only print the table of these "
                    "--json files (a later file's stage and size replace an earlier's)")  # fmt: skip
+    p.add_argument("--sampling-effect", type=Path, metavar="PER_USER", help="only print what "
+                   "judging on --users sampled test users does to each model's NDCG, from this "
+                   "per_user.parquet of an evaluation of every user")  # fmt: skip
+    p.add_argument("--users", type=int, default=1_000, help="with --sampling-effect")
     args = p.parse_args()
+    if args.sampling_effect:
+        print(sampling_effect(pd.read_parquet(args.sampling_effect), args.users))
+        return
     if args.table:
         print(table_of(merged_records(args.table)))
         return

@@ -48,3 +48,24 @@ def test_the_plan_grows_with_events_and_shrinks_with_the_window():
     assert small["spark_cores"] == pytest.approx(6 * 2e-6 * 2 * 3e9 / (0.5 * 6 * 3600 * 0.9))
     args.window_hours = 12.0
     assert plan(costs, redis, args)[0]["spark_cores"] == pytest.approx(small["spark_cores"] / 2)
+
+
+def test_the_sampling_effect_is_the_sample_users_own_figures():
+    """``benchmarks.scale.sampling_effect``: a model judged on a sample of users scores the
+    mean of those users' NDCG (a user's NDCG does not depend on who else is judged)."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.scale import sampling_effect
+    from training.evaluate import sample_users
+
+    rng = np.random.default_rng(0)
+    per_user = pd.DataFrame({"model": np.repeat(["a", "b"], 50), "segment": "all",
+                             "user_idx": np.tile(np.arange(50), 2),
+                             "ndcg": rng.random(100)})  # fmt: skip
+    text = sampling_effect(per_user, users=10, seeds=5)
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| a |") and lines[3].startswith("| b |")
+    a = per_user[per_user["model"] == "a"].set_index("user_idx")["ndcg"]
+    assert f"{a.loc[sample_users(a.index, 10, 42)].mean():.4f} [" in lines[2]
+    assert f"{a.mean():.4f} [" in lines[2] and "(n=50)" in lines[2]
