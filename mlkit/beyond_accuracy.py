@@ -11,6 +11,8 @@ from scipy import sparse
 
 from mlkit.interactions import ITEM_IDX, USER_IDX, Interactions
 
+_BLOCK_ENTRIES = 20_000_000  # (lists x vector width) per block of intra_list_diversity
+
 
 def catalog_coverage(topk_idx: np.ndarray, n_items: int) -> float:
     """Distinct recommended items over the catalog size (empty slots ignored)."""
@@ -51,11 +53,17 @@ def intra_list_diversity(
     rows = np.repeat(np.arange(n), k)[valid.ravel()]
     cols = topk_idx.ravel()[valid.ravel()]
     pick = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n_items))
-    summed = pick @ unit
-    if sparse.issparse(summed):
-        sq = np.asarray(summed.multiply(summed).sum(axis=1)).ravel()
-    else:
-        sq = np.einsum("ij,ij->i", summed, summed)
+    # a block of lists at a time: each summed row is as wide as the vectors (every training
+    # user, for the default vectors) and nearly dense when a list holds a popular item, so
+    # all rows at once were lists x users (10^4 x 10^5 at 10^7 events: 12 GB)
+    sq = np.empty(n, dtype=np.float64)
+    step = max(1, _BLOCK_ENTRIES // max(unit.shape[1], 1))
+    for lo in range(0, n, step):
+        summed = pick[lo : lo + step] @ unit
+        if sparse.issparse(summed):
+            sq[lo : lo + step] = np.asarray(summed.multiply(summed).sum(axis=1)).ravel()
+        else:
+            sq[lo : lo + step] = np.einsum("ij,ij->i", summed, summed)
     with_vector = np.asarray(pick @ (norms > 0).astype(np.float64)).ravel()
     length = valid.sum(axis=1)
     pairs = length * (length - 1)

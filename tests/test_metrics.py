@@ -398,3 +398,18 @@ def test_spark_metrics_equal_the_python_metrics_on_a_seeded_random_case(spark):
     assert means.keys() <= python.keys()
     for key, value in means.items():
         assert value == pytest.approx(python[key])
+
+
+@pytest.mark.parametrize("block_entries", [1, 7, 10**9])
+def test_intra_list_diversity_is_the_same_a_block_of_lists_at_a_time(monkeypatch, block_entries):
+    """Lists x vector width is quadratic at scale (lists x training users), so it is summed
+    a block of lists at a time: the same values whatever the block."""
+    from mlkit import beyond_accuracy as B
+
+    vectors = sparse.random(30, 12, density=0.3, random_state=5, format="csr")
+    top = np.random.default_rng(5).integers(-1, 30, size=(9, 4))
+    monkeypatch.setattr(B, "_BLOCK_ENTRIES", 10**9)
+    whole = B.intra_list_diversity(top, vectors)
+    monkeypatch.setattr(B, "_BLOCK_ENTRIES", block_entries)
+    np.testing.assert_allclose(B.intra_list_diversity(top, vectors), whole)
+    np.testing.assert_allclose(B.intra_list_diversity(top, vectors.toarray()), whole)
