@@ -43,7 +43,7 @@ bench-intraday:  ## The intraday_update DAG (Airflow) on the next day of Instaca
 bench-features:  ## The Spark feature job vs its DuckDB peer on synthetic logs of 10^6 and 10^7 events (equal rows, timed side by side)
 	. scripts/env.sh && python -m benchmarks.spark_features --sizes 1000000 10000000
 
-bench-scale:  ## Every nightly stage as its own process at 10^5 and 10^6 synthetic events (~40 min): time, peak memory, exponents (var/scale.json; add 10000000 by hand: its train does not finish yet)
+bench-scale:  ## Every nightly stage as its own process at 10^5 and 10^6 synthetic events (~40 min): time, peak memory, exponents (var/scale.json; 10^7 by hand with --events 10000000 and SHOPML_EVAL__MAX_USERS=10000: about 65 min)
 	. scripts/env.sh && mkdir -p var && python -m benchmarks.scale --events 100000 1000000 --json var/scale.json
 
 capacity:  ## docs/capacity.md from `make bench-scale`'s per-event costs and Redis bytes measured through Feast
