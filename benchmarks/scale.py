@@ -130,6 +130,28 @@ def sampling_effect(per_user: pd.DataFrame, users: int, seeds: int = 20) -> str:
     return "\n".join(lines)
 
 
+def two_tower_ndcg(run_dir: Path, models: list[Path]) -> str:
+    """NDCG@10 [95% CI] of two-tower checkpoints on a run's holdout (every test user), by the
+    nightly evaluation's own scorer and library: what fewer epochs or another optimizer
+    cost, with the training set held fixed."""
+    import torch
+
+    from mlkit.metrics import evaluate
+    from training.data import PROTOCOL
+    from training.evaluate import run_interactions, two_tower_scorer
+
+    train, test, features = run_interactions(run_dir)
+    lines = []
+    for path in models:
+        model = torch.load(path, weights_only=False)
+        result = evaluate(two_tower_scorer(model, train, features), train, test, 10,
+                          exclude_seen=False, split=PROTOCOL)  # fmt: skip
+        ci = result.ci("ndcg", n_boot=500)
+        lines.append(f"{path}: NDCG@10 {ci.mean:.4f} [{ci.low:.4f}, {ci.high:.4f}] "
+                     f"over {len(result.user_values()):,} users")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -146,7 +168,13 @@ def main() -> None:
                    "judging on --users sampled test users does to each model's NDCG, from this "
                    "per_user.parquet of an evaluation of every user")  # fmt: skip
     p.add_argument("--users", type=int, default=1_000, help="with --sampling-effect")
+    p.add_argument("--two-tower", type=Path, nargs="+", metavar=("RUN_DIR", "MODEL"),
+                   help="only print the NDCG@10 of these two-tower checkpoints (model.pt "
+                   "files) on RUN_DIR's holdout")  # fmt: skip
     args = p.parse_args()
+    if args.two_tower:
+        print(two_tower_ndcg(args.two_tower[0], args.two_tower[1:]))
+        return
     if args.sampling_effect:
         print(sampling_effect(pd.read_parquet(args.sampling_effect), args.users))
         return
