@@ -278,8 +278,8 @@ def judge(
     cfg, k = version_config(settings.serving, retrieval), settings.eval.k
     results = {}
     for name, model in models.items():
-        engine = offline_engine(purchases, model, ranker.eval(), cfg,
-                                None if scores is None else (lambda _: scores))  # fmt: skip
+        fixed = None if scores is None else (lambda _, users=None: scores)  # the night's tables
+        engine = offline_engine(purchases, model, ranker.eval(), cfg, fixed)
         score = scorer(engine, train, features, partial(point_in_time_features, settings))
         results[name] = evaluate(score, train, test, k, exclude_seen=False, split=PROTOCOL)
     return results
