@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -130,6 +131,107 @@ def sampling_effect(per_user: pd.DataFrame, users: int, seeds: int = 20) -> str:
     return "\n".join(lines)
 
 
+def synth_purchases(source: Path) -> pd.DataFrame:
+    """A synthetic retailer's purchases (``shopml synth --out SOURCE``), its defective rows
+    (missing or unparseable ids and times) dropped: the zoo's input without the pipeline."""
+    from shopml import schema as S
+
+    cols = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE]
+    ev = pd.read_parquet(source / "events", columns=cols)
+    p = ev[ev[S.EVENT_TYPE] == S.PURCHASE].drop(columns=S.EVENT_TYPE)
+    p[S.TIMESTAMP] = pd.to_datetime(p[S.TIMESTAMP], errors="coerce", utc=True)
+    p = p.dropna()
+    return p.astype({S.USER_ID: str, S.ITEM_ID: str}).reset_index(drop=True)
+
+
+def zoo_tables(sources: list[Path]) -> str:
+    """Seconds to build the serving zoo tables (``train.zoo_sources``: every user's top
+    items, what ``promote`` builds for the bundle) on each synthetic retailer, and the
+    exponent between sizes: promote's one step that grows with users x items."""
+    from shopml import schema as S
+    from shopml.config import load_settings
+    from zoo.sources import zoo_scores
+
+    settings = load_settings()
+    configs = {n: settings.eval.model_configs.get(n, {}) for n in settings.train.zoo_sources}
+    lines = ["| purchases | users | items | " + " | ".join(f"{n} s" for n in configs) + " |",
+             "|---|---|---|" + "---|" * len(configs)]  # fmt: skip
+    sizes, times = [], []
+    for source in sources:
+        p = synth_purchases(source)
+        users, items = sorted(p[S.USER_ID].unique()), sorted(p[S.ITEM_ID].unique())
+        index = {u: i + 1 for i, u in enumerate(users)}
+        seconds = []
+        for name, config in configs.items():
+            started = time.perf_counter()
+            zoo_scores(index, items, p, {name: config})
+            seconds.append(time.perf_counter() - started)
+        sizes.append(len(p))
+        times.append(sum(seconds))
+        lines.append(f"| {len(p):,} | {len(users):,} | {len(items):,} | "
+                     + " | ".join(f"{t:.1f}" for t in seconds) + " |")  # fmt: skip
+    for (a, ta), (b, tb) in itertools.pairwise(zip(sizes, times, strict=True)):
+        lines.append(
+            f"exponent {a:,} -> {b:,} purchases: {math.log(tb / ta) / math.log(b / a):.2f}"
+        )
+    return "\n".join(lines)
+
+
+def neighbour_pool_effect(source: Path, pool: int) -> str:
+    """What searching user-kNN's neighbours among a seeded pool of ``pool`` users
+    (``neighbour_pool``) costs in NDCG@10, against searching every user: the served
+    ``user_knn`` config on a synthetic retailer's purchases, each user's last basket held
+    out with repeats allowed (the nightly protocol), paired bootstrap over users."""
+    from mlkit.bootstrap import paired_ci
+    from mlkit.interactions import from_events
+    from shopml import schema as S
+    from shopml.config import load_settings
+    from zoo.compare import PROTOCOLS, compare, format_table, protocol_split
+
+    protocol = PROTOCOLS["instacart"]  # leave the last basket out, repeats count
+    split = protocol_split(
+        protocol, from_events(synth_purchases(source).assign(**{S.EVENT_TYPE: S.PURCHASE}))
+    )
+    config = load_settings().eval.model_configs["user_knn"]
+    every, pooled = "user_knn, every user", f"user_knn, pool of {pool:,}"
+    table, fitted = compare(
+        {every: ("user_knn", {**config, "neighbour_pool": 0}),
+         pooled: ("user_knn", {**config, "neighbour_pool": pool})},
+        split, protocol.k, protocol.exclude_seen,
+    )  # fmt: skip
+    diff = paired_ci(fitted[pooled].result.user_values(), fitted[every].result.user_values())
+    return (format_table(table, ["model", "ndcg@10", "ndcg@10 95% CI", "fit_s"])
+            + f"\n\npool - every user: NDCG@10 {diff.mean:+.4f} "
+            f"[{diff.low:+.4f}, {diff.high:+.4f}] "
+            f"over {len(fitted[every].result.user_values()):,} users "
+            f"({split.train.n_users:,} users in training)")  # fmt: skip
+
+
+def paired_effect(reference: Path, changed: Path) -> str:
+    """Each model's NDCG in two evaluations of the same holdout (two runs' ``per_user.parquet``,
+    e.g. before and after a sampling setting changed for one stage), and the paired-bootstrap
+    CI of the difference over the users both judged: what the change costs, model by model."""
+    from mlkit.bootstrap import bootstrap_ci, paired_ci
+
+    a, b = (pd.read_parquet(f) for f in (reference, changed))
+    a, b = (f[f["segment"] == "all"] for f in (a, b))
+    lines = ["| model | reference NDCG | changed NDCG | changed - reference [95% CI] | users |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for model in sorted(set(a["model"]) & set(b["model"])):
+        x = a[a["model"] == model].set_index("user_idx")["ndcg"]
+        y = b[b["model"] == model].set_index("user_idx")["ndcg"]
+        both = x.index.intersection(y.index)
+        x, y = x.loc[both], y.loc[both]
+        cx, cy = bootstrap_ci(x.to_numpy(), seed=0), bootstrap_ci(y.to_numpy(), seed=0)
+        d = paired_ci(y, x)
+        lines.append(
+            f"| {model} | {cx.mean:.4f} [{cx.low:.4f}, {cx.high:.4f}] | "
+            f"{cy.mean:.4f} [{cy.low:.4f}, {cy.high:.4f}] | "
+            f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {len(both):,} |"
+        )
+    return "\n".join(lines)
+
+
 def two_tower_ndcg(run_dir: Path, models: list[Path]) -> str:
     """NDCG@10 [95% CI] of two-tower checkpoints on a run's holdout (every test user), by the
     nightly evaluation's own scorer and library: what fewer epochs or another optimizer
@@ -171,7 +273,30 @@ def main() -> None:
     p.add_argument("--two-tower", type=Path, nargs="+", metavar=("RUN_DIR", "MODEL"),
                    help="only print the NDCG@10 of these two-tower checkpoints (model.pt "
                    "files) on RUN_DIR's holdout")  # fmt: skip
+    p.add_argument(
+        "--zoo-tables",
+        type=Path,
+        nargs="+",
+        metavar="SOURCE",
+        help="only time the serving zoo tables for every user of these `shopml synth` outputs",
+    )
+    p.add_argument("--neighbour-pool", type=Path, metavar="SOURCE", help="only print what "
+                   "user-kNN's neighbour pool of --pool users costs in NDCG@10 on this "
+                   "`shopml synth` output")  # fmt: skip
+    p.add_argument("--pool", type=int, default=1_000, help="with --neighbour-pool")
+    p.add_argument("--paired", type=Path, nargs=2, metavar=("REFERENCE", "CHANGED"),
+                   help="only print each model's NDCG difference between two per_user.parquet "
+                   "files of the same holdout, paired over users")  # fmt: skip
     args = p.parse_args()
+    if args.paired:
+        print(paired_effect(*args.paired))
+        return
+    if args.zoo_tables:
+        print(zoo_tables(args.zoo_tables))
+        return
+    if args.neighbour_pool:
+        print(neighbour_pool_effect(args.neighbour_pool, args.pool))
+        return
     if args.two_tower:
         print(two_tower_ndcg(args.two_tower[0], args.two_tower[1:]))
         return

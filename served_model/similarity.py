@@ -10,7 +10,11 @@ _BLOCK_ENTRIES = 50_000_000  # most co-occurrence entries held at once (a few hu
 
 
 def cosine_neighbours(
-    x: sparse.csr_matrix, shrink: float, neighbors: int, of: np.ndarray | None = None
+    x: sparse.csr_matrix,
+    shrink: float,
+    neighbors: int,
+    of: np.ndarray | None = None,
+    among: np.ndarray | None = None,
 ) -> sparse.csr_matrix:
     """Cosine similarity between the columns of ``x`` with shrinkage, top-``neighbors`` kept.
 
@@ -25,18 +29,24 @@ def cosine_neighbours(
     ``of``: only these columns' neighbourhoods (distinct indices; every other row is
     empty), each the same as in the whole matrix. What scoring a sample of users needs:
     its cost grows with the columns, not with their square.
+
+    ``among``: neighbours are searched among these columns only (distinct indices), the
+    others are never a neighbour. A bounded pool bounds each neighbourhood's cost: with a
+    popular item, a column co-occurs with nearly every other, so searching all of them makes
+    the whole computation quadratic however it is blocked.
     """
     xc = x.tocsc().astype(np.float32)
     norms = np.sqrt(np.asarray(xc.multiply(xc).sum(axis=0)).ravel())
-    xt, xr = xc.T.tocsr(), xc.tocsr()
     n = xc.shape[1]
+    pool = np.arange(n) if among is None else np.asarray(among, dtype=np.int64)
+    xt, xr = xc.T.tocsr(), (xc if among is None else xc[:, pool]).tocsr()
     targets = np.arange(n) if of is None else np.asarray(of, dtype=np.int64)
     block = max(1, _BLOCK_ENTRIES // max(n, 1))
     parts = []
     for lo in range(0, len(targets), block):
         idx = targets[lo : lo + block]
         co = (xt[idx] @ xr).tocoo()
-        local, col = co.row, co.col
+        local, col = co.row, pool[co.col]
         off = idx[local] != col
         local, col = local[off], col[off]
         data = co.data[off] / (norms[idx[local]] * norms[col] + shrink)

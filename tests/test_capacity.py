@@ -69,3 +69,57 @@ def test_the_sampling_effect_is_the_sample_users_own_figures():
     a = per_user[per_user["model"] == "a"].set_index("user_idx")["ndcg"]
     assert f"{a.loc[sample_users(a.index, 10, 42)].mean():.4f} [" in lines[2]
     assert f"{a.mean():.4f} [" in lines[2] and "(n=50)" in lines[2]
+
+
+def test_the_neighbour_pool_effect_is_nil_when_the_pool_holds_every_user(tmp_path):
+    """``benchmarks.scale.neighbour_pool_effect``: a pool at least as large as the users is
+    the exhaustive search (difference exactly 0); a smaller one is judged on the same users.
+    Defective rows of the synthetic log are dropped, not scored."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.scale import neighbour_pool_effect, synth_purchases
+    from shopml import schema as S
+
+    rng = np.random.default_rng(0)
+    n = 1_500
+    events = pd.DataFrame({
+        S.USER_ID: [f"u{u}" for u in rng.integers(0, 60, n)],
+        S.ITEM_ID: [f"i{i}" for i in rng.zipf(1.6, n) % 80],
+        S.TIMESTAMP: (pd.Timestamp("2025-01-01", tz="UTC")
+                      + pd.to_timedelta(rng.integers(0, 90 * 86_400, n), unit="s")),
+        S.EVENT_TYPE: rng.choice([S.PURCHASE, "view"], n),
+    })  # fmt: skip
+    events.loc[:4, S.USER_ID] = None  # defects
+    (tmp_path / "events").mkdir()
+    events.to_parquet(tmp_path / "events" / "part-0.parquet", coerce_timestamps="us")
+    purchases = synth_purchases(tmp_path)
+    assert purchases.notna().all().all()
+    assert (
+        len(purchases) == (events[S.USER_ID].notna() & (events[S.EVENT_TYPE] == S.PURCHASE)).sum()
+    )
+    whole = neighbour_pool_effect(tmp_path, pool=60)
+    assert "pool - every user: NDCG@10 +0.0000 [+0.0000, +0.0000]" in whole
+    assert "over 60 users" in neighbour_pool_effect(tmp_path, pool=10)
+
+
+def test_the_paired_effect_is_the_difference_over_the_users_both_judged(tmp_path):
+    """``benchmarks.scale.paired_effect``: what a changed setting costs each model, paired
+    over the users both evaluations judged (a user judged once only is left out)."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.scale import paired_effect
+
+    rng = np.random.default_rng(1)
+    ref = pd.DataFrame({"model": np.repeat(["a", "b"], 40), "segment": "all",
+                        "user_idx": np.tile(np.arange(40), 2),
+                        "ndcg": rng.random(80) * 0.5})  # fmt: skip
+    changed = ref.copy()
+    changed.loc[changed["model"] == "a", "ndcg"] += 0.1
+    changed = changed[changed["user_idx"] != 0]  # one user judged only in the reference
+    ref.to_parquet(tmp_path / "ref.parquet")
+    changed.to_parquet(tmp_path / "changed.parquet")
+    lines = paired_effect(tmp_path / "ref.parquet", tmp_path / "changed.parquet").splitlines()
+    assert lines[2].startswith("| a |") and "+0.1000 [+0.1000, +0.1000] | 39 |" in lines[2]
+    assert lines[3].startswith("| b |") and "+0.0000 [+0.0000, +0.0000] | 39 |" in lines[3]

@@ -179,6 +179,47 @@ def test_a_zoo_model_learns_on_two_horovod_workers(data):
     assert model.score(np.array([0])).shape == (1, data.n_items)
 
 
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("user_knn", {"neighbors": 5, "own_weight": 0.5, "half_life_days": 30.0}),
+        ("user_knn", {"neighbors": 5, "neighbour_pool": 10}),
+        ("ease", {"l2": 20.0, "repeat_weight": 2.0, "max_items": 12}),
+    ],
+)
+def test_top_n_without_dense_rows_is_the_top_of_the_dense_scores(data, name, config):
+    """``Base.top_n`` (what the nightly serving tables use: zoo.sources.zoo_scores) builds no
+    (users x catalog) row, yet keeps each user's best items of ``score`` exactly: the scored
+    items, the popularity fill of a short list, and popularity for an unseen user."""
+    from zoo.base import top_n_rows
+
+    model = build(name, **config).fit(data)
+    users = np.r_[np.arange(data.n_users), data.n_users + 2]  # the last one unseen
+    dense_rows, _, dense_vals = top_n_rows(model.score(users), 8)
+    rows, cols, vals = model.top_n(users, 8)
+    scores = model.score(users)
+    np.testing.assert_allclose(vals, scores[rows, cols], rtol=1e-6)  # its values are scores
+    for u in range(len(users)):  # and the best ones (ties: any of them)
+        np.testing.assert_allclose(
+            np.sort(vals[rows == u]), np.sort(dense_vals[dense_rows == u]), rtol=1e-6
+        )
+
+
+def test_user_knn_searches_a_seeded_pool_when_there_are_more_users(data):
+    """``neighbour_pool``: past that many users, every neighbour comes from one seeded sample
+    of them, the same on every fit; at or below it every user is searched."""
+    pooled = build("user_knn", neighbors=5, neighbour_pool=10).fit(data)
+    again = build("user_knn", neighbors=5, neighbour_pool=10).fit(data)
+    np.testing.assert_array_equal(pooled.pool, again.pool)
+    assert len(pooled.pool) == 10
+    sim = pooled.neighbourhoods(np.arange(data.n_users))
+    assert set(np.unique(sim.indices)) <= set(pooled.pool)
+    assert build("user_knn", neighbour_pool=data.n_users).fit(data).pool is None
+    assert build("user_knn", neighbour_pool=0).fit(data).pool is None
+    with pytest.raises(ValueError, match="neighbour_pool"):
+        build("user_knn", neighbour_pool=-1)
+
+
 def test_zoo_sources_are_each_users_top_items_in_the_served_index_space():
     """The nightly zoo tables (served candidate sources and ranker features) hold exactly the
     zoo model's own top items per user, mapped onto the two-tower's vocabularies: users and

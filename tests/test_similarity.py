@@ -44,3 +44,22 @@ def test_the_neighbourhoods_of_some_columns_are_those_rows_of_the_whole(monkeypa
     np.testing.assert_array_equal(got[some], whole[some])
     others = np.setdiff1d(np.arange(90), some)
     assert not got[others].any()
+
+
+def test_neighbours_searched_among_a_pool_are_the_best_of_that_pool():
+    """``among``: what bounds user-kNN's search at scale (zoo.classic.UserKNN.neighbour_pool).
+    Each column's neighbours are its best within the pool, never outside it, and with the
+    pool being every column the result is the whole computation's."""
+    x = sparse.random(120, 90, density=0.08, random_state=5, format="csr", dtype=np.float32)
+    full = _oracle(x.toarray().astype(np.float64), 5.0)
+    pool = np.arange(0, 90, 3)
+    got = similarity.cosine_neighbours(x, shrink=5.0, neighbors=4, among=pool).toarray()
+    outside = np.setdiff1d(np.arange(90), pool)
+    assert not got[:, outside].any() and not np.diag(got).any()
+    for r in range(90):
+        within = full[r, pool][pool != r]
+        best = np.sort(within[within != 0])[::-1][:4]
+        np.testing.assert_allclose(np.sort(got[r][got[r] != 0])[::-1], best, rtol=1e-5)
+    everyone = similarity.cosine_neighbours(x, shrink=5.0, neighbors=4, among=np.arange(90))
+    whole = similarity.cosine_neighbours(x, shrink=5.0, neighbors=4)
+    np.testing.assert_array_equal(everyone.toarray(), whole.toarray())

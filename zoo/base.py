@@ -65,6 +65,24 @@ def row_normalize(m: np.ndarray) -> np.ndarray:
     return np.divide(m, top, out=np.zeros_like(m), where=top > 0)
 
 
+def row_normalize_sparse(m: sparse.spmatrix) -> sparse.csr_matrix:
+    """:func:`row_normalize` of a non-negative sparse matrix, kept sparse."""
+    m = sparse.csr_matrix(m, dtype=np.float32)
+    top = m.max(axis=1).toarray().ravel()
+    scale = np.divide(1.0, top, out=np.zeros_like(top), where=top > 0)
+    return sparse.csr_matrix(sparse.diags(scale) @ m)
+
+
+def top_n_rows(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, value) of each row's ``n`` highest positive scores."""
+    n = min(n, scores.shape[1])
+    cols = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+    vals = np.take_along_axis(scores, cols, axis=1)
+    rows = np.repeat(np.arange(len(scores)), n)
+    keep = vals.ravel() > 0
+    return rows[keep], cols.ravel()[keep], vals.ravel()[keep]
+
+
 def dense_rows(m: sparse.csr_matrix, users: np.ndarray) -> np.ndarray:
     """Dense rows of ``m`` for ``users``; users outside ``m`` (unseen at fit time) get zeros."""
     users = np.asarray(users)
@@ -127,6 +145,55 @@ class Base:
         scores[empty] = self.popularity
         # a tiny popularity term breaks ties deterministically and fills short lists
         return scores + 1e-6 * self.popularity
+
+    def top_n(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, value) of each user's ``n`` best positive scores: the top of
+        :meth:`score` (ties aside), without a dense (users x catalog) row where the model
+        has ``raw_scores`` (its scores before :meth:`_finish`, sparse).
+
+        A dense row per user makes scoring every user (the serving tables) users x items,
+        quadratic in the data. Exact: outside the raw scores' entries a score is
+        ``1e-6 * popularity`` (or popularity, for a user with no signal), so the best items
+        lie among those entries and the ``n`` most popular items."""
+        raw = getattr(self, "raw_scores", None)
+        if raw is None:
+            return top_n_rows(self.score(users), n)
+        users = np.asarray(users)
+        s = row_normalize_sparse(raw(users))
+        if self.history is not None:
+            s = s + self.repeat_weight * row_normalize_sparse(sparse_rows(self.history, users))
+        s = sparse.csr_matrix(s, dtype=np.float32)
+        s.eliminate_zeros()
+        pop = self.popularity
+        empty = np.diff(s.indptr) == 0
+        s.data = s.data + np.float32(1e-6) * pop[s.indices]
+        # each row's best n scored entries: from a dense block of the columns scored in this
+        # batch when that is dense (EASE scores every modelled item), else entry by entry
+        used = np.unique(s.indices)
+        if s.nnz > 0.05 * s.shape[0] * max(len(used), 1):
+            r, c, v = top_n_rows(s[:, used].toarray(), n)
+            c = used[c]
+        else:
+            coo = s.tocoo()
+            r, c, v = coo.row, coo.col, coo.data
+        fill = np.argsort(-pop, kind="stable")[: min(n, len(pop))]
+        fill_rows = np.repeat(np.arange(len(users)), len(fill))
+        fill_cols = np.tile(fill, len(users))
+        fill_vals = np.where(empty[fill_rows], pop[fill_cols], np.float32(0))
+        fill_vals = fill_vals + np.float32(1e-6) * pop[fill_cols]
+        rows = np.concatenate([r, fill_rows]).astype(np.int64)
+        cols = np.concatenate([c, fill_cols]).astype(np.int64)
+        vals = np.concatenate([v, fill_vals]).astype(np.float32)
+        # an item both scored and popular: keep the scored entry (the larger)
+        key = rows * len(pop) + cols
+        order = np.lexsort((-vals, key))
+        first = np.r_[True, key[order][1:] != key[order][:-1]]
+        rows, cols, vals = rows[order][first], cols[order][first], vals[order][first]
+        order = np.lexsort((-vals, rows))  # each row's best first
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        start = np.searchsorted(rows, rows, side="left")
+        keep = (np.arange(len(rows)) - start < n) & (vals > 0)
+        return rows[keep], cols[keep], vals[keep]
 
 
 def check_positive(**values: float) -> None:

@@ -139,11 +139,17 @@ class UserKNN(Base):
     shrink: float = 10.0
     half_life_days: float | None = None
     own_weight: float = 0.0
+    neighbour_pool: int = 10_000
+    seed: int = 42
 
     def __post_init__(self) -> None:
         check_positive(neighbors=self.neighbors)
         if not 0.0 <= self.own_weight <= 1.0:
             raise ValueError(f"own_weight must be in [0, 1], got {self.own_weight}")
+        if self.neighbour_pool < 0:
+            raise ValueError(
+                f"neighbour_pool must be >= 0 (0: every user), got {self.neighbour_pool}"
+            )
 
     def fit(self, data: Interactions) -> UserKNN:
         self._fit_common(data)
@@ -152,6 +158,12 @@ class UserKNN(Base):
         norms = np.sqrt(np.asarray(self.hist.multiply(self.hist).sum(axis=1)).ravel())
         self.hist_n = sparse.diags(1.0 / np.maximum(norms, 1e-9)).astype(np.float32) @ self.hist
         self.columns = self.hist.T.tocsr()  # users as columns: cosine_neighbours' input
+        n = data.n_users
+        self.pool = (
+            None
+            if not self.neighbour_pool or n <= self.neighbour_pool
+            else np.sort(np.random.default_rng(self.seed).choice(n, self.neighbour_pool, False))
+        )
         return self
 
     def neighbourhoods(self, users: np.ndarray) -> sparse.csr_matrix:
@@ -159,20 +171,31 @@ class UserKNN(Base):
 
         Computed when scored, for the users scored only: the whole matrix is quadratic in
         the users (10^5 users at 10^7 events: hours), while the replay and the evaluation
-        score a sample of them. Row by row the same as computing it all at fit time."""
-        return cosine_neighbours(self.columns, self.shrink, self.neighbors, of=np.unique(users))
+        score a sample of them. Row by row the same as computing it all at fit time.
 
-    def score(self, users: np.ndarray) -> np.ndarray:
+        With more users than ``neighbour_pool``, neighbours are searched among a seeded
+        sample of that many users: a user who bought a popular item co-occurs with most
+        shoppers, so an exhaustive search costs users x users. The pool bounds each user's
+        search, which makes scoring every user (the serving tables) linear in the users.
+        What it costs in NDCG: ``python -m benchmarks.scale --neighbour-pool``."""
+        return cosine_neighbours(
+            self.columns, self.shrink, self.neighbors, of=np.unique(users), among=self.pool
+        )
+
+    def raw_scores(self, users: np.ndarray) -> sparse.csr_matrix:
+        """Own history blended with the neighbours', sparse: before :meth:`Base._finish`."""
         users = np.asarray(users)
         n = self.columns.shape[1]
         known = np.minimum(users, n - 1)
         sim = self.neighbourhoods(known)[known]
         wsum = np.asarray(np.abs(sim).sum(axis=1)).ravel()
-        neigh = np.asarray((sim @ self.hist_n).todense()) / np.maximum(wsum, 1e-9)[:, None]
-        neigh[users >= n] = 0.0
-        own = dense_rows(self.hist_n, users)
-        scores = self.own_weight * own + (1 - self.own_weight) * neigh
-        return self._finish(scores, users)
+        scale = np.where(users < n, 1.0 / np.maximum(wsum, 1e-9), 0.0).astype(np.float32)
+        neigh = sparse.diags(scale) @ (sim @ self.hist_n)
+        own = sparse_rows(self.hist_n, users)
+        return (self.own_weight * own + (1 - self.own_weight) * neigh).tocsr()
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        return self._finish(self.raw_scores(users).toarray(), users)
 
 
 @register
@@ -209,8 +232,16 @@ class EASE(Base):
         self.keep, self.b, self.x = keep, b.astype(np.float32), x
         return self
 
+    def raw_scores(self, users: np.ndarray) -> sparse.csr_matrix:
+        """``max(x_u B, 0)`` on the modelled items, sparse: before :meth:`Base._finish`.
+        The history is multiplied sparse (a few dozen items per user), not as a dense row."""
+        dense = np.maximum(np.asarray(sparse_rows(self.x, users)[:, self.keep] @ self.b), 0.0)
+        k = len(self.keep)  # row u's entries: the modelled items, in catalog columns
+        return sparse.csr_matrix(
+            (dense.astype(np.float32).ravel(), np.tile(self.keep, len(dense)),
+             np.arange(len(dense) + 1) * k),
+            shape=(len(dense), self.x.shape[1]),
+        )  # fmt: skip
+
     def score(self, users: np.ndarray) -> np.ndarray:
-        xs = dense_rows(self.x, users)[:, self.keep]
-        scores = np.zeros((len(users), self.x.shape[1]), dtype=np.float32)
-        scores[:, self.keep] = xs @ self.b
-        return self._finish(np.maximum(scores, 0.0), users)
+        return self._finish(self.raw_scores(users).toarray(), users)

@@ -30,17 +30,7 @@ from shopml import schema as S
 from zoo.base import build
 
 TOP_N = 100  # items kept per user and scorer: above every default quota (ServingConfig)
-_BLOCK = 50_000_000  # scores per dense (users, n_items) float32 block: 200 MB
-
-
-def top_n_rows(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, value) of each row's ``n`` highest positive scores."""
-    n = min(n, scores.shape[1])
-    cols = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-    vals = np.take_along_axis(scores, cols, axis=1)
-    rows = np.repeat(np.arange(len(scores)), n)
-    keep = vals.ravel() > 0
-    return rows[keep], cols.ravel()[keep], vals.ravel()[keep]
+_BLOCK = 50_000_000  # users per batch x n_items: bounds a batch's sparse and dense work
 
 
 def zoo_scores(
@@ -55,9 +45,11 @@ def zoo_scores(
     on ``purchases`` and keep every user's top ``top_n`` items, in the served model's index
     space: rows by ``user_index`` (the two-tower's, 0 = unknown), columns by ``item_ids``.
 
-    ``users``: score only these users (the others' rows stay empty). Scoring is users x
-    items, so scoring everyone grows with the square of the data (10^5 users x 5 x 10^4
-    items at 10^7 events) while a replay or an evaluation asks for a sample."""
+    ``users``: score only these users (the others' rows stay empty): a replay or an
+    evaluation asks for a sample. Every user (``promote``'s serving tables) costs linear
+    time: each user's top items come from the model's sparse scores (``Base.top_n``), never
+    a dense row over the catalog (10^5 users x 5 x 10^4 items at 10^7 events), and user-kNN
+    searches its neighbours among a bounded pool (``UserKNN.neighbour_pool``)."""
     unknown = sorted(set(configs) - set(ZOO_SOURCES))
     if unknown:
         raise ValueError(f"unknown zoo sources {unknown}; choose from {sorted(ZOO_SOURCES)}")
@@ -77,7 +69,7 @@ def zoo_scores(
         chunk = max(1, _BLOCK // max(data.n_items, 1))
         for lo in range(0, len(scored), chunk):
             batch = scored[lo : lo + chunk]
-            r, c, v = top_n_rows(model.score(batch), top_n)
+            r, c, v = model.top_n(batch, top_n)
             r_all.append(rows_of[batch[r]])
             c_all.append(cols_of[c])
             v_all.append(v)
