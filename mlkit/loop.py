@@ -88,6 +88,30 @@ class LoopConfig:
         return {k: v for k, v in self.__dict__.items() if k != "checkpoint"}
 
 
+def _plain(value: object) -> bool:
+    if isinstance(value, tuple | list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def task_settings(task: object) -> dict[str, object]:
+    """The task's kind and its own settings (a dataclass's plain fields: sizes, counts,
+    flags, feature names; not arrays, frames or paths), for the checkpoint's fingerprint.
+
+    Without them a retried task whose settings changed meanwhile (``train.dim``,
+    ``train.sparse_embeddings``, the negatives) would resume the other configuration's
+    weights: a shape error at best, at worst a model trained half one way, half another."""
+    import dataclasses
+
+    out: dict[str, object] = {"task": type(task).__qualname__}
+    if dataclasses.is_dataclass(task):
+        for f in dataclasses.fields(task):
+            value = getattr(task, f.name)
+            if _plain(value):
+                out[f.name] = value
+    return out
+
+
 Curve = list[dict[str, float]]
 
 
@@ -117,7 +141,8 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
     state = hvd.elastic.TorchState(
         model=net, optimizer=optimizer, epoch=0, curve=[], best_loss=float("inf"), best=None
     )
-    resume(state, cfg)
+    fingerprint = {"loop": cfg.fingerprint(), "task": task_settings(task)}
+    resume(state, cfg, fingerprint)
     validate = getattr(task, "validation_loss", None)
 
     # --- loop ---------------------------------------------------------------------------------
@@ -150,7 +175,7 @@ def train_loop(task: Trainable, cfg: LoopConfig) -> tuple[nn.Module, Curve]:
             state.epoch = epoch + 1
             state.commit()  # the point a lost worker rolls back to
             if hvd.rank() == 0:
-                save_checkpoint(state, cfg)  # the point a retried task resumes from
+                save_checkpoint(state, cfg, fingerprint)  # the point a retried task resumes from
 
     if os.environ.get("HOROVOD_ELASTIC") == "1":
         hvd.elastic.run(run_epochs)(state)
@@ -245,14 +270,14 @@ def _sharded(task: Trainable, net: nn.Module, dataset, seed: int):
     return local, ShardSampler(len(local), int(largest), seed=seed + hvd.rank())
 
 
-def save_checkpoint(state, cfg: LoopConfig) -> None:
+def save_checkpoint(state, cfg: LoopConfig, fingerprint: dict[str, object]) -> None:
     """The committed state, written atomically (a crash mid-write leaves the previous one)."""
     if not cfg.checkpoint:
         return
     path = cfg.checkpoint
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     payload = {
-        "fingerprint": cfg.fingerprint(),
+        "fingerprint": fingerprint,
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "epoch": state.epoch,
@@ -264,13 +289,14 @@ def save_checkpoint(state, cfg: LoopConfig) -> None:
     os.replace(path + ".tmp", path)
 
 
-def resume(state, cfg: LoopConfig) -> bool:
-    """Load ``cfg.checkpoint`` into ``state`` when it was written by the same configuration;
+def resume(state, cfg: LoopConfig, fingerprint: dict[str, object]) -> bool:
+    """Load ``cfg.checkpoint`` into ``state`` when it was written by the same configuration
+    (``fingerprint``: the loop's settings and the task's, :func:`task_settings`);
     every rank loads the same file, so they resume in step. Returns whether it resumed."""
     if not cfg.checkpoint or not os.path.exists(cfg.checkpoint):
         return False
     saved = torch.load(cfg.checkpoint, weights_only=False)
-    if saved.get("fingerprint") != cfg.fingerprint():
+    if saved.get("fingerprint") != fingerprint:
         print(f"{cfg.name}: checkpoint {cfg.checkpoint} is of another configuration; ignored")
         return False
     state.model.load_state_dict(saved["model"])

@@ -95,7 +95,14 @@ def test_a_retried_training_resumes_from_its_last_checkpoint(tmp_path, capsys):
     assert curve[-1]["loss"] < curve[2]["loss"]  # and it went on learning
     # a checkpoint of other data (a rebuilt training set) is not resumed
     CRASH.update(seen=0)
-    train(Line(), LoopConfig(**{**cfg.__dict__, "data_version": "v2"}), workers=1)
+    other_data = LoopConfig(**{**cfg.__dict__, "data_version": "v2"})
+    train(Line(), other_data, workers=1)
+    assert CRASH["seen"] == 6 * 4
+    # nor one of the task's other settings (mlkit.loop.task_settings); the same ones resume
+    CRASH.update(seen=0)
+    train(Line(), other_data, workers=1)
+    assert CRASH["seen"] == 0  # all 6 epochs were done: nothing left to run
+    train(Line(marker="another setting"), other_data, workers=1)
     assert CRASH["seen"] == 6 * 4
 
 
