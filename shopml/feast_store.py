@@ -116,6 +116,10 @@ def point_in_time_features(settings: Settings, entity_df: pd.DataFrame) -> pd.Da
     10^4 users), and a basket's items share one user row. It also sidesteps two quirks of
     Feast 0.67's file store: it keeps one row per (user_id, event_timestamp) when it joins
     the user view, and it drops some entity rows older than any snapshot of their entity.
+
+    Feast is asked ``feast.historical_chunk_rows`` distinct rows at a time: both of its
+    offline stores bring an answer back whole into one process (the Spark store through its
+    driver), so a training set's millions of rows in one request run out of memory.
     """
     import numpy as np
     import pandas as pd
@@ -131,7 +135,14 @@ def point_in_time_features(settings: Settings, entity_df: pd.DataFrame) -> pd.Da
         distinct = at[keys].drop_duplicates().reset_index(drop=True)
         distinct["_row"] = np.arange(len(distinct))
         refs = [f"{view.name}:{n}" for n in names]
-        got = store.get_historical_features(entity_df=distinct, features=refs).to_df()
+        step = settings.feast.historical_chunk_rows  # each answer is collected whole
+        got = pd.concat(
+            [store.get_historical_features(entity_df=distinct.iloc[lo : lo + step],
+                                           features=refs).to_df()
+             for lo in range(0, len(distinct), step)]
+            or [distinct.iloc[:0].reindex(columns=[*distinct.columns, *names])],
+            ignore_index=True,
+        )  # fmt: skip
         rows = at[keys].merge(distinct, on=keys, how="left")["_row"].to_numpy()
         values = got.set_index("_row")[names].reindex(rows)  # a dropped row: NaN, then 0
         for n in names:

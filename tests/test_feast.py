@@ -110,7 +110,7 @@ def test_historical_features_pick_the_latest_snapshot_not_after_each_row(store_s
 
 
 @pytest.mark.integration
-def test_rows_sharing_a_user_and_an_instant_all_get_their_features(store_settings):
+def test_rows_sharing_a_user_and_an_instant_all_get_their_features(store_settings, monkeypatch):
     """A user's candidates at one moment: every (user, item) row comes back, in order, with
     its own item's point-in-time features (Feast's file store alone would keep one)."""
     from shopml.feast_store import point_in_time_features
@@ -153,3 +153,18 @@ def test_rows_sharing_a_user_and_an_instant_all_get_their_features(store_setting
     assert (got["event_timestamp"] == at).all()
     assert got[S.ITEM_N_PURCHASES].tolist() == [10, 20, 30, 10]
     assert got[S.USER_N_EVENTS].tolist() == [4, 4, 4, 5]
+    # Feast asked a row at a time (feast.historical_chunk_rows): the very same answer
+    from feast import FeatureStore
+
+    asked = []
+    real = FeatureStore.get_historical_features
+
+    def counted(self, entity_df, **kw):
+        asked.append(len(entity_df))
+        return real(self, entity_df=entity_df, **kw)
+
+    monkeypatch.setattr(FeatureStore, "get_historical_features", counted)
+    one = settings.feast.model_copy(update={"historical_chunk_rows": 1})
+    chunked = point_in_time_features(settings.model_copy(update={"feast": one}), entity)
+    pd.testing.assert_frame_equal(chunked, got)
+    assert asked == [1] * 5  # the user view's 2 distinct (user, instant), the item view's 3
