@@ -169,12 +169,11 @@ def plan(costs: dict[str, StageCost], redis: dict[str, float], args) -> list[dic
 
 
 def render(costs: dict[str, StageCost], redis: dict[str, float], rows: list[dict], args,
-           scale: dict) -> str:  # fmt: skip
-    """docs/capacity.md."""
+           settings: dict[str, dict]) -> str:  # fmt: skip
+    """docs/capacity.md; ``settings``: each ``--scale`` file's lowered settings, by name (the
+    merged records come from several runs)."""
     cores = args.measured_cores
-    # each file's own lowered settings: the merged records come from several runs
-    lowered = "; ".join(f"{f.name}: `{json.dumps(json.loads(f.read_text()).get('settings', {}))}`"
-                        for f in args.scale)  # fmt: skip
+    lowered = "; ".join(f"{name}: `{json.dumps(s)}`" for name, s in settings.items())
     lines = [
         "# Capacity model",
         "",
@@ -326,13 +325,15 @@ def main() -> None:
     args = p.parse_args()
     from benchmarks.scale import merged_records
 
-    scale = {**json.loads(args.scale[-1].read_text()), "records": merged_records(args.scale)}
-    args.measured_cores = scale.get("cores", 2)
-    stages = dict.fromkeys(r["stage"] for r in scale["records"] if r["stage"] != "synth")
-    costs = {s: c for s in stages if (c := fit(scale["records"], s))}
+    runs = {f.name: json.loads(f.read_text()) for f in args.scale}
+    records = merged_records(args.scale)
+    args.measured_cores = runs[args.scale[-1].name].get("cores", 2)
+    stages = dict.fromkeys(r["stage"] for r in records if r["stage"] != "synth")
+    costs = {s: c for s in stages if (c := fit(records, s))}
     redis = redis_bytes_per_entity(args.redis_sample, args.redis)
     rows = plan(costs, redis, args)
-    text = render(costs, redis, rows, args, scale)
+    settings = {name: run.get("settings", {}) for name, run in runs.items()}
+    text = render(costs, redis, rows, args, settings)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

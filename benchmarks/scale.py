@@ -150,10 +150,10 @@ def zoo_tables(sources: list[Path]) -> str:
     exponent between sizes: promote's one step that grows with users x items."""
     from shopml import schema as S
     from shopml.config import load_settings
+    from training.ranking import zoo_source_configs
     from zoo.sources import zoo_scores
 
-    settings = load_settings()
-    configs = {n: settings.eval.model_configs.get(n, {}) for n in settings.train.zoo_sources}
+    configs = zoo_source_configs(load_settings())
     lines = ["| purchases | users | items | " + " | ".join(f"{n} s" for n in configs) + " |",
              "|---|---|---|" + "---|" * len(configs)]  # fmt: skip
     sizes, times = [], []

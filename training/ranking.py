@@ -64,15 +64,19 @@ def served_retrieval(run_dir) -> dict[str, int]:
     return served_record(run_dir)["retrieval"]
 
 
+def zoo_source_configs(settings: Settings) -> dict[str, dict[str, object]]:
+    """The zoo scorers the served path uses (``train.zoo_sources``), each with its
+    ``eval.model_configs`` entry."""
+    return {n: settings.eval.model_configs.get(n, {}) for n in settings.train.zoo_sources}
+
+
 def zoo_sources(settings: Settings, model: TwoTower) -> SourceFit | None:
-    """The zoo scorers the served path uses (``train.zoo_sources``, each with its
-    ``eval.model_configs`` entry), bound to ``model``'s vocabularies; None when none."""
+    """:func:`zoo_source_configs` bound to ``model``'s vocabularies; None when none."""
     from zoo.sources import source_fitter
 
-    names = settings.train.zoo_sources
-    if not names:
+    configs = zoo_source_configs(settings)
+    if not configs:
         return None
-    configs = {n: settings.eval.model_configs.get(n, {}) for n in names}
     return source_fitter(model.user_index, list(model.item_ids), configs)
 
 

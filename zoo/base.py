@@ -121,6 +121,9 @@ def decayed_history(data: Interactions, half_life_days: float | None) -> sparse.
     return m
 
 
+TIE_BREAK = 1e-6  # times popularity, added to every score: ties and short lists (_finish)
+
+
 class Base:
     """Shared state: the training matrix, popularity for unseen users, the repeat blend."""
 
@@ -144,7 +147,7 @@ class Base:
         empty = ~scores.any(axis=1)
         scores[empty] = self.popularity
         # a tiny popularity term breaks ties deterministically and fills short lists
-        return scores + 1e-6 * self.popularity
+        return scores + TIE_BREAK * self.popularity
 
     def top_n(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row, column, value) of each user's ``n`` best positive scores: the top of
@@ -153,7 +156,7 @@ class Base:
 
         A dense row per user makes scoring every user (the serving tables) users x items,
         quadratic in the data. Exact: outside the raw scores' entries a score is
-        ``1e-6 * popularity`` (or popularity, for a user with no signal), so the best items
+        ``TIE_BREAK * popularity`` (or popularity, for a user with no signal), so the best items
         lie among those entries and the ``n`` most popular items."""
         raw = getattr(self, "raw_scores", None)
         if raw is None:
@@ -166,7 +169,7 @@ class Base:
         s.eliminate_zeros()
         pop = self.popularity
         empty = np.diff(s.indptr) == 0
-        s.data = s.data + np.float32(1e-6) * pop[s.indices]
+        s.data = s.data + np.float32(TIE_BREAK) * pop[s.indices]
         # each row's best n scored entries: from a dense block of the columns scored in this
         # batch when that is dense (EASE scores every modelled item), else entry by entry
         used = np.unique(s.indices)
@@ -180,7 +183,7 @@ class Base:
         fill_rows = np.repeat(np.arange(len(users)), len(fill))
         fill_cols = np.tile(fill, len(users))
         fill_vals = np.where(empty[fill_rows], pop[fill_cols], np.float32(0))
-        fill_vals = fill_vals + np.float32(1e-6) * pop[fill_cols]
+        fill_vals = fill_vals + np.float32(TIE_BREAK) * pop[fill_cols]
         rows = np.concatenate([r, fill_rows]).astype(np.int64)
         cols = np.concatenate([c, fill_cols]).astype(np.int64)
         vals = np.concatenate([v, fill_vals]).astype(np.float32)

@@ -25,6 +25,7 @@ from mlkit.interactions import ITEM_IDX, USER_IDX, WEIGHT, Interactions
 from served_model.similarity import cosine_neighbours
 from shopml import schema as S
 from zoo.base import (
+    TIE_BREAK,
     Base,
     check_positive,
     decayed_history,
@@ -57,7 +58,7 @@ class Popularity(Base):
         return self
 
     def score(self, users: np.ndarray) -> np.ndarray:
-        return np.tile(self.scores + 1e-6 * self.popularity, (len(users), 1))
+        return np.tile(self.scores + TIE_BREAK * self.popularity, (len(users), 1))
 
 
 @register
