@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from served_model.two_tower import log_scale
@@ -211,19 +212,28 @@ class OnnxRanker:
 
     def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         arr = x.numpy() if isinstance(x, torch.Tensor) else x
-        out = self._session.run(None, {self._input: np.ascontiguousarray(arr, np.float32)})[0]
-        return torch.from_numpy(out.reshape(-1))
+        return torch.from_numpy(self.logits(arr))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """One logit per row of ``x`` (the ranker's columns), NumPy in and out: the serving
+        path, which never touches torch for an ONNX ranker (a torch round trip per request
+        cost as much as the model's own arithmetic at 200 candidates)."""
+        out = self._session.run(None, {self._input: np.ascontiguousarray(x, np.float32)})[0]
+        return out.reshape(-1)
 
 
 def ranker_logits(ranker: nn.Module | OnnxRanker, x: np.ndarray) -> np.ndarray:
     """Logits of full-width rows ``x`` (or rows of the ranker's width) under any format."""
-    with torch.no_grad():
+    if isinstance(ranker, OnnxRanker):
+        return ranker.logits(ranker_view(ranker, x))
+    with torch.inference_mode():
         return ranker(torch.from_numpy(np.ascontiguousarray(ranker_view(ranker, x)))).numpy()
 
 
 def ranker_scores(ranker: nn.Module | OnnxRanker, x: np.ndarray) -> np.ndarray:
-    """Probabilities (sigmoid of the logits) of rows ``x`` under any ranker format."""
-    return torch.sigmoid(torch.from_numpy(ranker_logits(ranker, x))).numpy()
+    """Probabilities (sigmoid of the logits) of rows ``x`` under any ranker format, computed
+    in NumPy (``scipy.special.expit``: float32 stays float32, no overflow warning)."""
+    return expit(ranker_logits(ranker, x))
 
 
 def ranker_params(ranker: nn.Module | OnnxRanker) -> int:
