@@ -134,12 +134,16 @@ def ranker_inputs(
     ``history`` is ``(n, len(HISTORY_FEATURES))``. Missing values (a brand-new user or item)
     are 0, as in training. The row has every feature; :func:`ranker_view` picks a ranker's.
     """
-    n = len(item_features)
-    user = np.broadcast_to(user_features, (n, len(S.USER_FEATURES)))
-    x = np.concatenate(
-        [user, item_features, history.reshape(n, len(HISTORY_FEATURES))], axis=1
-    ).astype(np.float32)
-    return np.nan_to_num(x, copy=False)
+    n, nu, ni = len(item_features), len(S.USER_FEATURES), len(S.ITEM_FEATURES)
+    # one float32 buffer filled in place: at serving's 200 rows the concatenate-then-cast
+    # it replaces took a fifth of the ranking stage of an ONNX ranker
+    x = np.empty((n, len(RANKER_FEATURES)), dtype=np.float32)
+    x[:, :nu] = user_features
+    x[:, nu : nu + ni] = item_features
+    x[:, nu + ni :] = history.reshape(n, len(HISTORY_FEATURES))
+    if not np.isfinite(x).all():  # the check is a tenth of the cost of replacing
+        np.nan_to_num(x, copy=False)
+    return x
 
 
 def features_of(ranker: object) -> tuple[str, ...]:

@@ -25,6 +25,15 @@ def test_ranker_inputs_broadcast_one_user_row_and_zero_missing_values():
     assert (x[:, : len(S.USER_FEATURES)] == user).all()
     assert (x[:, len(S.USER_FEATURES) : -h] == 0).all()
     assert x[:, -h:].tolist() == history.tolist()
+    assert x.dtype == np.float32
+    # a row per candidate, float64 evidence and infinities: float32 rows, nothing non-finite
+    users = np.stack([user, user + 1, user + 2])
+    history64 = history.astype(np.float64)
+    history64[1, 0] = np.inf
+    y = ranker_inputs(users, np.ones_like(items), history64)
+    assert y.dtype == np.float32 and np.isfinite(y).all()
+    assert y[:, : len(S.USER_FEATURES)].tolist() == users.tolist()
+    assert y[1, -h] == np.finfo(np.float32).max and y[2, -h:].tolist() == history[2].tolist()
 
 
 def test_ranker_learns_the_reorder_signal():
