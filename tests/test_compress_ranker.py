@@ -198,3 +198,40 @@ def test_the_engine_serves_an_onnx_ranker_from_its_bundle(teacher, tmp_path):
     (tmp_path / "v" / B.MANIFEST_FILE).write_text(json.dumps(manifest))
     old = B.load_bundle("6", model, tmp_path / "v")
     assert isinstance(old.ranker, Ranker) and old.ranker_info["format"] == "torch"
+
+
+@pytest.mark.parametrize(
+    ("teacher_size", "student"), [((1, 32), (1, 16)), ((2, 64), (2, 32)), ((3, 128), (2, 32))]
+)
+def test_the_student_is_smaller_than_any_teacher_the_study_can_choose(teacher_size, student):
+    """The served study sizes the teacher (1-3 cross layers, 32-128 wide): a fixed student of
+    1 x 32 was as large as a 1 x 32 teacher. The default student is bounded by the teacher."""
+    from shopml.config import TrainConfig
+
+    cfg = TrainConfig()
+    big = Ranker(*teacher_size)
+    got = C.student_size(big, cfg.ranker_student_cross_layers, cfg.ranker_student_hidden)
+    assert got == student
+    assert ranker_params(Ranker(*got)) < ranker_params(big) / 1.5
+
+
+def test_replayed_rounds_average_each_users_baskets_and_pair_by_user():
+    """Validation of the compression gate reads every replayed basket of a user as one
+    value per user (their mean), so the paired bootstrap resamples users, not baskets."""
+    from types import SimpleNamespace
+
+    from mlkit.bootstrap import paired_ci
+    from training.pipeline import ReplayedRounds
+
+    def result(values: dict[str, float]) -> SimpleNamespace:
+        frame = pd.DataFrame({S.USER_ID: list(values), "ndcg": list(values.values())})
+        frame.insert(0, "user_idx", range(len(frame)))  # a round's own indexing, not the user
+        return SimpleNamespace(segments={"all": frame})
+
+    student = ReplayedRounds((result({"a": 1.0, "b": 0.0}), result({"b": 0.5})))
+    teacher = ReplayedRounds((result({"a": 0.5, "b": 0.25}), result({"b": 0.25})))
+    got = student.user_values("ndcg")
+    pd.testing.assert_series_equal(
+        got, pd.Series({"a": 1.0, "b": 0.25}, name="ndcg"), check_names=False, check_index=True
+    )
+    assert paired_ci(got, teacher.user_values()).mean == pytest.approx((0.5 + 0.0) / 2)

@@ -12,8 +12,9 @@
   - ``onnx``: the dynamo ONNX export (``onnxscript``), run by ONNX Runtime, checked against
     the teacher's outputs (max abs difference recorded);
   - ``onnx_int8``: ONNX Runtime's dynamic int8 quantizer over that export;
-  - ``student``: a smaller DCN-v2 (``train.ranker_student_cross_layers`` /
-    ``ranker_student_hidden``) started from the teacher's layers and distilled on the
+  - ``student``: a smaller DCN-v2 (:func:`student_size`: ``train.ranker_student_cross_layers``
+    / ``ranker_student_hidden``, bounded by the teacher's) started from the teacher's layers
+    and distilled on the
     teacher's logits over the ranker's own training rows, with the one Horovod loop
     (``mlkit.two_stage.distil_ranker``); ``student_onnx``: its ONNX export.
 
@@ -145,6 +146,16 @@ def load_saved_ranker(
     return torch.load(path, weights_only=False).eval()
 
 
+def student_size(teacher: Ranker, cross_layers: int, hidden: int) -> tuple[int, int]:
+    """(cross layers, deep width) of the distilled student: the settings' values, but never
+    more cross layers than the teacher has (each is copied from it whole) and never more than
+    half its deep width. The served study chooses the teacher's size (1-3 cross layers, 32-128
+    wide), so a fixed student size could be as large as the teacher and win nothing."""
+    net = teacher.net
+    return (min(cross_layers, len(net.cross)),
+            max(4, min(hidden, net.deep[0].out_features // 2)))  # fmt: skip
+
+
 def ranker_candidates(
     teacher: Ranker,
     x_train: np.ndarray,
@@ -171,14 +182,15 @@ def ranker_candidates(
     names = features_of(teacher)
     out["onnx"] = OnnxRanker(onnx, "onnx", params, features=names)
     out["onnx_int8"] = OnnxRanker(quantize_onnx_int8(onnx), "onnx_int8", params, features=names)
+    cross_layers, hidden = student_size(teacher, student_cross_layers, student_hidden)
     student, curve = distil_ranker(
         teacher,
         x_train,
         student_epochs,
         seed,
         x_val if len(x_val) else None,
-        cross_layers=student_cross_layers,
-        hidden=student_hidden,
+        cross_layers=cross_layers,
+        hidden=hidden,
         batch_size=batch_size,
         lr=lr,
         workers=workers,
