@@ -3,7 +3,8 @@
 On the latest nightly run (``make demo``), every row is the served path with one thing
 removed or changed, all evaluated by ``training.pipeline.compression_ndcg`` (per-user
 NDCG@10 on the validation split, every replayed basket of the ranker-validation users
-averaged per user, and on the run's holdout), with the paired-bootstrap CI of the difference to the full path:
+averaged per user, and on the run's holdout), with the paired-bootstrap CI of the difference
+to the full path:
 
 * ``full``: the run's ranker (``ranker.pt``) with the configuration its study chose on
   validation (``served_study.json``: quotas, ranking depth, the ranker's size and features);
