@@ -154,8 +154,7 @@ def compression_ndcg(
     ``{}``: the settings')."""
     from mlkit.interactions import from_events, index_like
     from mlkit.metrics import evaluate as evaluate_scores
-    from mlkit.splits import split_last_basket
-    from mlkit.two_stage import offline_engine, ranker_scorers
+    from mlkit.two_stage import held_out_rounds, offline_engine, ranker_scorers
     from served_model.engine import version_config
     from training.data import PROTOCOL, read_vocab
     from training.evaluate import run_interactions, sample_users
@@ -176,10 +175,8 @@ def compression_ndcg(
     # validation: the replayed baskets of the ranker's validation users, latest first
     catalog = pd.DataFrame({S.ITEM_ID: read_vocab(run_dir)["items"]})
     rounds: dict[str, list] = {name: [] for name in rankers}
-    part = events
-    for _ in range(settings.train.ranker_rounds):
-        inner = split_last_basket(part)
-        part = inner.train
+    replay_sources = zoo_sources(settings, replay_model)
+    for inner in held_out_rounds(events, settings.train.ranker_rounds):  # what the ranker replays
         users = sample_users(set(inner.test_time.index) & val_users, n, seed)
         if not users:
             break
@@ -189,8 +186,8 @@ def compression_ndcg(
         moments = pd.DataFrame({S.USER_ID: at.index, S.ITEM_ID: "", S.ENTITY_TIMESTAMP: at.values})
         val_features = features(moments.reset_index(drop=True)).set_index(S.USER_ID)
         purchases = inner.train[inner.train[S.EVENT_TYPE] == S.PURCHASE]
-        engine = offline_engine(purchases, replay_model, None, serving,
-                                zoo_sources(settings, replay_model), users=users)  # fmt: skip
+        engine = offline_engine(purchases, replay_model, None, serving, replay_sources,
+                                users=users)  # fmt: skip
         scorers = ranker_scorers(engine, train, val_features, features, rankers)
         for name, f in scorers.items():
             rounds[name].append(
