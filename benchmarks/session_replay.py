@@ -20,8 +20,16 @@ use a ranker trained as ``train_ranker`` trains the nightly one (the same replay
 retrieval model, quotas, size, features, validation users and seed), except that each
 replayed basket is a session already begun (``mlkit.two_stage.replayed_rows(
 session_items=3)``: its first 0-3 items retrieve, leave the lists, and the rest labels
-them): ``... session-trained ranker``. Only users whose basket has more than ``m`` distinct
-items count; the CI is the paired bootstrap of the per-user difference to the stale row.
+them): ``... session-trained ranker``. The last row, ``fresh session, intraday update``,
+is the fresh-session path with the two-tower the hourly ``intraday_update`` would have
+made had it run right after the sessions' first ``m`` items: the run's two-tower warm-started
+(``training.intraday.warm_started``: ``intraday.epochs`` at ``intraday.lr_scale`` x the
+nightly rate, point-in-time features) on those items' purchases, of every replayed user at
+once; its tables, quotas and ranker are the run's (only the two-tower changes, as in the
+DAG). It is the most the update can know at the answer, a bound on the hourly one, which
+would have learnt from the sessions of the hours before only. Only users whose basket has
+more than ``m`` distinct items count; the CI is the paired bootstrap of the per-user
+difference to the stale row.
 
 ``python -m benchmarks.session_replay [--ds 2025-12-31]``
 """
@@ -52,14 +60,17 @@ from training.ranking import served_retrieval, served_zoo_sources, zoo_sources
 STALE = "stale, session excluded"
 FRESH = "fresh session"
 TRAINED = ", session-trained ranker"
+INTRADAY = ", intraday update"
 SESSION_ITEMS = 3  # the session-trained ranker's replayed sessions: 0..3 items
 MS = (1, 2, 3)
 
 
-def served_engine(settings: Settings, ds: date) -> TwoStage:
-    """The run's served path as ``training.pipeline.served_path`` replays it."""
+def served_engine(settings: Settings, ds: date, model: torch.nn.Module | None = None) -> TwoStage:
+    """The run's served path as ``training.pipeline.served_path`` replays it (``model``: a
+    two-tower in place of the run's)."""
     run_dir = settings.paths.run(ds)
-    model = torch.load(run_dir / "model.pt", weights_only=False)
+    if model is None:
+        model = torch.load(run_dir / "model.pt", weights_only=False)
     ranker = served_ranker(run_dir).eval()
     events = pd.read_parquet(run_dir / "train_events.parquet")
     purchases = events[events[S.EVENT_TYPE] == S.PURCHASE]
@@ -68,14 +79,38 @@ def served_engine(settings: Settings, ds: date) -> TwoStage:
     return offline_engine(purchases, model, ranker, cfg, sources)
 
 
-def baskets(settings: Settings, ds: date, start: pd.Series) -> dict[str, list[str]]:
-    """Each test user's held-out basket (the run's ``test.parquet``): its distinct items in
-    the order they entered it, from the lake's clean events."""
+def held_baskets(settings: Settings, ds: date, start: pd.Series) -> pd.DataFrame:
+    """Each test user's held-out basket's events (the run's ``test.parquet``) from the lake's
+    clean events, in the order they entered it."""
     test = pd.read_parquet(settings.paths.run(ds) / "test.parquet")
     clean = pd.read_parquet(settings.paths.clean_events_for(ds),
                             columns=[S.USER_ID, S.ITEM_ID, S.EVENT_TYPE, S.TIMESTAMP])  # fmt: skip
-    held = held_out_events(clean, test, start).sort_values([S.USER_ID, S.TIMESTAMP], kind="stable")
+    return held_out_events(clean, test, start).sort_values([S.USER_ID, S.TIMESTAMP], kind="stable")
+
+
+def baskets(held: pd.DataFrame) -> dict[str, list[str]]:
+    """Each user's distinct items of :func:`held_baskets`, in the order they entered it."""
     return {u: list(dict.fromkeys(g[S.ITEM_ID].astype(str))) for u, g in held.groupby(S.USER_ID)}
+
+
+def intraday_engine(
+    settings: Settings, ds: date, held: pd.DataFrame, cart: dict[str, set[str]], m: int
+) -> TwoStage:
+    """The served path with the run's two-tower warm-started on the purchases of every
+    user's ``cart`` (the first ``m`` items of their basket), as ``intraday_update`` trains."""
+    from training.intraday import CHAMPION_MODEL, warm_started
+
+    run_dir = settings.paths.run(ds)
+    work = run_dir / "session_replay" / f"intraday_m{m}"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.load(run_dir / "model.pt", weights_only=False), work / CHAMPION_MODEL)
+    users, items = held[S.USER_ID].astype(str), held[S.ITEM_ID].astype(str)
+    in_cart = [i in cart.get(u, ()) for u, i in zip(users, items, strict=True)]
+    bought = held[np.asarray(in_cart, dtype=bool) & (held[S.EVENT_TYPE] == S.PURCHASE).to_numpy()]
+    model, curve, counts = warm_started(settings, work, bought, f"in the m={m} carts")
+    print(f"m={m}: intraday update on {counts}, loss {curve[0]['loss']:.4f} -> "
+          f"{curve[-1]['loss']:.4f}", flush=True)  # fmt: skip
+    return served_engine(settings, ds, model)
 
 
 def session_ranker(settings: Settings, ds: date) -> torch.nn.Module:
@@ -127,7 +162,8 @@ def replay(settings: Settings, ds: date, k: int) -> pd.DataFrame:
     users = pd.read_parquet(run_dir / "test_users.parquet").set_index(S.USER_ID)
     at = users[S.ENTITY_TIMESTAMP]
     features = partial(point_in_time_features, settings)
-    by_user = baskets(settings, ds, at)
+    held = held_baskets(settings, ds, at)
+    by_user = baskets(held)
     kept = run_dir / "session_ranker.pt"  # seeded: a rerun would train the same ranker
     if kept.exists():
         trained = torch.load(kept, weights_only=False).eval()
@@ -153,6 +189,10 @@ def replay(settings: Settings, ds: date, k: int) -> pd.DataFrame:
         rows_m = candidate_rows(engine, at[chosen], users, features, sessions)
         lists[FRESH] = ranked(engine, rows_m)
         lists[FRESH + TRAINED] = ranked(engine, rows_m, trained)
+        updated = intraday_engine(settings, ds, held, cart, m)
+        lists[FRESH + INTRADAY] = ranked(
+            updated, candidate_rows(updated, at[chosen], users, features, sessions)
+        )
         metrics = {name: rankings_per_user(got, truth, k).set_index(S.USER_ID)
                    for name, got in lists.items()}  # fmt: skip
         for name, got in metrics.items():

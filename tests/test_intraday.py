@@ -92,3 +92,26 @@ def test_a_challenger_set_by_hand_is_not_settled(versions):
     registry.set_alias(settings, registry.CHALLENGER, make(ds="2025-12-16"))
     assert _settle(settings) is None
     assert registry.alias_version(settings, registry.CHALLENGER) == "2"
+
+
+def test_only_purchases_of_known_users_and_items_are_learnt(settings, tmp_path):
+    """The warm start counts what it cannot learn (no embedding to move) and refuses to train
+    on fewer known purchases than ``intraday.min_examples``."""
+    import pandas as pd
+    import torch
+
+    from served_model.two_tower import TwoTower
+    from shopml import schema as S
+
+    torch.save(TwoTower(["u1", "u2"], ["a", "b"], ["a"], dim=4), tmp_path / intraday.CHAMPION_MODEL)
+    purchases = pd.DataFrame({
+        S.USER_ID: ["u1", "u2", "new", "u1"],
+        S.ITEM_ID: ["a", "b", "a", "new"],
+        S.TIMESTAMP: pd.Timestamp("2025-12-17 10:00", tz="UTC"),
+        S.EVENT_TYPE: S.PURCHASE,
+    })  # fmt: skip
+    need = settings.model_copy(update={"intraday": settings.intraday.model_copy(
+        update={"min_examples": 3})})  # fmt: skip
+    with pytest.raises(intraday.NothingToLearn, match="2 purchases by known users") as err:
+        intraday.warm_started(need, tmp_path, purchases, "today")
+    assert "'unknown_user_or_item': 2" in str(err.value)

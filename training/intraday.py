@@ -49,6 +49,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mlkit.loop import Curve
 from shopml import schema as S
 from shopml.config import Settings, service_environment
 from shopml.paths import end_of_day
@@ -174,24 +175,42 @@ def _purchases(events: pd.DataFrame, start: datetime, end: datetime) -> pd.DataF
 
 def warm_start(settings: Settings, until: datetime) -> dict[str, Any]:
     """Step 2 (module doc): the update's two-tower and its loss curve."""
-    from mlkit.launch import train as launch
-    from mlkit.loop import LoopConfig
-    from shopml.feast_store import point_in_time_features
-
     window, events = read_window(settings, until)
     run_dir = _run_dir(settings, until)
     champion, _, _ = registry.load_servable(settings, window.champion, run_dir / "champion")
     torch.save(champion, run_dir / CHAMPION_MODEL)
     new = _purchases(events, window.t("train_start"), window.t("split"))
-    known = new[new[S.USER_ID].astype(str).isin(champion.user_index)
-                & new[S.ITEM_ID].astype(str).isin(set(champion.item_ids))]  # fmt: skip
-    counts = {"purchases": len(new), "examples": len(known),
-              "unknown_user_or_item": len(new) - len(known)}  # fmt: skip
+    model, curve, counts = warm_started(settings, run_dir, new, f"since {window.train_start}")
+    torch.save(model, run_dir / UPDATE_MODEL)
+    (run_dir / "loss_curve.json").write_text(json.dumps(curve))
+    out = {**counts, "epochs": len(curve), "final_loss": curve[-1]["loss"]}
+    (run_dir / "warm_start.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def warm_started(
+    settings: Settings, run_dir: Path, purchases: pd.DataFrame, since: str = ""
+) -> tuple[torch.nn.Module, Curve, dict[str, int]]:
+    """The two-tower saved as ``run_dir/champion.pt`` trained on ``purchases`` (events with
+    user, item and time) by the one Horovod loop, with point-in-time Feast features at each
+    purchase: (model, loss curve, counts). Purchases by users or of items it does not know
+    are counted and not learnt from. ``benchmarks.session_replay`` warm-starts through here
+    too, so its intraday row is this update. Raises :class:`NothingToLearn` below
+    ``intraday.min_examples`` known purchases (``since``: for the message)."""
+    from mlkit.launch import train as launch
+    from mlkit.loop import LoopConfig
+    from shopml.feast_store import point_in_time_features
+
+    champion = torch.load(run_dir / CHAMPION_MODEL, weights_only=False)
+    known = purchases[purchases[S.USER_ID].astype(str).isin(champion.user_index)
+                      & purchases[S.ITEM_ID].astype(str).isin(set(champion.item_ids))]  # fmt: skip
+    counts = {"purchases": len(purchases), "examples": len(known),
+              "unknown_user_or_item": len(purchases) - len(known)}  # fmt: skip
     if len(known) < settings.intraday.min_examples:
         raise NothingToLearn(
-            f"{len(known)} purchases by known users of known items since "
-            f"{window.train_start} (fewer than intraday.min_examples="
-            f"{settings.intraday.min_examples}): the champion stays as it is; {counts}"
+            f"{len(known)} purchases by known users of known items {since} (fewer than "
+            f"intraday.min_examples={settings.intraday.min_examples}): the champion stays as "
+            f"it is; {counts}"
         )
     entity = (
         known[[S.USER_ID, S.ITEM_ID]]
@@ -212,13 +231,9 @@ def warm_start(settings: Settings, until: datetime) -> dict[str, Any]:
     )
     task = WarmStartTask(run_dir, cfg.dim, cfg.negatives, init=str(run_dir / CHAMPION_MODEL))
     model, curve = launch(task, loop, cfg.workers, env=service_environment(settings))
-    torch.save(model, run_dir / UPDATE_MODEL)
     # the checkpoint served a retry of this task; a later rerun of the hour trains afresh
     Path(loop.checkpoint).unlink(missing_ok=True)
-    (run_dir / "loss_curve.json").write_text(json.dumps(curve))
-    out = {**counts, "epochs": len(curve), "final_loss": curve[-1]["loss"]}
-    (run_dir / "warm_start.json").write_text(json.dumps(out, indent=2))
-    return out
+    return model, curve, counts
 
 
 def known_events(settings: Settings, window: Window, events: pd.DataFrame):
