@@ -159,6 +159,14 @@ class TrainConfig(BaseModel):
         description="distilled ranker (compress): most deep MLP width, never more than half "
         "the teacher's (the served study may give the teacher 32, 64 or 128)",
     )
+    ranker_students: int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="distilled rankers (compress): the first of ranker_student_cross_layers, "
+        "each next with one cross layer fewer; at 200 rows ONNX Runtime's time is per "
+        "operator, and each cross layer is three",
+    )
     ranker_student_epochs: int = Field(
         30,
         ge=1,

@@ -98,6 +98,32 @@ def test_onnx_export_matches_torch_and_keeps_the_contract(teacher, tmp_path):
     assert C.max_abs_diff(q, teacher, x) < 0.5  # int8 moves the logits a little, not a lot
 
 
+def test_the_graph_reads_log_scaled_rows_and_a_graph_from_before_still_serves(teacher):
+    """The export leaves the log-scaling (six slow operators) to NumPy and says which columns
+    in its metadata, int8 copies too; a graph exported whole, as before, reads raw rows.
+    Negative values and zeros included (two-tower and EASE scores can be either)."""
+    import onnx
+
+    from served_model.ranker import LOG_SCALED_COLUMNS
+
+    x = _rows(200, 7)
+    x[::3, -3:] *= -1.0
+    x[::5, :4] = 0.0
+    new = OnnxRanker(C.export_onnx(teacher, x), "onnx", ranker_params(teacher))
+    ops = {n.op_type for n in onnx.load_from_string(new.model_bytes).graph.node}
+    assert not ops & {"Log", "Sign", "Where"}
+    mask = C.metadata(new.model_bytes)[LOG_SCALED_COLUMNS].split(",")
+    assert mask == ["1" if m else "0" for m in teacher._log_mask.tolist()] and "0" in mask
+    assert C.max_abs_diff(new, teacher, x) < 1e-4
+    q = OnnxRanker(C.quantize_onnx_int8(new.model_bytes), "onnx_int8", new.params)
+    assert C.metadata(q.model_bytes)[LOG_SCALED_COLUMNS] == ",".join(mask)
+    assert C.max_abs_diff(q, teacher, x) < 0.5
+    whole = C._onnx_bytes(teacher.eval(), torch.from_numpy(x[:8]))  # as exported before
+    assert LOG_SCALED_COLUMNS not in C.metadata(whole)
+    old = OnnxRanker(whole, "onnx", ranker_params(teacher))
+    assert C.max_abs_diff(old, teacher, x) < 1e-4
+
+
 def test_int8_weights_have_seven_bits_so_cpus_without_vnni_do_not_saturate(teacher):
     """Full 8-bit weights saturate ONNX Runtime's u8 x s8 kernel on x86 CPUs without VNNI
     (a logit of this teacher moved by 6.2 on an AVX2-only EPYC): ``mlkit.int8`` quantizes to
@@ -213,6 +239,52 @@ def test_the_student_is_smaller_than_any_teacher_the_study_can_choose(teacher_si
     got = C.student_size(big, cfg.ranker_student_cross_layers, cfg.ranker_student_hidden)
     assert got == student
     assert ranker_params(Ranker(*got)) < ranker_params(big) / 1.5
+
+
+@pytest.mark.parametrize(
+    ("teacher_size", "sizes"),
+    [
+        ((1, 32), {"student": (1, 16), "student_0x16": (0, 16)}),
+        ((2, 64), {"student": (2, 32), "student_1x32": (1, 32)}),
+        ((3, 128), {"student": (2, 32), "student_1x32": (1, 32)}),
+    ],
+)
+def test_each_further_student_has_one_cross_layer_fewer(teacher_size, sizes):
+    from shopml.config import TrainConfig
+
+    cfg = TrainConfig()
+    got = C.student_sizes(Ranker(*teacher_size), cfg.ranker_student_cross_layers,
+                          cfg.ranker_student_hidden, cfg.ranker_students)  # fmt: skip
+    assert got == sizes
+    assert C.student_sizes(Ranker(1, 32), 1, 16, 4) == {"student": (1, 16), "student_0x16": (0, 16)}
+
+
+def test_every_student_is_exported_and_checked_against_its_own_module(teacher):
+    """A shallower student's export has three operators fewer per cross layer (what sets
+    ONNX Runtime's time at 200 rows), and each export matches its own torch student."""
+    import onnx
+
+    x = _rows(600, 6)
+    rankers, facts = C.ranker_candidates(
+        teacher, x[:500], x[500:], student_cross_layers=2, student_hidden=8, student_epochs=1,
+        seed=0, batch_size=128, lr=1e-2, students=2,
+    )  # fmt: skip
+    first, shallow = C.student_sizes(teacher, 2, 8, 2)
+    assert [n for n in rankers if n.startswith("student")] == [
+        first,
+        f"{first}_onnx",
+        shallow,
+        f"{shallow}_onnx",
+    ]
+    assert len(rankers[shallow].net.cross) == len(rankers[first].net.cross) - 1
+    for name in (first, shallow):
+        assert facts[f"{name}_onnx"]["max_abs_diff"] < 1e-4
+        assert "distil_mse" in facts[name]
+
+    def operators(name: str) -> int:
+        return len(onnx.load_from_string(rankers[name].model_bytes).graph.node)
+
+    assert operators(f"{shallow}_onnx") == operators(f"{first}_onnx") - 3
 
 
 def test_replayed_rounds_average_each_users_baskets_and_pair_by_user():

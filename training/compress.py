@@ -16,7 +16,12 @@
     / ``ranker_student_hidden``, bounded by the teacher's) started from the teacher's layers
     and distilled on the
     teacher's logits over the ranker's own training rows, with the one Horovod loop
-    (``mlkit.two_stage.distil_ranker``); ``student_onnx``: its ONNX export.
+    (``mlkit.two_stage.distil_ranker``); ``student_onnx``: its ONNX export;
+  - ``student_<c>x<h>`` and ``student_<c>x<h>_onnx``: up to ``train.ranker_students`` - 1 more
+    students, each with one cross layer fewer (:func:`student_sizes`). At serving's 200 rows
+    ONNX Runtime's time is set by the number of operators, not by arithmetic (each cross
+    layer is three), so a shallower student is the faster one; the gate keeps it only when
+    it stays within tolerance.
 
   :func:`ranking_latency` times the ranking stage at the serving shape (one user, 200
   candidates) for every candidate in one process, interleaved; ``training.pipeline.compress``
@@ -37,6 +42,7 @@ import torch
 from torch import nn
 
 from served_model.ranker import (
+    LOG_SCALED_COLUMNS,
     RANKER_FEATURES,
     OnnxRanker,
     Ranker,
@@ -47,7 +53,7 @@ from served_model.ranker import (
     ranker_scores,
     ranker_view,
 )
-from served_model.two_tower import TwoTower
+from served_model.two_tower import TwoTower, log_scale
 from shopml import schema as S
 
 TEACHER = "teacher_fp32"
@@ -85,16 +91,36 @@ def quantize_ranker_int8(ranker: nn.Module) -> nn.Module:
     return quantized
 
 
+class _ScaledNet(nn.Module):
+    """A ranker after its log-scaling: what :func:`export_onnx` puts in the graph."""
+
+    def __init__(self, ranker: Ranker) -> None:
+        super().__init__()
+        self.net = ranker.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
 def export_onnx(ranker: nn.Module, example: np.ndarray) -> bytes:
     """The ranker as ONNX (dynamo exporter, dynamic batch), in eval mode (BatchNorm frozen);
-    it reads the ranker's own columns (``features_of``) of ``example``'s rows."""
+    it reads the ranker's own columns (``features_of``) of ``example``'s rows. The graph is
+    the network after the log-scaling, which :class:`OnnxRanker` does in NumPy (the metadata
+    entry ``LOG_SCALED_COLUMNS`` says which columns; ``served_model.ranker``'s doc says why)."""
     ranker = copy.deepcopy(ranker).eval()
     example = ranker_view(ranker, example[: max(2, min(len(example), 8))])
-    x = torch.from_numpy(np.ascontiguousarray(example))
+    mask = ranker._log_mask
+    x = log_scale(torch.from_numpy(np.ascontiguousarray(example)), mask)
+    graph = _onnx_bytes(_ScaledNet(ranker), x)
+    return with_metadata(graph, {LOG_SCALED_COLUMNS: ",".join("1" if m else "0" for m in mask)})
+
+
+def _onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
+    """``module`` exported by the dynamo exporter with a dynamic first dimension."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            ranker,
+            module,
             (x,),
             dynamo=True,
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
@@ -108,9 +134,24 @@ def export_onnx(ranker: nn.Module, example: np.ndarray) -> bytes:
         return path.read_bytes()
 
 
+def with_metadata(model: bytes, entries: dict[str, str]) -> bytes:
+    """``model`` with ``entries`` set in its ``metadata_props``."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    onnx.helper.set_model_props(proto, {**metadata(model), **entries})
+    return proto.SerializeToString()
+
+
+def metadata(model: bytes) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load_from_string(model).metadata_props}
+
+
 def quantize_onnx_int8(model: bytes) -> bytes:
     """ONNX Runtime's dynamic int8 quantization (weights int8 with 7 bits, activations at run
-    time: ``mlkit.int8``)."""
+    time: ``mlkit.int8``); the model's metadata is kept."""
     import tempfile
 
     from mlkit import int8
@@ -119,7 +160,7 @@ def quantize_onnx_int8(model: bytes) -> bytes:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model)
         int8.quantize_dynamic(src, dst)
-        return dst.read_bytes()
+        return with_metadata(dst.read_bytes(), metadata(model))
 
 
 def max_abs_diff(a: nn.Module | OnnxRanker, b: nn.Module | OnnxRanker, x: np.ndarray) -> float:
@@ -156,6 +197,19 @@ def student_size(teacher: Ranker, cross_layers: int, hidden: int) -> tuple[int, 
             max(4, min(hidden, net.deep[0].out_features // 2)))  # fmt: skip
 
 
+def student_sizes(
+    teacher: Ranker, cross_layers: int, hidden: int, students: int
+) -> dict[str, tuple[int, int]]:
+    """Name -> (cross layers, deep width) of each distilled student: ``student`` of
+    :func:`student_size`, then up to ``students`` - 1 more with one cross layer fewer each
+    (none below 0), named by their size."""
+    first, width = student_size(teacher, cross_layers, hidden)
+    sizes = {"student": (first, width)}
+    for fewer in range(first - 1, max(first - students, -1), -1):
+        sizes[f"student_{fewer}x{width}"] = (fewer, width)
+    return sizes
+
+
 def ranker_candidates(
     teacher: Ranker,
     x_train: np.ndarray,
@@ -168,6 +222,7 @@ def ranker_candidates(
     batch_size: int,
     lr: float,
     workers: int = 1,
+    students: int = 1,
 ) -> tuple[dict[str, nn.Module | OnnxRanker], dict[str, dict[str, float]]]:
     """(name -> candidate ranker, name -> facts: ONNX max abs diff, student curve end)."""
     from mlkit.two_stage import distil_ranker
@@ -182,28 +237,30 @@ def ranker_candidates(
     names = features_of(teacher)
     out["onnx"] = OnnxRanker(onnx, "onnx", params, features=names)
     out["onnx_int8"] = OnnxRanker(quantize_onnx_int8(onnx), "onnx_int8", params, features=names)
-    cross_layers, hidden = student_size(teacher, student_cross_layers, student_hidden)
-    student, curve = distil_ranker(
-        teacher,
-        x_train,
-        student_epochs,
-        seed,
-        x_val if len(x_val) else None,
-        cross_layers=cross_layers,
-        hidden=hidden,
-        batch_size=batch_size,
-        lr=lr,
-        workers=workers,
-    )
-    student.format = "torch"
-    out["student"] = student
-    facts["student"] = {"distil_mse": float(curve[-1].get("val_loss", curve[-1]["loss"]))}
-    out["student_onnx"] = OnnxRanker(
-        export_onnx(student, probe), "onnx", ranker_params(student), features=names
-    )
+    sizes = student_sizes(teacher, student_cross_layers, student_hidden, students)
+    for name, (cross_layers, hidden) in sizes.items():
+        student, curve = distil_ranker(
+            teacher,
+            x_train,
+            student_epochs,
+            seed,
+            x_val if len(x_val) else None,
+            cross_layers=cross_layers,
+            hidden=hidden,
+            batch_size=batch_size,
+            lr=lr,
+            workers=workers,
+        )
+        student.format = "torch"
+        out[name] = student
+        facts[name] = {"distil_mse": float(curve[-1].get("val_loss", curve[-1]["loss"]))}
+        out[f"{name}_onnx"] = OnnxRanker(
+            export_onnx(student, probe), "onnx", ranker_params(student), features=names
+        )
     for name, ranker in out.items():
         facts.setdefault(name, {})
-        reference = student if name.startswith("student") else teacher
+        torch_of = name.removesuffix("_onnx")  # an export is checked against its own module
+        reference = out[torch_of] if torch_of in sizes else teacher
         facts[name]["max_abs_diff"] = max_abs_diff(ranker, reference, probe[:2000])
     return out, facts
 

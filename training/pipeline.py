@@ -232,6 +232,7 @@ def compress_ranker(settings: Settings, ds: date) -> tuple[pd.DataFrame, dict[st
         student_hidden=cfg.ranker_student_hidden,
         student_epochs=cfg.ranker_student_epochs,
         seed=cfg.seed,
+        students=cfg.ranker_students,
         batch_size=cfg.ranker_batch_size,
         lr=cfg.ranker_lr,
     )
