@@ -98,16 +98,16 @@ def intraday_engine(
 ) -> TwoStage:
     """The served path with the run's two-tower warm-started on the purchases of every
     user's ``cart`` (the first ``m`` items of their basket), as ``intraday_update`` trains."""
-    from training.intraday import CHAMPION_MODEL, warm_started
+    from training.intraday import warm_started
 
     run_dir = settings.paths.run(ds)
     work = run_dir / "session_replay" / f"intraday_m{m}"
     work.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.load(run_dir / "model.pt", weights_only=False), work / CHAMPION_MODEL)
     users, items = held[S.USER_ID].astype(str), held[S.ITEM_ID].astype(str)
     in_cart = [i in cart.get(u, ()) for u, i in zip(users, items, strict=True)]
     bought = held[np.asarray(in_cart, dtype=bool) & (held[S.EVENT_TYPE] == S.PURCHASE).to_numpy()]
-    model, curve, counts = warm_started(settings, work, bought, f"in the m={m} carts")
+    run = torch.load(run_dir / "model.pt", weights_only=False)
+    model, curve, counts = warm_started(settings, work, run, bought, f"in the m={m} carts")
     print(f"m={m}: intraday update on {counts}, loss {curve[0]['loss']:.4f} -> "
           f"{curve[-1]['loss']:.4f}", flush=True)  # fmt: skip
     return served_engine(settings, ds, model)

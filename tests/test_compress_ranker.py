@@ -260,8 +260,8 @@ def test_each_further_student_has_one_cross_layer_fewer(teacher_size, sizes):
 
 
 def test_every_student_is_exported_and_checked_against_its_own_module(teacher):
-    """A shallower student's export has three operators fewer per cross layer (what sets
-    ONNX Runtime's time at 200 rows), and each export matches its own torch student."""
+    """A shallower student's export has three operators fewer per cross layer, and each
+    export matches its own torch student."""
     import onnx
 
     x = _rows(600, 6)

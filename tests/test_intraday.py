@@ -98,12 +98,11 @@ def test_only_purchases_of_known_users_and_items_are_learnt(settings, tmp_path):
     """The warm start counts what it cannot learn (no embedding to move) and refuses to train
     on fewer known purchases than ``intraday.min_examples``."""
     import pandas as pd
-    import torch
 
     from served_model.two_tower import TwoTower
     from shopml import schema as S
 
-    torch.save(TwoTower(["u1", "u2"], ["a", "b"], ["a"], dim=4), tmp_path / intraday.CHAMPION_MODEL)
+    champion = TwoTower(["u1", "u2"], ["a", "b"], ["a"], dim=4)
     purchases = pd.DataFrame({
         S.USER_ID: ["u1", "u2", "new", "u1"],
         S.ITEM_ID: ["a", "b", "a", "new"],
@@ -113,5 +112,5 @@ def test_only_purchases_of_known_users_and_items_are_learnt(settings, tmp_path):
     need = settings.model_copy(update={"intraday": settings.intraday.model_copy(
         update={"min_examples": 3})})  # fmt: skip
     with pytest.raises(intraday.NothingToLearn, match="2 purchases by known users") as err:
-        intraday.warm_started(need, tmp_path, purchases, "today")
+        intraday.warm_started(need, tmp_path, champion, purchases, "today")
     assert "'unknown_user_or_item': 2" in str(err.value)

@@ -18,10 +18,9 @@
     teacher's logits over the ranker's own training rows, with the one Horovod loop
     (``mlkit.two_stage.distil_ranker``); ``student_onnx``: its ONNX export;
   - ``student_<c>x<h>`` and ``student_<c>x<h>_onnx``: up to ``train.ranker_students`` - 1 more
-    students, each with one cross layer fewer (:func:`student_sizes`). At serving's 200 rows
-    ONNX Runtime's time is set by the number of operators, not by arithmetic (each cross
-    layer is three), so a shallower student is the faster one; the gate keeps it only when
-    it stays within tolerance.
+    students, each with one cross layer fewer (:func:`student_sizes`): three operators
+    (Gemm, Mul, Add) fewer per request each, so a shallower student is the faster one; the
+    gate keeps it only when it stays within tolerance.
 
   :func:`ranking_latency` times the ranking stage at the serving shape (one user, 200
   candidates) for every candidate in one process, interleaved; ``training.pipeline.compress``
@@ -139,7 +138,8 @@ def with_metadata(model: bytes, entries: dict[str, str]) -> bytes:
     import onnx
 
     proto = onnx.load_from_string(model)
-    onnx.helper.set_model_props(proto, {**metadata(model), **entries})
+    kept = {p.key: p.value for p in proto.metadata_props}  # set_model_props replaces them all
+    onnx.helper.set_model_props(proto, {**kept, **entries})
     return proto.SerializeToString()
 
 

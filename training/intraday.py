@@ -178,9 +178,10 @@ def warm_start(settings: Settings, until: datetime) -> dict[str, Any]:
     window, events = read_window(settings, until)
     run_dir = _run_dir(settings, until)
     champion, _, _ = registry.load_servable(settings, window.champion, run_dir / "champion")
-    torch.save(champion, run_dir / CHAMPION_MODEL)
     new = _purchases(events, window.t("train_start"), window.t("split"))
-    model, curve, counts = warm_started(settings, run_dir, new, f"since {window.train_start}")
+    model, curve, counts = warm_started(
+        settings, run_dir, champion, new, f"since {window.train_start}"
+    )
     torch.save(model, run_dir / UPDATE_MODEL)
     (run_dir / "loss_curve.json").write_text(json.dumps(curve))
     out = {**counts, "epochs": len(curve), "final_loss": curve[-1]["loss"]}
@@ -189,19 +190,24 @@ def warm_start(settings: Settings, until: datetime) -> dict[str, Any]:
 
 
 def warm_started(
-    settings: Settings, run_dir: Path, purchases: pd.DataFrame, since: str = ""
+    settings: Settings,
+    run_dir: Path,
+    champion: torch.nn.Module,
+    purchases: pd.DataFrame,
+    since: str = "",
 ) -> tuple[torch.nn.Module, Curve, dict[str, int]]:
-    """The two-tower saved as ``run_dir/champion.pt`` trained on ``purchases`` (events with
-    user, item and time) by the one Horovod loop, with point-in-time Feast features at each
-    purchase: (model, loss curve, counts). Purchases by users or of items it does not know
-    are counted and not learnt from. ``benchmarks.session_replay`` warm-starts through here
-    too, so its intraday row is this update. Raises :class:`NothingToLearn` below
-    ``intraday.min_examples`` known purchases (``since``: for the message)."""
+    """The two-tower ``champion`` (saved as ``run_dir/champion.pt``, where the training
+    workers start from) trained on ``purchases`` (events with user, item and time) by the one
+    Horovod loop, with point-in-time Feast features at each purchase: (model, loss curve,
+    counts). Purchases by users or of items it does not know are counted and not learnt
+    from. ``benchmarks.session_replay`` warm-starts through here too, so its intraday row is
+    this update. Raises :class:`NothingToLearn` below ``intraday.min_examples`` known
+    purchases (``since``: for the message)."""
     from mlkit.launch import train as launch
     from mlkit.loop import LoopConfig
     from shopml.feast_store import point_in_time_features
 
-    champion = torch.load(run_dir / CHAMPION_MODEL, weights_only=False)
+    torch.save(champion, run_dir / CHAMPION_MODEL)
     known = purchases[purchases[S.USER_ID].astype(str).isin(champion.user_index)
                       & purchases[S.ITEM_ID].astype(str).isin(set(champion.item_ids))]  # fmt: skip
     counts = {"purchases": len(purchases), "examples": len(known),
